@@ -1,0 +1,42 @@
+"""The `qgguf` command: one sub-command per stage, each defined beside the code it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import QggufError
+
+# Each module defines add_parser(subparsers) and sets `func` on its parsers.
+COMMAND_MODULES = (
+    "qgguf.llama",
+    "qgguf.hfconvert",
+    "qgguf.doctor",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qgguf", description="Fisher-optimal GGUF export for llama.cpp")
+    parser.add_argument("--version", action="version", version=f"qgguf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except QggufError as e:
+        print(f"qgguf: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qgguf: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""ggml's own quantiser and dequantiser, called through ctypes from the built libggml-base.
+
+The reference every qgguf encoder and decoder is checked against (bit-exact decode, quality parity of encode),
+and the baseline of the encoder speed benchmark.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from .errors import QggufError
+from .llama import tool_path
+
+
+class _TypeTraits(ctypes.Structure):
+    # struct ggml_type_traits in ggml.h (pinned tree)
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+
+
+@functools.lru_cache(maxsize=None)
+def lib(cuda: bool | None = None) -> ctypes.CDLL:
+    """libggml-base.so of the current build (`qgguf llama build`)."""
+    path = tool_path("libggml-base.so", cuda)
+    so = ctypes.CDLL(str(path))
+    so.ggml_quantize_chunk.restype = ctypes.c_size_t
+    so.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.POINTER(ctypes.c_float)]
+    so.ggml_quantize_init.argtypes = [ctypes.c_int]
+    so.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    so.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    so.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    so.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    so.ggml_row_size.restype = ctypes.c_size_t
+    so.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return so
+
+
+def traits(type_id: int) -> _TypeTraits:
+    return lib().ggml_get_type_traits(type_id).contents
+
+
+def row_size(type_id: int, n_per_row: int) -> int:
+    return int(lib().ggml_row_size(type_id, n_per_row))
+
+
+def quantize(type_id: int, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """ggml_quantize_chunk over a whole 2-D float32 array: raw bytes, rows × row-size."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise QggufError(f"ggml reference quantize needs a 2-D array, got shape {x.shape}")
+    nrows, n_per_row = x.shape
+    t = traits(type_id)
+    if n_per_row % t.blck_size:
+        raise QggufError(f"ggml type {t.type_name.decode()} needs rows that are a multiple of {t.blck_size}")
+    out = np.zeros((nrows, row_size(type_id, n_per_row)), dtype=np.uint8)
+    imp = None
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+        if importance.size != n_per_row:
+            raise QggufError(f"importance has {importance.size} values, rows have {n_per_row}")
+        imp = importance.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    lib().ggml_quantize_init(type_id)
+    n = lib().ggml_quantize_chunk(type_id, x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                  out.ctypes.data_as(ctypes.c_void_p), 0, nrows, n_per_row, imp)
+    assert n == out.nbytes, (n, out.nbytes)
+    return out
+
+
+def dequantize(type_id: int, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """ggml's to_float of raw bytes: float32 of `shape` (the row last)."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    t = traits(type_id)
+    if not t.to_float:
+        raise QggufError(f"ggml type {t.type_name.decode()} has no to_float")
+    k = int(np.prod(shape))
+    out = np.empty(k, dtype=np.float32)
+    _TO_FLOAT(t.to_float)(raw.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), k)
+    return out.reshape(shape)
