@@ -1,0 +1,131 @@
+"""Export: rewrite a GGUF made by llama.cpp's own converter with each tensor in its planned type.
+
+The converter's F32 (or F16/BF16) GGUF carries the metadata, tokenizer, tensor names, order and the Q/K
+permutation; we copy all of it and only re-encode tensor data with qgguf.formats, one tensor at a time
+(memory-mapped in, streamed out), so memory does not grow with the model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__, formats
+from .errors import QggufError
+from .files import atomic_output, require_file
+
+# llama_ftype values for general.file_type: llama.cpp only displays it; we name the type holding most weights.
+_FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
+          "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32}
+
+
+def open_gguf(path: Path):
+    import gguf
+
+    require_file(path, "GGUF file", "convert the model first with `qgguf convert-hf`")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/struct errors on corrupt files
+        raise QggufError(f"{path} is not a readable GGUF file ({e}); re-create it with `qgguf convert-hf`") from None
+
+
+def tensor_f32(reader_tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A GGUF tensor as float32 torch, GGUF layout (rows × row length), decoded with the registry."""
+    fmt = formats.by_id(int(reader_tensor.tensor_type))
+    shape = tuple(int(s) for s in reversed(reader_tensor.shape.tolist()))
+    if fmt.name == "F32":
+        return torch.from_numpy(np.array(reader_tensor.data, dtype=np.float32).reshape(shape)).to(device)  # one copy in flight
+    return fmt.decode(np.asarray(reader_tensor.data).view(np.uint8).reshape(-1), shape, device=device,
+                      tensor=reader_tensor.name)
+
+
+def export_gguf(src: Path, out: Path, types: Mapping[str, str],
+                importance: Mapping[str, torch.Tensor] | None = None, *,
+                extra_metadata: Mapping[str, str] | None = None, device: str = "cpu",
+                progress: bool = True) -> Path:
+    """Write `out`: `src` with every tensor named in `types` encoded in that type (others copied as they are).
+
+    `importance` maps tensor names to per-input-channel vectors for the importance-weighted encoders.
+    """
+    import gguf
+
+    src, out = Path(src), Path(out)
+    reader = open_gguf(src)
+    by_name = {t.name: t for t in reader.tensors}
+    unknown = sorted(set(types) - set(by_name))
+    if unknown:
+        raise QggufError(f"the plan names tensors that {src.name} does not have: {', '.join(unknown[:5])}; "
+                         "the plan or statistics belong to another model")
+    for name, tname in types.items():
+        fmt = formats.get(tname)
+        fmt.check_row_len(int(by_name[name].shape[0]), name)
+    importance = importance or {}
+
+    arch = reader.fields["general.architecture"].contents()
+    with atomic_output(out, inputs=[src]) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch=arch)
+        for field in reader.fields.values():
+            if field.name == "general.architecture" or field.name.startswith("GGUF."):
+                continue
+            if field.name in ("general.file_type", "general.quantized_by"):
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        weights = Counter()
+        for t in reader.tensors:
+            weights[types.get(t.name, formats.by_id(int(t.tensor_type)).name)] += int(t.n_elements)
+        main_type = next((n for n, _ in weights.most_common() if n in _FTYPE and n != "F32"), "F32")
+        writer.add_file_type(_FTYPE[main_type])
+        writer.add_quantized_by(f"qgguf {__version__}")
+        for k, v in (extra_metadata or {}).items():
+            writer.add_string(k, v)
+
+        plan_fmt = {}
+        for t in reader.tensors:
+            fmt = formats.get(types[t.name]) if t.name in types else formats.by_id(int(t.tensor_type))
+            plan_fmt[t.name] = fmt
+            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+            nbytes = fmt.nbytes(shape)
+            byte_shape = shape[:-1] + (fmt.row_bytes(shape[-1]),)
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=fmt.type_id)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = sum(int(t.n_elements) for t in reader.tensors)
+        with tqdm(total=total, desc="export", unit="w", unit_scale=True, disable=not progress or None) as bar:
+            for t in reader.tensors:
+                fmt = plan_fmt[t.name]
+                if t.name in types:
+                    w = tensor_f32(t, device)
+                    imp = importance.get(t.name)
+                    raw = fmt.encode(w, imp, tensor=t.name, device=device)
+                else:  # not planned: copy the bytes unchanged
+                    raw = np.asarray(t.data).view(np.uint8)
+                writer.write_tensor_data(np.ascontiguousarray(raw).reshape(-1))
+                bar.update(int(t.n_elements))
+        writer.close()
+        verify_gguf(tmp, {n: f.name for n, f in plan_fmt.items()})
+    return out
+
+
+def verify_gguf(path: Path, expected: Mapping[str, str]) -> None:
+    """Read a written file back with gguf-py; every tensor must have its planned type and size."""
+    reader = open_gguf(path)
+    seen = {t.name: t for t in reader.tensors}
+    if set(seen) != set(expected):
+        raise QggufError(f"{path} was written with tensors {sorted(set(seen) ^ set(expected))[:5]} "
+                         "differing from the plan; this is a bug in qgguf's exporter")
+    for name, tname in expected.items():
+        t = seen[name]
+        fmt = formats.get(tname)
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        if int(t.tensor_type) != fmt.type_id or int(t.n_bytes) != fmt.nbytes(shape):
+            raise QggufError(f"{path}: tensor {name} was written as type id {int(t.tensor_type)} with "
+                             f"{int(t.n_bytes)} bytes, the plan says {tname} ({fmt.nbytes(shape)} bytes); "
+                             "this is a bug in qgguf's exporter")
