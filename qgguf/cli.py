@@ -13,7 +13,11 @@ from .errors import QggufError
 COMMAND_MODULES = (
     "qgguf.llama",
     "qgguf.hfconvert",
+    "qgguf.assets",
     "qgguf.doctor",
+    "qgguf.calibrate", "qgguf.imatrix",
+    "qgguf.convert",
+    "qgguf.bench",
 )
 
 

@@ -53,7 +53,8 @@ def check_output_path(out: Path, inputs: list[Path] = ()) -> Path:
     resolved = out.resolve()
     for inp in inputs:
         inp = Path(inp).resolve()
-        if resolved == inp or (inp.is_dir() and inp in resolved.parents and resolved.name in {"config.json"}):
+        # the input itself, or an existing file inside an input folder (a model's own weights or config)
+        if resolved == inp or (inp.is_dir() and inp in resolved.parents and resolved.exists()):
             raise QggufError(f"output {str(out)!r} is the input {str(inp)!r}; choose another output path")
     parent = resolved.parent
     if not parent.is_dir():

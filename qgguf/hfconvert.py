@@ -19,6 +19,22 @@ from .llama import source_tree
 OUTTYPES = ("f32", "f16", "bf16")
 
 
+def resolve_model(arg: str | Path) -> Path:
+    """An HF folder, or the name of a model asset from `qgguf fetch` (e.g. smollm2-135m)."""
+    path = Path(arg)
+    if path.exists() or "/" in str(arg):
+        return path
+    from . import assets
+
+    try:
+        return assets.asset_path(str(arg))
+    except QggufError as e:
+        if "unknown asset" in str(e):
+            raise QggufError(f"{str(arg)!r} is neither a model folder nor a model asset; give the path of a "
+                             "Hugging Face model folder or an asset name (`qgguf fetch --list`)") from None
+        raise
+
+
 def check_model_dir(model_dir: Path) -> dict:
     """The folder's config.json, after checking it describes a causal LM the converter can take."""
     model_dir = require_dir(model_dir, "model folder", "give the path of a Hugging Face model folder "
@@ -52,7 +68,7 @@ def converter_env(tree: Path) -> dict[str, str]:
 
 def convert_hf(model_dir: Path, out: Path, outtype: str = "f32", quiet: bool = True) -> Path:
     """Convert an HF folder to a GGUF at `out` (atomically). Returns `out`."""
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir, out = resolve_model(model_dir), Path(out)
     if outtype not in OUTTYPES:
         raise QggufError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}; use `qgguf convert` "
                          "for quantised output")

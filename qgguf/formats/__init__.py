@@ -11,3 +11,5 @@ from .base import Format, all_formats, by_id, get, names, register  # noqa: F401
 
 # Importing the type modules registers their formats.
 from . import floats  # noqa: F401,E402
+from . import iq4, legacy  # noqa: F401,E402
+from . import kquants  # noqa: F401,E402

@@ -1,0 +1,172 @@
+"""The report of a bench: the Markdown table, the bits saved per preset, the plot, the docs section.
+
+Everything here reads the results dict that `qgguf bench` writes as results.json, so a report can be made again
+from that file alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+from .files import atomic_output
+from .pareto import Saving, Series, plot_pareto, savings
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def table_rows(records: list[dict], gpu: bool) -> list[list[str]]:
+    head = ["file", "series", "MiB", "bpw (llama.cpp)", "bpw (file)", "mean KLD", "KLD p99", "PPL",
+            "PPL / F32", "same top %"]
+    if gpu:
+        head += ["pp512 t/s", "tg128 t/s"]
+    head.append("rate gap (bits)")
+    out = [head]
+    for r in records:
+        if r["kind"] == "reference":
+            out.append([r["label"], r["series"], _fmt(r["file_bytes"] / 2**20, ".2f"), _fmt(r["bpw"], ".3f"),
+                        _fmt(r["bpw_file"], ".3f"), "0", "0", _fmt(r.get("ppl"), ".3f"), "1", "100"]
+                       + (["–", "–"] if gpu else []) + ["–"])
+            continue
+        k = r.get("kld") or {}
+        row = [r["label"], r["series"], _fmt(r["file_bytes"] / 2**20, ".2f"), _fmt(r["bpw"], ".3f"),
+               _fmt(r["bpw_file"], ".3f"),
+               f"{k['kld_mean']:.5f} ± {k['kld_mean_err']:.5f}" if k else "0",
+               _fmt(k.get("kld_p99"), ".4f") if k else "0",
+               f"{k['ppl']:.3f} ± {k['ppl_err']:.3f}" if k else _fmt(r.get("ppl"), ".3f"),
+               f"{k['ppl_ratio']:.4f} ± {k['ppl_ratio_err']:.4f}" if k else "1",
+               f"{k['same_top_p']:.2f} ± {k['same_top_p_err']:.2f}" if k else "100"]
+        if gpu:
+            sp = r.get("speed") or {}
+            row += [_fmt((sp.get("pp512") or {}).get("tokens_per_s"), ".0f"),
+                    _fmt((sp.get("tg128") or {}).get("tokens_per_s"), ".1f")]
+        row.append(_fmt((r.get("rate_gap") or {}).get("mean_gap_bits"), ".3f"))
+        out.append(row)
+    return out
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def savings_table(sv: list[Saving]) -> str:
+    lines = ["| preset | preset bpw | preset mean KLD | curve | curve bpw at equal KLD | saving (bpw) | saving |",
+             "|---|---|---|---|---|---|---|"]
+    for s in sv:
+        lines.append(f"| {s.preset} | {s.preset_bpw:.3f} | {s.preset_kld:.5f} | {s.curve} | "
+                     f"{_fmt(s.curve_bpw, '.3f')} | {_fmt(s.saving_bpw, '+.3f')} | "
+                     f"{_fmt(s.saving_pct, '+.1f') + ' %' if s.saving_pct is not None else s.reason} |")
+    return "\n".join(lines)
+
+
+def compute_savings(records: list[dict]) -> list[Saving]:
+    presets = [(r["label"], r["bpw"], r["kld"]["kld_mean"]) for r in records
+               if r["kind"] == "stock" and r["series"] == "llama-quantize + imatrix"]
+    presets += [(r["label"] + " (no imatrix)", r["bpw"], r["kld"]["kld_mean"]) for r in records
+                if r["kind"] == "stock" and r["series"] == "llama-quantize"]
+    out: list[Saving] = []
+    for curve in sorted({r["series"] for r in records if r["kind"] == "qgguf"}):
+        pts = [(r["bpw"], r["kld"]["kld_mean"]) for r in records if r["series"] == curve]
+        out += savings(presets, curve, pts)
+    return out
+
+
+def plot_results(results: dict, out: Path) -> Path:
+    groups: dict[str, list[dict]] = {}
+    for r in results["rows"]:
+        groups.setdefault(r["series"], []).append(r)
+    series = []
+    for name in sorted(groups, key=lambda s: (s != "llama-quantize + imatrix", s != "llama-quantize", s)):
+        rs = groups[name]
+        pts = [(r["bpw"], r["kld"]["kld_mean"], r["kld"]["kld_mean_err"]) for r in rs]
+        if name == "llama-quantize + imatrix":
+            series.append(Series(name, pts, labels=[r["label"] for r in rs], colour="#1f4e79", marker="s"))
+        elif name == "llama-quantize":  # the presets are labelled once, beside their imatrix twins
+            series.append(Series(name, pts, labels=None if "llama-quantize + imatrix" in groups
+                                 else [r["label"] for r in rs], colour="#8a8a8a", marker="o"))
+        else:
+            series.append(Series(name, pts, line=True,
+                                 colour="#d62728" if "stock" in name else "#2ca02c" if "extended" in name else None))
+    title = f"{results['model']['name']}: mean KLD to F32 on {results['text']['name']}"
+    sub = (f"{results['chunks']} chunks × {results['ctx']} tokens ({results['scored_tokens']} scored), "
+           f"{results['machine']}, llama.cpp {results['llama_cpp']}")
+    return plot_pareto(series, out, title, sub)
+
+
+def report_markdown(results: dict, plot_name: str, heading: str = "#") -> str:
+    f32 = results["f32"]
+    lines = [f"{heading} qgguf bench: {results['model']['name']} on {results['text']['name']}", "",
+             f"- command: `{results['command']}`",
+             f"- machine: {results['machine']}; llama.cpp {results['llama_cpp']}; qgguf {results['qgguf']}",
+             f"- model: {results['model']['name']} (sha256 of its files {results['model']['sha256'][:16]}…); "
+             f"F32 {f32['file_bytes'] / 2**20:.1f} MiB, {f32['elements']:,} weights, PPL {_fmt(f32['ppl'], '.3f')}",
+             f"- text: {results['text']['name']}, {results['chunks']} chunks × {results['ctx']} tokens "
+             f"({results['scored_tokens']:,} scored tokens); imatrix from {results['calibration']['name']} "
+             f"({results['calibration']['imatrix_chunks']} chunks)",
+             f"- date: {results['date']}",
+             "- bpw (llama.cpp) = all tensor bits / all tensor elements, as llama.cpp prints it; bpw (file) = the "
+             "whole file's bits / all tensor elements",
+             "", markdown_table(table_rows([f32] + results["rows"], results["backend"] == "cuda")), ""]
+    if results["savings"]:
+        lines += ["Bits saved at equal mean KLD (along each qgguf curve, log-linear between its points):", "",
+                  savings_table([Saving(s["preset"], s["curve"], s["preset_bpw"], s["preset_kld"], s["curve_bpw"],
+                                        s["reason"]) for s in results["savings"]]), ""]
+    if results["skipped"]:
+        by_reason: dict[str, list[str]] = {}
+        for s in results["skipped"]:
+            by_reason.setdefault(s["reason"], []).append(s["id"])
+        lines += ["Not measured:", ""] + [f"- {len(ids)} row(s) ({ids[0]}{', …' if len(ids) > 1 else ''}): {why}"
+                                         for why, ids in by_reason.items()] + [""]
+    if results["failed"]:
+        lines += ["Failed:", ""] + [f"- {s['id']}: {s['error'].splitlines()[0]}" for s in results["failed"]] + [""]
+    lines += [f"![mean KLD against bpw]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def update_docs(results: dict, plot: Path, docs: Path) -> Path:
+    """Put this bench's section (between its own markers) and its plot into `docs`; other sections stay as they are."""
+    slug = re.sub(r"[^a-z0-9.]+", "-", f"{results['model']['name']}-{results['text']['name']}-{results['backend']}"
+                  .lower()).strip("-")
+    img_rel = Path("bench") / f"{slug}.png"
+    img = docs.parent / img_rel
+    img.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(img) as tmp:
+        shutil.copyfile(plot, tmp)
+    begin, end = f"<!-- qgguf-bench:{slug}:begin -->", f"<!-- qgguf-bench:{slug}:end -->"
+    section = f"{begin}\n{report_markdown(results, img_rel.as_posix(), heading='##')}{end}\n"
+    current = docs.read_text() if docs.is_file() else "# Benchmarks\n"
+    if begin in current and end in current:
+        a = current.index(begin)
+        b = current.index(end) + len(end)
+        b += 1 if current[b:b + 1] == "\n" else 0
+        new = current[:a] + section + current[b:]
+    else:
+        new = current.rstrip("\n") + "\n\n" + section
+    with atomic_output(docs) as tmp:
+        tmp.write_text(new)
+    return docs
+
+
+
+
+def print_summary(results: dict) -> None:
+    print(markdown_table(table_rows(results["rows"], results["backend"] == "cuda")))
+    for s in results["savings"]:
+        if s["saving_bpw"] is None:
+            print(f"{s['preset']:>22} vs {s['curve']}: no saving computed ({s['reason']})")
+        else:
+            print(f"{s['preset']:>22} vs {s['curve']}: {s['saving_bpw']:+.3f} bpw ({s['saving_pct']:+.1f} %) "
+                  f"at mean KLD {s['preset_kld']:.5f}")
+    for r in results["rows"]:
+        g = r.get("rate_gap")
+        if g:
+            gap = g.get("mean_gap_bits")
+            print(f"{r['id']}: rate gap to the Gaussian bound "
+                  + (f"{gap:.3f} bits/weight over {g['tensors']} tensors" if gap is not None else f"– ({g['reason']})"))
+    print(f"results: {results.get('out', '')}")

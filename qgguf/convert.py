@@ -1,0 +1,162 @@
+"""`qgguf convert`: the main job. calibrate → measure → plan → export, each step cached.
+
+    qgguf convert MODEL -o OUT.gguf (--target-bpw B | --target-size 1.2GiB) [--palette stock|extended]
+
+MODEL is an HF folder or an asset name (`smollm2-135m`). Caches (under the qgguf cache folder), so an
+interrupted run resumes: the converter's F32 GGUF (per model hash), the calibration statistics (per model hash and
+calibration settings), and every (tensor, type) measurement. Beside OUT.gguf it writes OUT.plan.json,
+OUT.tensor-types.txt (stock palette: reproduces the plan with stock llama-quantize) and OUT.heatmap.png.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import QggufError
+from .files import cache_dir, check_output_path
+from .hfconvert import check_model_dir, convert_hf, resolve_model
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
+              "G": 1000**3, "GB": 1000**3, "GIB": 1024**3}
+HEADER_SLACK = 512  # bytes for the metadata keys export adds to the converter's header (quantized_by, ...)
+
+
+def parse_size(text: str) -> int:
+    """'1.2GiB', '800MB', '123456789' → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in SIZE_UNITS:
+        raise QggufError(f"--target-size {text!r} is not a size; write e.g. 1.2GiB, 800MB or 123456789")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
+def f32_gguf(model_dir: Path, model_hash: str) -> Path:
+    """The converter's F32 GGUF of the model, made once per model hash."""
+    out = cache_dir("convert", model_hash[:16]) / "model-f32.gguf"
+    if not out.is_file():
+        print(f"qgguf: converting {model_dir} to F32 GGUF with llama.cpp's converter ...", file=sys.stderr)
+        convert_hf(model_dir, out, "f32")
+    return out
+
+
+def stats_for(model_dir: Path, model_hash: str, args) -> Path:
+    """The statistics file: --stats, else a cached calibration with the given settings."""
+    from .calibrate import calibrate
+
+    if args.stats:
+        return Path(args.stats)
+    text = Path(args.text) if args.text else None
+    text_tag = "default" if text is None else text.resolve().as_posix().replace("/", "_")[-60:]
+    out = cache_dir("stats", model_hash[:16]) / f"{text_tag}-t{args.tokens}-l{args.seq_len}-s{args.seed}.safetensors"
+    if not out.is_file():
+        print("qgguf: calibrating (diagonal Fisher, sampled labels) ...", file=sys.stderr)
+        calibrate(model_dir, out, text=text, tokens=args.tokens, seq_len=args.seq_len, device=args.device,
+                  seed=args.seed)
+    return out
+
+
+def run(args) -> int:
+    import torch
+
+    from . import plan as planmod
+    from .calibrate import model_sha256
+    from .export import export_gguf, open_gguf, tensor_f32
+    from .measure import TensorInput, measure_tensors
+    from .stats import load_stats
+
+    model_dir = resolve_model(args.model)
+    check_model_dir(model_dir)
+    out = check_output_path(Path(args.out), [model_dir] + ([Path(args.stats)] if args.stats else []))
+    if out.suffix != ".gguf":
+        raise QggufError(f"output {str(out)!r} should end in .gguf (the plan and heat map are written beside it)")
+    if args.target_bpw is None and args.target_size is None:
+        raise QggufError("give a budget: --target-bpw B (e.g. 4.5) or --target-size SIZE (e.g. 1.2GiB)")
+    budget = (planmod.Budget.target_size(parse_size(args.target_size)) if args.target_size is not None
+              else planmod.Budget.target_bpw(args.target_bpw))
+    overrides = planmod.parse_overrides(args.tensor_type or [])
+    if args.tensor_type_file:
+        overrides += planmod.read_tensor_type_file(Path(args.tensor_type_file))
+    types = planmod.palette_types(args.palette, min_type=args.min_type, max_type=args.max_type,
+                                  overrides=overrides)
+
+    model_hash = model_sha256(model_dir)
+    stats_path = stats_for(model_dir, model_hash, args)
+    stats = load_stats(stats_path)
+    if stats.meta.get("model_sha256") not in (None, model_hash):
+        raise QggufError(f"statistics {stats_path} were computed for another model (model hash "
+                         f"{str(stats.meta.get('model_sha256'))[:12]}…, this one is {model_hash[:12]}…); "
+                         f"run `qgguf calibrate {args.model} -o FILE` or drop --stats")
+    src = f32_gguf(model_dir, model_hash)
+    reader = open_gguf(src)
+
+    planned = [t for t in reader.tensors if planmod.llama_quantizes(t.name, len(t.shape))]
+    missing = [t.name for t in planned if t.name not in stats]
+    if missing:
+        raise QggufError(f"statistics {stats_path} have no entry for {', '.join(missing[:3])}"
+                         f"{' …' if len(missing) > 3 else ''}; they belong to another model: recalibrate")
+    planned_names = {t.name for t in planned}
+    layout = planmod.FileLayout.from_tensors(
+        int(reader.data_offset) + HEADER_SLACK,
+        [(int(t.n_bytes), int(t.n_elements)) for t in reader.tensors if t.name not in planned_names])
+
+    def inputs():
+        for t in planned:
+            imp = torch.from_numpy(stats[t.name].importance)
+            yield TensorInput(name=t.name, weights=tensor_f32(t), importance=imp, channel_fisher=imp)
+
+    measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device, total=len(planned))
+    choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
+    the_plan = planmod.plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
+                            max_type=args.max_type)
+
+    importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
+    meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
+            "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
+    export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device)
+
+    size = out.stat().st_size
+    if budget.kind == "size" and size > budget.value:
+        out.unlink()
+        raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
+                         "this is a bug in qgguf's size accounting (nothing was kept)")
+    base = out.with_suffix("")
+    the_plan.write_json(base.with_name(base.name + ".plan.json"))
+    if all(__import__("qgguf.formats", fromlist=["get"]).get(t).stock for t in the_plan.types.values()):
+        the_plan.write_tensor_type_file(base.with_name(base.name + ".tensor-types.txt"))
+    the_plan.write_heatmap(base.with_name(base.name + ".heatmap.png"))
+    print(the_plan.summary())
+    print(f"wrote {out} ({size:,} bytes)")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from .calibrate import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENS
+    from .measure import DEFAULT_MAX_ROWS
+
+    p = sub.add_parser("convert", help="the main job: an HF model to the Fisher-optimal GGUF for a budget")
+    p.add_argument("model", help="HF model folder, or an asset name from `qgguf fetch` (e.g. smollm2-135m)")
+    p.add_argument("-o", "--out", required=True, help="output .gguf")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-bpw", type=float, help="bits per weight as llama.cpp reports it (all tensors' data "
+                                                     "bits over all weights)")
+    g.add_argument("--target-size", help="whole-file size: 1.2GiB, 800MB or bytes")
+    p.add_argument("--palette", default="stock", choices=("stock", "extended"),
+                   help="stock: types unmodified llama.cpp runs (default); extended: adds qgguf's types")
+    p.add_argument("--stats", help="statistics from `qgguf calibrate` (default: calibrate now, cached)")
+    p.add_argument("--text", help="calibration text (default: the Wikipedia text of `qgguf fetch wiki`)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="calibration sequence length")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration seed")
+    p.add_argument("--device", default="cpu", help="cpu or cuda, for calibration, measurement and encoding")
+    p.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
+                   help="force a type on tensors matching a regex (llama-quantize syntax); repeatable")
+    p.add_argument("--tensor-type-file", help="a file of PATTERN=TYPE lines, as llama-quantize takes")
+    p.add_argument("--min-type", help="no tensor below this type's bits per weight")
+    p.add_argument("--max-type", help="no tensor above this type's bits per weight")
+    p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
+                   help=f"rows measured per tensor (default {DEFAULT_MAX_ROWS}; 0 = all)")
+    p.set_defaults(func=run)

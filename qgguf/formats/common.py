@@ -1,0 +1,320 @@
+"""Numeric helpers shared by the quantised formats, written to reproduce ggml's float32 arithmetic exactly.
+
+Layout. The search kernels work on *position-major* blocks: a tensor `xt[n, nb]` holds `nb` blocks of `n` weights
+each, one block per column (`x[nb, n].t().contiguous()`). Element-wise work is then over contiguous rows, and a sum
+over a block is a sequence of `n - 1` whole-row additions (see `seq_sum`).
+
+Exactness. ggml-quants.c is compiled without -ffast-math and without FMA, so each of its float operations is one
+IEEE float32 operation and its loops sum in index order. torch's element-wise float32 ops are IEEE-exact on CPU and
+CUDA, so writing every expression with the same operand order, and summing blocks in index order, gives the same
+scales and the same quants as ggml (byte-identical output), on the CPU and on a GPU alike. Traps: torch evaluates
+`python_float / tensor` as `tensor.reciprocal() * python_float` (two roundings; write `torch.tensor(c) / t`), and
+its vectorised CPU sqrt is not correctly rounded (use `sqrt_f32`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ggml's GROUP_MAX_EPS: a block whose largest |x| is below this is all zero.
+GROUP_MAX_EPS = 1e-15
+
+# kvalues_iq4nl (ggml-common.h): the non-linear 4-bit codebook of IQ4_NL / IQ4_XS.
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+# ------------------------------------------------------------------------------------------------ fp16 scales
+def fp16_round(d: torch.Tensor) -> torch.Tensor:
+    """float32 → fp16 → float32 (round to nearest even, as GGML_FP32_TO_FP16)."""
+    return d.to(torch.float16).to(torch.float32)
+
+
+def fp16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """float32[nb] → uint8[nb, 2]: the little-endian fp16 scale as stored in a block."""
+    return d.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+
+
+def fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """uint8[nb, 2] → float32[nb]."""
+    return b.contiguous().view(torch.float16).reshape(-1).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ rounding
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int (the 1.5·2^23 trick) for |v| ≤ 4194303, the range ggml asserts: round half to even."""
+    return torch.round(v)
+
+
+def nearest_int_exact(v: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int bit for bit on any input, Inf and NaN included (as float32).
+
+    Only needed where an inverse scale can overflow (blocks of subnormal weights), where ggml's trick returns
+    -4194304 for ±Inf and 0 for NaN rather than failing.
+    """
+    bits = (v + 12582912.0).view(torch.int32)
+    return ((bits & 0x007FFFFF) - 0x00400000).to(torch.float32)
+
+
+def round_away(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf: round half away from zero, exactly (v + 0.5 would round twice)."""
+    t = torch.trunc(v)
+    return t + torch.where((v - t).abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
+
+
+def trunc_u8(v: torch.Tensor) -> torch.Tensor:
+    """C's float → (u)int8 conversion of a non-negative value: truncation toward zero, as int32."""
+    return torch.trunc(v).to(torch.int32)
+
+
+def sqrt_f32(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt (C's sqrtf) of non-negative v.
+
+    torch's vectorised CPU sqrt is not correctly rounded (it differs from sqrtf in the last bit on ~17% of
+    inputs), which changes ggml's importance weights. The float64 root rounded to float32 is then corrected
+    against the exact squares of the two neighbouring midpoints (exact in float64: 25-bit operands).
+    """
+    d = v.to(torch.float64)
+    s = torch.sqrt(d).to(torch.float32)
+    up = torch.nextafter(s, torch.full_like(s, float("inf")))
+    dn = torch.nextafter(s, torch.zeros_like(s))
+    sd = s.to(torch.float64)
+    hi = (sd + up.to(torch.float64)) * 0.5
+    lo = (sd + dn.to(torch.float64)) * 0.5
+    s = torch.where(d > hi * hi, up, s)
+    return torch.where((d < lo * lo) & (s > 0), dn, s)
+
+
+# ------------------------------------------------------------------------------------------------ block reductions
+def seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 in index order, in float32: ggml's `for (i...) s += t[i]` bit for bit."""
+    acc = t[0].clone()
+    for i in range(1, t.shape[0]):  # over the positions of one block (a constant), never over blocks
+        acc += t[i]
+    return acc
+
+
+def signed_absmax(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, amax) over dim 0: amax = largest |x|, max = that element with its sign (first one on ties).
+
+    As ggml's `if (ax > amax) { amax = ax; max = x; }` starting from 0: an all-zero block gives max = +0.
+    """
+    ax = xt.abs()
+    idx = ax.argmax(dim=0)  # the first maximum, as ggml's strict `>`
+    amax = ax.gather(0, idx.unsqueeze(0)).squeeze(0)
+    mx = xt.gather(0, idx.unsqueeze(0)).squeeze(0)
+    return torch.where(amax > 0, mx, torch.zeros_like(mx)), amax
+
+
+def best_index_int8(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8: index of the nearest codebook value (sorted float32 `values`), ties as ggml."""
+    n = values.numel()
+    mu = torch.searchsorted(values, x.contiguous(), right=True).clamp_(1, n - 1)
+    lo = values[mu - 1]
+    hi = values[mu]
+    idx = torch.where(x - lo < hi - x, mu - 1, mu)
+    idx = torch.where(x <= values[0], torch.zeros_like(idx), idx)
+    return torch.where(x >= values[n - 1], torch.full_like(idx, n - 1), idx)
+
+
+class Codebook:
+    """A sorted integer codebook (e.g. kvalues_iq4nl) with a fast, exact nearest-value lookup.
+
+    ggml picks index mu-1 over mu when `x - v[mu-1] < v[mu] - x` in float32. For kvalues_iq4nl this equals
+    `x < (v[mu-1] + v[mu])/2` exactly: near a midpoint both differences are exact in float32, and elsewhere they
+    are too far apart for rounding to swap them. The midpoints are half-integers, so the index is a function of
+    floor(2x): one table lookup instead of a binary search. The constructor checks the equivalence against
+    best_index_int8 on every float within 256 ulps of every midpoint, so a codebook where it fails is refused.
+    """
+
+    def __init__(self, values: tuple[int, ...]):
+        self.values = tuple(int(v) for v in values)
+        self.lo, self.hi = 2 * self.values[0], 2 * self.values[-1]
+        mids2 = [a + b for a, b in zip(self.values, self.values[1:])]  # 2·midpoint
+        self._index = [sum(m <= h for m in mids2) for h in range(self.lo, self.hi + 1)]
+        self._cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._verify(mids2)
+
+    def _verify(self, mids2: list[int]) -> None:
+        mid = torch.tensor(mids2, dtype=torch.float32) / 2
+        near = (mid.view(torch.int32).unsqueeze(1) + torch.arange(-256, 257, dtype=torch.int32)).view(torch.float32)
+        x = torch.cat((near.reshape(-1), torch.tensor(self.values, dtype=torch.float32)))
+        x = x[torch.isfinite(x)]
+        if not torch.equal(self.index(x).long(), best_index_int8(self.values_tensor("cpu"), x)):
+            raise ValueError(f"codebook {self.values}: the midpoint table differs from best_index_int8")
+
+    def _table(self, kind: str, device: torch.device) -> torch.Tensor:
+        key = (kind, device)
+        if key not in self._cache:
+            idx = torch.tensor(self._index, dtype=torch.int64)
+            vals = torch.tensor(self.values, dtype=torch.float32)
+            t = {"index": idx.to(torch.uint8), "value": vals[idx], "values": vals}[kind]
+            self._cache[key] = t.to(device)
+        return self._cache[key]
+
+    def values_tensor(self, device) -> torch.Tensor:
+        return self._table("values", torch.device(device))
+
+    def _slot(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.floor(x * 2.0).clamp_(self.lo, self.hi).sub_(self.lo).to(torch.int64)
+
+    def index(self, x: torch.Tensor) -> torch.Tensor:
+        """best_index_int8(values, x) for every element, as uint8."""
+        return self._table("index", x.device)[self._slot(x)]
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """values[best_index_int8(values, x)] for every element, as float32."""
+        return self._table("value", x.device)[self._slot(x)]
+
+
+# ------------------------------------------------------------------------------------------------ scale searches
+def make_qx_quants(xt: torch.Tensor, nmax: int, rmse_type: int, qw: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants, batched over blocks: symmetric quants in [-nmax, nmax-1] with one scale.
+
+    xt, qw: [n, nb] position-major. Returns (scale[nb] float32, L[n, nb] int32 in [0, 2·nmax-1]).
+    The 18 candidate inverse scales -(nmax + 0.1·is)/max are tried in ggml's order; a candidate replaces the best
+    only when strictly better, so ties resolve as in ggml.
+    """
+    mx, amax = signed_absmax(xt)
+    zero = amax < GROUP_MAX_EPS
+    mx_safe = torch.where(zero, torch.ones_like(mx), mx)
+
+    def quants(iscale):
+        return nearest_int(xt * iscale).clamp_(-nmax, nmax - 1)
+
+    def done(d, l):
+        return torch.where(zero, 0.0, d), torch.where(zero, 0.0, l + nmax).to(torch.int32)
+
+    iscale = torch.tensor(float(-nmax), device=xt.device) / mx_safe
+    if rmse_type == 0:
+        return done(1 / iscale, quants(iscale))
+    return_early = rmse_type < 0
+    rmse_type = abs(rmse_type)
+    if qw is not None:
+        w = qw
+    elif rmse_type == 1:
+        w = xt * xt
+    elif rmse_type == 2:
+        w = torch.ones_like(xt)
+    elif rmse_type == 3:
+        w = xt.abs()
+    else:
+        w = xt.abs().sqrt()
+    wx = w * xt
+    buf = torch.empty_like(xt)
+
+    def sums(l):
+        sumlx = seq_sum(torch.mul(wx, l, out=buf))
+        suml2 = seq_sum(torch.mul(w, l, out=buf).mul_(l))  # (w·l)·l, ggml's order
+        return sumlx, suml2
+
+    l = quants(iscale)
+    sumlx, suml2 = sums(l)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    if return_early:
+        return done(torch.where(suml2 > 0, 0.5 * (scale + 1 / iscale), 1 / iscale), l)
+    best = scale * sumlx
+    best_iscale = iscale  # the quants are a function of the inverse scale: keep it, not them
+    for i in (*range(-9, 0), *range(1, 10)):  # ggml's candidate order
+        iscale = -(nmax + torch.tensor(0.1, dtype=torch.float32) * i).to(xt.device) / mx_safe
+        sumlx, suml2 = sums(quants(iscale))
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+    return done(scale, quants(best_iscale))
+
+
+def make_qkx3_quants(xt: torch.Tensor, nmax: int, weights: torch.Tensor | None, rmin: float, rdelta: float,
+                     nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx3_quants, batched over blocks: affine quants in [0, nmax] with a scale and a min ≤ 0.
+
+    xt, weights: [n, nb] position-major (weights None → x²). Returns (scale[nb], the_min[nb], L[n, nb] int32),
+    the_min being ggml's positive `-min` (the block offset is -the_min).
+    """
+    f32 = torch.float32
+    dev = xt.device
+    w = xt * xt if weights is None else weights
+    sum_w = seq_sum(w)
+    sum_x = seq_sum(w * xt)
+    mn = xt.min(dim=0).values.clamp(max=0.0)
+    mx = xt.max(dim=0).values
+    flat = mx <= mn
+    rng = torch.where(flat, torch.ones_like(mx), mx - mn)
+
+    def err(scale, L, m):
+        diff = (L * scale).add_(m).sub_(xt)  # ((scale·L) + min) - x, ggml's order
+        diff = diff.abs_() if use_mad else diff.mul_(diff)
+        return seq_sum(diff.mul_(w))
+
+    def quants(iscale, m):
+        v = (xt - m).mul_(iscale)
+        if not bool(torch.isfinite(iscale).all()):  # a block of subnormals: 1/range overflows, as in ggml
+            return nearest_int_exact(v).clamp_(0, nmax)
+        return v.round_().clamp_(0, nmax)  # nearest_int(iscale·(x - min))
+
+    iscale = torch.tensor(float(nmax), device=dev) / rng
+    scale = 1 / iscale
+    best_mad = err(scale, quants(iscale, mn), mn)
+    m = mn
+    # the quants are a function of (inverse scale, min in use): keep those of the best candidate, not the quants
+    best_iscale, best_m = iscale, mn
+    if nstep >= 1:
+        for i in range(nstep + 1):
+            # as in ggml, range and offset are those of the best candidate so far, not of the block's min
+            rng = torch.where(flat, torch.ones_like(mx), mx - m)
+            step = (torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * i + nmax).to(dev)
+            iscale = step / rng
+            la = quants(iscale, m)
+            wl = w * la
+            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * la), seq_sum(wl.mul_(xt))
+            D = sum_w * sum_l2 - sum_l * sum_l
+            ok = D > 0
+            Ds = torch.where(ok, D, torch.ones_like(D))
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+            pos = this_min > 0
+            this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+            this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+            mad = err(this_scale, la, this_min)
+            better = ok & (mad < best_mad)
+            best_iscale = torch.where(better, iscale, best_iscale)
+            best_m = torch.where(better, m, best_m)
+            best_mad = torch.where(better, mad, best_mad)
+            scale = torch.where(better, this_scale, scale)
+            m = torch.where(better, this_min, m)
+    L = quants(best_iscale, best_m)
+    scale = torch.where(flat, 0.0, scale)
+    m = torch.where(flat, mn, m)
+    L = torch.where(flat, 0.0, L)
+    return scale, -m, L.to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------------------ bit packing
+def pack_nibbles(L: torch.Tensor) -> torch.Tensor:
+    """int[nb, 32k] in 0..15 → uint8[nb, 16k]: per group of 32, byte j = L[j] | L[j+16] << 4 (ggml's q4 layout)."""
+    nb, n = L.shape
+    g = L.to(torch.uint8).reshape(nb, n // 32, 2, 16)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(nb, n // 2)
+
+
+def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """uint8[nb, 16k] → int32[nb, 32k], the inverse of pack_nibbles."""
+    nb, m = qs.shape
+    g = qs.reshape(nb, m // 16, 1, 16).to(torch.int32)
+    return torch.cat((g & 0x0F, g >> 4), dim=2).reshape(nb, 2 * m)
+
+
+def pack_bits32(bits: torch.Tensor) -> torch.Tensor:
+    """int[nb, 32] of 0/1 → uint8[nb, 4]: a little-endian uint32 with bit j = bits[j] (q5's qh)."""
+    nb = bits.shape[0]
+    b = bits.to(torch.uint8).reshape(nb, 4, 8)
+    shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
+    # distinct bits: the sum of the shifted bits is their OR
+    return (b.to(torch.int32) << shifts).sum(dim=2).to(torch.uint8)
+
+
+def unpack_bits32(qh: torch.Tensor) -> torch.Tensor:
+    """uint8[nb, 4] → int32[nb, 32], the inverse of pack_bits32."""
+    shifts = torch.arange(8, device=qh.device, dtype=torch.int32)
+    return ((qh.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], 32)

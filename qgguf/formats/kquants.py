@@ -1,0 +1,667 @@
+"""K-quants: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K — super-blocks of 256 weights whose sub-block scales are themselves
+quantised against one or two fp16 super-block scales.
+
+The encoders follow ggml's reference quantisers in ggml-quants.c step for step — quantize_row_qN_K_ref without
+importance, quantize_row_qN_K_impl with it (as ggml_quantize_chunk picks) — with the same candidate-scale grids,
+the same round-half-to-even rounding (ggml's nearest_int), fp16 rounding of d/dmin at the same points and the
+same greedy refinements, so their importance-weighted error matches ggml's by construction. Everything is
+vectorised over blocks: sub-blocks are a tensor dimension, the candidate scales another; the only Python loops
+run over candidates or positions inside a sub-block (never over blocks), and those ops are element-wise on
+per-sub-block state.
+
+Speed: the candidate searches are fused by torch.compile (C++ on CPU, Triton on CUDA) for large batches, which
+removes the candidate × block × sub-block intermediates; small batches and machines where compiling fails run the
+same functions eagerly, in pieces so memory stays bounded. Decoding is always eager (it is bit-exact with ggml's
+to_float: the same float32 operations in the same order).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import os
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .base import Format, register
+
+QK_K = 256
+GROUP_MAX_EPS = 1e-15   # ggml's threshold for an all-zero group
+
+# Batches of at least this many super-blocks go through torch.compile (when enabled); smaller ones run eagerly,
+# which costs no compile time. QGGUF_COMPILE=0 turns compiling off, =1 forces it for every batch size.
+COMPILE_MIN_BLOCKS = 1024
+# Super-blocks per call of a kernel: bounds the candidate × sub-block intermediates (eager) and keeps the
+# working set of the fused kernels in cache (compiled).
+PIECE_BLOCKS_EAGER = 1024
+PIECE_BLOCKS_COMPILED = 4096
+
+
+def _f32(v: float) -> float:
+    return float(np.float32(v))
+
+
+def _grid(first: float, values: list[float]) -> list[float]:
+    return [_f32(first)] + [_f32(v) for v in values]
+
+
+def _fp16(v: torch.Tensor) -> torch.Tensor:
+    """GGML_FP32_TO_FP16 then back: round to nearest even at fp16."""
+    return v.to(torch.float16).to(torch.float32)
+
+
+def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """[nb] float32 → [nb, 2] little-endian fp16 bytes."""
+    return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+
+
+def _first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed value of largest magnitude along the last dim (first one on ties, as ggml's strict `>` scan)."""
+    ax = x.abs()
+    i = ax.argmax(-1, keepdim=True)
+    return x.gather(-1, i).squeeze(-1), ax.gather(-1, i).squeeze(-1)
+
+
+def _seq_sum0(t: torch.Tensor) -> torch.Tensor:
+    """Sum along the first dim in index order."""
+    acc = t[0]
+    for i in range(1, t.shape[0]):
+        acc = acc + t[i]
+    return acc
+
+
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum along the last dim in index order (ggml's accumulation order; used where n is small)."""
+    acc = t[..., 0]
+    for i in range(1, t.shape[-1]):
+        acc = acc + t[..., i]
+    return acc
+
+
+# ------------------------------------------------------------------------------------------ kernels
+# The searches are split into small kernels (one candidate scale, one greedy pass) that the Python code calls in
+# sequence: each is element-wise over groups, so torch.compile fuses it into one loop, and compiles stay short.
+_use_compiled: contextvars.ContextVar[bool] = contextvars.ContextVar("qgguf_kquant_compiled", default=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+
+
+def _call(fn: Callable, *args: torch.Tensor):
+    return (_compiled(fn) if _use_compiled.get() else fn)(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _qkx_kernels(nmax: int, use_mad: bool) -> tuple[Callable, Callable]:
+    """make_qkx2_quants / make_qkx3_quants (identical once weights are given): x ≈ scale·l − the_min, l ∈ [0, nmax].
+
+    `start` fits the min/max scale; `step` tries one more scale (numerator `num`) with its weighted least-squares
+    scale and min and keeps it if it lowers the weighted squared (or absolute) error. As in ggml, each try is
+    taken relative to the best min so far, so the tries run in sequence. All state is [g, 1].
+    """
+    def error(x, w, scale, m, l):
+        diff = scale * l + m - x
+        return (w * (diff.abs() if use_mad else diff * diff)).sum(-1, keepdim=True)
+
+    def start(x, w):
+        mn = x.amin(-1, keepdim=True).clamp(max=0.0)
+        mx = x.amax(-1, keepdim=True)
+        iscale = float(nmax) / (mx - mn)
+        scale = 1.0 / iscale
+        best = error(x, w, scale, mn, torch.clamp(torch.round(iscale * (x - mn)), 0, nmax))
+        return mn, mx, w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True), scale, best
+
+    def step(x, w, sum_w, sum_x, mx, m, scale, best, num):
+        iscale = num / (mx - m)
+        l = torch.clamp(torch.round(iscale * (x - m)), 0, nmax)
+        wl = w * l
+        s_l = wl.sum(-1, keepdim=True)
+        s_l2 = (wl * l).sum(-1, keepdim=True)
+        s_xl = (wl * x).sum(-1, keepdim=True)
+        det = sum_w * s_l2 - s_l * s_l
+        this_scale = (sum_w * s_xl - sum_x * s_l) / det
+        this_min = (s_l2 * sum_x - s_l * s_xl) / det
+        clip = this_min > 0                                           # a positive offset is not allowed
+        this_scale = torch.where(clip, s_xl / s_l2, this_scale)
+        this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
+        err = error(x, w, this_scale, this_min, l)
+        better = (det > 0) & (err < best)
+        return torch.where(better, this_scale, scale), torch.where(better, this_min, m), torch.where(better, err, best)
+
+    return start, step
+
+
+def _qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                use_mad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qkx2/3_quants over groups x, w [g, n]: returns scale [g] and the_min [g] (≥ 0)."""
+    start, step = _qkx_kernels(nmax, use_mad)
+    mn, mx, sum_w, sum_x, scale, best = _call(start, x, w)
+    nums = x.new_tensor([_f32(_f32(_f32(rmin) + _f32(rdelta) * _f32(i)) + nmax) for i in range(nstep + 1)])
+    m = mn
+    for i in range(nstep + 1):
+        scale, m, best = _call(step, x, w, sum_w, sum_x, mx, m, scale, best, nums[i])
+    flat = mx == mn
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    m = torch.where(flat, mn, m)
+    return scale.squeeze(-1), -m.squeeze(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _qx_kernel(nmax: int) -> Callable:
+    """make_qx_quants with rmse_type 1: symmetric x ≈ scale·q, q ∈ [−nmax, nmax−1], weights w.
+
+    x, w: [g, n]. Tries 19 scales around −nmax/max (a candidate dimension) and keeps the one maximising
+    (Σwxq)²/Σwq² (ggml's sequential scan, strict improvement). Returns scale [g] and the index of the chosen
+    candidate [g] (0 for an all-zero group).
+    """
+    nums = _grid(-nmax, [-(_f32(nmax + _f32(_f32(0.1) * i))) for i in range(-9, 10) if i])
+
+    def search(x, w):
+        mx, amax = _first_absmax(x)
+        iscale = x.new_tensor(nums) / mx.unsqueeze(-1)                # [g, C]
+        xc = x.unsqueeze(1)
+        wc = w.unsqueeze(1)
+        l = torch.clamp(torch.round(iscale.unsqueeze(-1) * xc), -nmax, nmax - 1)
+        slx = ((wc * xc) * l).sum(-1)
+        sl2 = ((wc * l) * l).sum(-1)
+        zero_f = torch.zeros_like(mx)
+        s = torch.where(sl2[:, 0] != 0, slx[:, 0] / sl2[:, 0], zero_f)
+        best = s * slx[:, 0]
+        pick = torch.zeros_like(mx, dtype=torch.long)
+        for c in range(1, len(nums)):
+            take = (sl2[:, c] > 0) & (slx[:, c] * slx[:, c] > best * sl2[:, c])
+            s = torch.where(take, slx[:, c] / sl2[:, c], s)
+            best = torch.where(take, s * slx[:, c], best)
+            pick = torch.where(take, torch.full_like(pick, c), pick)
+        zero = amax < GROUP_MAX_EPS
+        return torch.where(zero, zero_f, s), torch.where(zero, torch.zeros_like(pick), pick), iscale, zero
+
+    return search
+
+
+def _qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, want_l: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """make_qx_quants (rmse_type 1) over groups: scale [g] and, if asked, L = q + nmax [g, n] (0 if all-zero)."""
+    s, pick, iscale, zero = _call(_qx_kernel(nmax), x, w)
+    if not want_l:
+        return s, None
+    L = torch.clamp(torch.round(iscale.gather(-1, pick[:, None]) * x), -nmax, nmax - 1) + nmax
+    return s, torch.where(zero.unsqueeze(-1), torch.zeros_like(L), L)
+
+
+@functools.lru_cache(maxsize=None)
+def _greedy_pass(lo: float | None, hi: float, need_old_sl2: bool) -> Callable:
+    """One of ggml's greedy passes (make_q3_quants, make_qp_quants): for each position in turn, move its level to
+    the one the current least-squares scale asks for, if that raises (Σwxl)²/Σwl². Works on transposed [n, g]
+    tensors so each position is a contiguous vector over groups. make_qp_quants also requires the sum without
+    the position to stay positive (`need_old_sl2`)."""
+    def run(xt, wt, wxt, Lt, sumlx, suml2):
+        cols = list(Lt.unbind(0))
+        for i in range(len(cols)):
+            xi, wi, wxi, li = xt[i], wt[i], wxt[i], cols[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - (wi * li) * li
+            new_l = torch.clamp(torch.round(xi * sl2 / slx), lo, hi)
+            slx_n = slx + wxi * new_l
+            sl2_n = sl2 + (wi * new_l) * new_l
+            ok = (slx > 0) & (new_l != li) & (slx_n * slx_n * suml2 > sumlx * sumlx * sl2_n)
+            ok = ok & (sl2 > 0) if need_old_sl2 else ok & (sl2_n > 0)
+            cols[i] = torch.where(ok, new_l, li)
+            sumlx = torch.where(ok, slx_n, sumlx)
+            suml2 = torch.where(ok, sl2_n, suml2)
+        return torch.stack(cols, 0), sumlx, suml2
+
+    return run
+
+
+def _greedy_sums(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    wxt = wt * xt
+    return wxt, _seq_sum0(wxt * Lt), _seq_sum0((wt * Lt) * Lt)
+
+
+def _greedy(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor, lo: float | None, hi: float,
+            need_old_sl2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's (up to) 5 greedy passes on transposed xt, wt, Lt [n, g]; returns Lt, Σwxl, Σwl² [g].
+
+    A group that a pass leaves unchanged stays unchanged (ggml's early exit), so each later pass runs only on the
+    groups the previous one changed — a few percent of them after the first pass."""
+    wxt, sumlx, suml2 = _call(_greedy_sums, xt, wt, Lt)
+    run = _greedy_pass(lo, hi, need_old_sl2)
+    new_Lt, sumlx, suml2 = _call(run, xt, wt, wxt, Lt, sumlx, suml2)
+    idx = (new_Lt != Lt).any(0).nonzero().squeeze(1)
+    Lt = new_Lt
+    for _ in range(4):
+        if idx.numel() == 0:
+            break
+        sub = (xt[:, idx], wt[:, idx], wxt[:, idx], Lt[:, idx], sumlx[idx], suml2[idx])
+        # a batch of one would make the dynamic-shape kernel specialise and recompile
+        new_l, new_sx, new_s2 = _call(run, *sub) if idx.numel() > 1 else run(*sub)
+        changed = (new_l != sub[3]).any(0)
+        Lt[:, idx], sumlx[idx], suml2[idx] = new_l, new_sx, new_s2
+        idx = idx[changed]
+    return Lt, sumlx, suml2
+
+
+@functools.lru_cache(maxsize=None)
+def _q3_start(nmax: int) -> Callable:
+    def start(xt):
+        ax = xt.abs()
+        i = ax.argmax(0, keepdim=True)                                # first largest |x|, as ggml's strict `>`
+        iscale = -float(nmax) / xt.gather(0, i)
+        Lt = torch.clamp(torch.round(iscale * xt), -nmax, nmax - 1)
+        return Lt, xt * xt, ax.gather(0, i).squeeze(0)
+    return start
+
+
+def _q3_quants(x: torch.Tensor, nmax: int) -> torch.Tensor:
+    """make_q3_quants with do_rmse: symmetric, weights x², then the greedy passes. x: [g, n] → scale [g].
+    (The quants are redone from the quantised scale afterwards.)"""
+    xt = x.t().contiguous()
+    Lt, wt, amax = _call(_q3_start(nmax), xt)
+    _, sumlx, suml2 = _greedy(xt, wt, Lt, -nmax, nmax - 1, False)
+    s = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    return torch.where(amax < GROUP_MAX_EPS, torch.zeros_like(s), s)
+
+
+def _qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qp_quants: the sub-block scales (or mins) x ≥ 0 as scale·L, L ∈ [0, nmax], weights w.
+
+    x, w: [g, n] with n the number of sub-blocks (8 or 16). A 9-point scale search, then the greedy passes.
+    Returns scale [g] and L [g, n]. Sums run in ggml's order (n is small).
+    """
+    mx = x.amax(-1).clamp(min=0.0)
+    nums = x.new_tensor(_grid(nmax, [_f32(_f32(_f32(0.1) * i) + nmax) for i in range(-4, 5) if i]))
+    iscale = nums / mx.unsqueeze(-1)                                  # [g, 9]
+    xc = x.unsqueeze(1)
+    l = torch.round(iscale.unsqueeze(-1) * xc)
+    l = torch.cat([l[:, :1], l[:, 1:].clamp(max=nmax)], 1)            # the first try is not clamped in ggml
+    diff = xc - (1.0 / iscale).unsqueeze(-1) * l
+    mse = _seq_sum((w.unsqueeze(1) * diff) * diff)
+    best = mse.argmin(-1, keepdim=True)                               # first minimum = ggml's strict `<` scan
+    L = torch.round(iscale.gather(-1, best) * x).clamp(max=nmax)
+    Lt, sumlx, suml2 = _greedy(x.t().contiguous(), w.t().contiguous(), L.t().contiguous(), None, nmax, True)
+    L = Lt.t()
+    s = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    zero = mx < GROUP_MAX_EPS
+    return (torch.where(zero, torch.zeros_like(s), s),
+            torch.where(zero.unsqueeze(-1), torch.zeros_like(L), L))
+
+
+# ------------------------------------------------------------------------------------------ packing helpers
+def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
+    """[nb, 256] values 0..3 → [nb, 64]: byte 32h+l holds L[128h + 32k + l] at bits 2k."""
+    q = L.to(torch.uint8).reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _unpack_2bit(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of _pack_2bit: [nb, 64] → [nb, 256] uint8."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device).reshape(1, 1, 4, 1)
+    return ((q.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)
+
+
+def _pack_nibbles(L: torch.Tensor) -> torch.Tensor:
+    """[nb, 256] values 0..15 → [nb, 128]: byte 32c+l = L[64c+l] | L[64c+32+l] << 4."""
+    q = L.to(torch.uint8).reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _unpack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    q = q.reshape(-1, 4, 1, 32)
+    return torch.cat([q & 0xF, q >> 4], 2).reshape(-1, QK_K)
+
+
+def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Q4_K/Q5_K's 12 bytes of 6-bit sub-block scales and mins (the inverse of ggml's get_scale_min_k4)."""
+    ls = ls.to(torch.uint8)
+    lm = lm.to(torch.uint8)
+    lo_s, hi_s = ls[:, :4], ls[:, 4:]
+    lo_m, hi_m = lm[:, :4], lm[:, 4:]
+    return torch.cat([lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 0xF) | ((hi_m & 0xF) << 4)], 1)
+
+
+def _unpack_scales_k4(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b, c = q[:, 0:4], q[:, 4:8], q[:, 8:12]
+    sc = torch.cat([a & 63, (c & 0xF) | ((a >> 6) << 4)], 1)
+    mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], 1)
+    return sc, mn
+
+
+def _pack_scales_q3(l6: torch.Tensor) -> torch.Tensor:
+    """Q3_K's 12 bytes of sixteen 6-bit scales: low nibbles in bytes 0-7, high 2-bit pairs in bytes 8-11."""
+    l6 = l6.to(torch.uint8)
+    low = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)
+    h = (l6 >> 4).reshape(-1, 4, 4)                                   # [nb, j//4, j%4]
+    high = h[:, 0] | (h[:, 1] << 2) | (h[:, 2] << 4) | (h[:, 3] << 6)
+    return torch.cat([low, high], 1)
+
+
+def _unpack_scales_q3(q: torch.Tensor) -> torch.Tensor:
+    """[nb, 12] → sixteen signed scales (6-bit value − 32) as int16."""
+    low = torch.cat([q[:, :8] & 0xF, q[:, :8] >> 4], 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device).reshape(1, 4, 1)
+    high = ((q[:, 8:12].reshape(-1, 1, 4) >> shifts) & 3).reshape(-1, 16)
+    return (low | (high << 4)).to(torch.int16) - 32
+
+
+# ------------------------------------------------------------------------------------------ encoders
+# Each encoder is a head (sub-block weights), the scale searches above, and a tail (quantise the sub-block scales,
+# requantise the weights with them, pack the bytes). Heads and tails are element-wise over blocks and are
+# compiled as single kernels too.
+
+@functools.lru_cache(maxsize=None)
+def _head_importance(sub: int, sigma_factor: float) -> Callable:
+    """ggml's _impl weighting: importance · sqrt(σ² + x²), σ² = factor·Σx²/256 over the super-block; and the
+    per-sub-block weight sums. x, w: [nb, 256] → weight [nb·256/sub, sub], sw [nb, 256/sub]."""
+    def head(x, w):
+        sigma2 = (sigma_factor * (x * x).sum(-1, keepdim=True)) / QK_K
+        weight = (w * torch.sqrt(sigma2 + x * x)).reshape(x.shape[0], QK_K // sub, sub)
+        return weight.reshape(-1, sub), _seq_sum(weight)
+    return head
+
+
+def _head_q45_ref(x: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q{4,5}_K_ref's weights: rms of the sub-block + |x|."""
+    xs = x.reshape(-1, 32)
+    return torch.sqrt((xs * xs).sum(-1, keepdim=True) / 32) + xs.abs()
+
+
+def _requant_q2(x: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor) -> torch.Tensor:
+    xs = x.reshape(-1, 16, 16)
+    dd = d.unsqueeze(-1) * (sc & 0xF).to(torch.float32)
+    dm = dmin.unsqueeze(-1) * (sc >> 4).to(torch.float32)
+    L = torch.clamp(torch.round((xs + dm.unsqueeze(-1)) / dd.unsqueeze(-1)), 0, 3)
+    L = torch.where((dd == 0).unsqueeze(-1), torch.zeros_like(L), L).reshape(-1, QK_K)
+    return torch.cat([sc.to(torch.uint8), _pack_2bit(L), _fp16_bytes(d), _fp16_bytes(dmin)], 1)
+
+
+def _tail_q2_ref(x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    scales, mins = scales.reshape(-1, 16), mins.reshape(-1, 16)
+    max_scale = scales.amax(-1).clamp(min=0.0)
+    max_min = mins.amax(-1).clamp(min=0.0)
+    has_s, has_m = max_scale > 0, max_min > 0
+    ls = torch.round((15.0 / max_scale).unsqueeze(-1) * scales)
+    lm = torch.round((15.0 / max_min).unsqueeze(-1) * mins)
+    ls = torch.where(has_s.unsqueeze(-1), ls, torch.zeros_like(ls)).to(torch.int32)
+    lm = torch.where(has_m.unsqueeze(-1), lm, torch.zeros_like(lm)).to(torch.int32)
+    d = torch.where(has_s, _fp16(max_scale / 15.0), torch.zeros_like(max_scale))
+    dmin = torch.where(has_m, _fp16(max_min / 15.0), torch.zeros_like(max_min))
+    return _requant_q2(x, (ls & 0xFF) | ((lm << 4) & 0xFF), d, dmin)
+
+
+def _tail_q2_imp(x: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, dm: torch.Tensor, mm: torch.Tensor
+                 ) -> torch.Tensor:
+    return _requant_q2(x, (ls.to(torch.int32) | (lm.to(torch.int32) << 4)) & 0xFF, _fp16(dm), _fp16(mm))
+
+
+def _encode_q2_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    nb = x.shape[0]
+    if w is None:        # quantize_row_q2_K_ref
+        xs = x.reshape(-1, 16)
+        scales, mins = _qkx_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, True)
+        return _call(_tail_q2_ref, x, scales, mins)
+    # quantize_row_q2_K_impl
+    weight, sw = _call(_head_importance(16, 1.0), x, w)
+    scales, mins = _qkx_quants(x.reshape(-1, 16), weight, 3, -0.9, 0.05, 36, False)
+    dm, ls = _qp_quants(scales.reshape(nb, 16), sw, 15)
+    mm, lm = _qp_quants(mins.reshape(nb, 16), sw, 15)
+    return _call(_tail_q2_imp, x, ls, lm, dm, mm)
+
+
+def _requant_q3(x: torch.Tensor, l6: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    dd = d.unsqueeze(-1) * (l6 - 32)
+    L = torch.clamp(torch.round(x.reshape(nb, 16, 16) / dd.unsqueeze(-1)), -4, 3) + 4
+    L = torch.where((dd == 0).unsqueeze(-1), torch.full_like(L, 4), L).reshape(nb, QK_K).to(torch.uint8)
+    hbit = (L >> 2).reshape(nb, 8, 32)                                # bit b of hmask[m] is L[32b + m] > 3
+    hmask = hbit[:, 0]
+    for b in range(1, 8):
+        hmask = hmask | (hbit[:, b] << b)
+    return torch.cat([hmask, _pack_2bit(L & 3), _pack_scales_q3(l6), _fp16_bytes(d)], 1)
+
+
+def _tail_q3_ref(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    scales = scales.reshape(-1, 16)
+    max_scale, _ = _first_absmax(scales)
+    nz = max_scale != 0
+    iscale = -32.0 / max_scale
+    l6 = torch.clamp(torch.round(iscale.unsqueeze(-1) * scales), -32, 31) + 32
+    l6 = torch.where(nz.unsqueeze(-1), l6, torch.zeros_like(l6))
+    return _requant_q3(x, l6, torch.where(nz, _fp16(1.0 / iscale), torch.zeros_like(max_scale)))
+
+
+def _tail_q3_imp(x: torch.Tensor, l6: torch.Tensor, d_block: torch.Tensor) -> torch.Tensor:
+    return _requant_q3(x, l6, _fp16(d_block))
+
+
+def _encode_q3_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    nb = x.shape[0]
+    if w is None:        # quantize_row_q3_K_ref
+        return _call(_tail_q3_ref, x, _q3_quants(x.reshape(-1, 16), 4))
+    # quantize_row_q3_K_impl
+    weight, sw = _call(_head_importance(16, 2.0), x, w)
+    scales, _ = _qx_quants(x.reshape(-1, 16), weight, 4)
+    d_block, l6 = _qx_quants(scales.reshape(nb, 16), sw, 32, want_l=True)
+    return _call(_tail_q3_imp, x, l6, d_block)
+
+
+@functools.lru_cache(maxsize=None)
+def _tail_q45(nmax: int, ref: bool) -> Callable:
+    """Q4_K/Q5_K: 6-bit sub-block scales and mins (ref: against their maxima; impl: given by make_qp_quants),
+    requantisation against them, packing."""
+    def tail(x, scales, mins, d_block, m_block):
+        nb = x.shape[0]
+        if ref:
+            scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+            max_scale = scales.amax(-1).clamp(min=0.0)
+            max_min = mins.amax(-1).clamp(min=0.0)
+            inv_s = torch.where(max_scale > 0, 63.0 / max_scale, torch.zeros_like(max_scale))
+            inv_m = torch.where(max_min > 0, 63.0 / max_min, torch.zeros_like(max_min))
+            # uint8_t ls = nearest_int(...): the int wraps modulo 256 before MIN(63, ·)
+            ls = (torch.round(inv_s.unsqueeze(-1) * scales).to(torch.int32) & 0xFF).clamp(max=63)
+            lm = (torch.round(inv_m.unsqueeze(-1) * mins).to(torch.int32) & 0xFF).clamp(max=63)
+            d, dmin = _fp16(max_scale / 63.0), _fp16(max_min / 63.0)
+        else:
+            ls, lm = scales.to(torch.int32), mins.to(torch.int32)
+            d, dmin = _fp16(d_block), _fp16(m_block)
+        dd = d.unsqueeze(-1) * ls.to(torch.float32)
+        dm = dmin.unsqueeze(-1) * lm.to(torch.float32)
+        L = torch.clamp(torch.round((x.reshape(nb, 8, 32) + dm.unsqueeze(-1)) / dd.unsqueeze(-1)), 0, nmax)
+        L = torch.where((dd == 0).unsqueeze(-1), torch.zeros_like(L), L).reshape(nb, QK_K).to(torch.uint8)
+        head = [_fp16_bytes(d), _fp16_bytes(dmin), _pack_scales_k4(ls, lm)]
+        if nmax == 15:
+            return torch.cat(head + [_pack_nibbles(L)], 1)
+        h = (L >> 4).reshape(nb, 8, 32)                               # bit j of qh[l] is L[32j + l] > 15
+        qh = h[:, 0]
+        for j in range(1, 8):
+            qh = qh | (h[:, j] << j)
+        return torch.cat(head + [qh, _pack_nibbles(L & 0xF)], 1)
+    return tail
+
+
+def _encode_q45_k(x: torch.Tensor, w: torch.Tensor | None, nmax: int, rmin: float, rdelta: float,
+                  nstep: int) -> torch.Tensor:
+    """Q4_K and Q5_K share everything but nmax, the ref search grid and the high bit."""
+    nb = x.shape[0]
+    if w is None:        # quantize_row_q{4,5}_K_ref
+        scales, mins = _qkx_quants(x.reshape(-1, 32), _call(_head_q45_ref, x), nmax, rmin, rdelta, nstep, False)
+        return _call(_tail_q45(nmax, True), x, scales, mins, scales, mins)
+    # quantize_row_q{4,5}_K_impl
+    weights, sw = _call(_head_importance(32, 2.0), x, w)
+    scales, mins = _qkx_quants(x.reshape(-1, 32), weights, nmax, -0.9, 0.05, 36, False)
+    d_block, ls = _qp_quants(scales.reshape(nb, 8), sw, 63)
+    m_block, lm = _qp_quants(mins.reshape(nb, 8), sw, 63)
+    return _call(_tail_q45(nmax, False), x, ls, lm, d_block, m_block)
+
+
+def _encode_q4_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return _encode_q45_k(x, w, 15, -1.0, 0.1, 20)
+
+
+def _encode_q5_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return _encode_q45_k(x, w, 31, -0.5, 0.1, 15)
+
+
+def _tail_q6(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    scales = scales.reshape(nb, 16)
+    max_scale, max_abs = _first_absmax(scales)
+    zero = max_abs < GROUP_MAX_EPS
+    iscale = -128.0 / max_scale
+    d = torch.where(zero, torch.zeros_like(max_scale), _fp16(1.0 / iscale))
+    sc = torch.round(iscale.unsqueeze(-1) * scales).clamp(max=127)
+    sc = torch.where(zero.unsqueeze(-1), torch.zeros_like(sc), sc)
+    dd = d.unsqueeze(-1) * sc
+    L = torch.clamp(torch.round(x.reshape(nb, 16, 16) / dd.unsqueeze(-1)), -32, 31) + 32
+    L = torch.where((dd == 0).unsqueeze(-1), torch.full_like(L, 32), L)
+    L = torch.where(zero[:, None, None], torch.zeros_like(L), L).reshape(nb, 2, 4, 32).to(torch.uint8)
+    lo = L & 0xF
+    ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], 2).reshape(nb, 128)
+    hi = L >> 4
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
+    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], 1)
+
+
+def _encode_q6_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    xs = x.reshape(-1, 16)
+    # quantize_row_q6_K_ref weights by x² (make_qx_quants with no weights); _impl by the importance alone
+    scales, _ = _qx_quants(xs, xs * xs if w is None else w.reshape(-1, 16), 32)
+    return _call(_tail_q6, x, scales)
+
+
+# ------------------------------------------------------------------------------------------ running encoders
+_compile_broken = False
+
+
+def _compile_mode() -> str:
+    v = os.environ.get("QGGUF_COMPILE", "auto").strip().lower()
+    return {"0": "off", "false": "off", "no": "off", "off": "off", "1": "on", "true": "on", "on": "on"}.get(v, "auto")
+
+
+def _run_encoder(fn: Callable, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Run an encoder over x [nb, 256] in pieces, its kernels compiled for large batches."""
+    global _compile_broken
+    mode = _compile_mode()
+    if not _compile_broken and mode != "off" and (mode == "on" or x.shape[0] >= COMPILE_MIN_BLOCKS):
+        token = _use_compiled.set(True)
+        try:
+            return _in_pieces(fn, x, w, PIECE_BLOCKS_COMPILED)
+        except Exception as e:  # no C++ compiler / Triton: the eager path gives the same answer, slower
+            _compile_broken = True
+            warnings.warn(f"qgguf: torch.compile failed ({type(e).__name__}: {e}); K-quant encoding falls back "
+                          "to eager PyTorch (slower). Set QGGUF_COMPILE=0 to skip the attempt.")
+        finally:
+            _use_compiled.reset(token)
+    return _in_pieces(fn, x, w, PIECE_BLOCKS_EAGER)
+
+
+def _in_pieces(fn: Callable, x: torch.Tensor, w: torch.Tensor | None, piece: int) -> torch.Tensor:
+    return torch.cat([fn(x[b:b + piece], None if w is None else w[b:b + piece])
+                      for b in range(0, x.shape[0], piece)], 0)
+
+
+# ------------------------------------------------------------------------------------------ formats
+class _KQuant(Format):
+    block_size = QK_K
+    _encoder: Callable
+
+    def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        return _run_encoder(type(self)._encoder, x.contiguous(), None if w is None else w.contiguous())
+
+
+@register
+class Q2_K(_KQuant):
+    """16 sub-blocks of 16: x ≈ d·s·q − dmin·m, q 2-bit, s and m 4-bit. 84 bytes, 2.625 bpw."""
+
+    name, type_id, type_size, sub_block = "Q2_K", 10, 84, 16
+    _encoder = staticmethod(_encode_q2_k)
+
+    def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        sc, qs = q[:, :16], q[:, 16:80]
+        d = q[:, 80:82].contiguous().view(torch.float16).to(torch.float32)
+        dmin = q[:, 82:84].contiguous().view(torch.float16).to(torch.float32)
+        dl = (d * (sc & 0xF).to(torch.float32)).unsqueeze(-1)
+        ml = (dmin * (sc >> 4).to(torch.float32)).unsqueeze(-1)
+        L = _unpack_2bit(qs).reshape(-1, 16, 16).to(torch.float32)
+        return (dl * L - ml).reshape(-1, QK_K)
+
+
+@register
+class Q3_K(_KQuant):
+    """16 sub-blocks of 16: x ≈ d·s·q, q 3-bit signed (2 low bits + a high-bit mask), s 6-bit. 110 bytes, 3.4375 bpw."""
+
+    name, type_id, type_size, sub_block = "Q3_K", 11, 110, 16
+    _encoder = staticmethod(_encode_q3_k)
+
+    def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        hmask, qs, sc = q[:, :32], q[:, 32:96], q[:, 96:108]
+        d = q[:, 108:110].contiguous().view(torch.float16).to(torch.float32)
+        dl = (d * _unpack_scales_q3(sc).to(torch.float32)).unsqueeze(-1)
+        shifts = torch.arange(8, dtype=torch.uint8, device=q.device).reshape(1, 8, 1)
+        high = ((hmask.unsqueeze(1) >> shifts) & 1).reshape(-1, QK_K)
+        L = _unpack_2bit(qs).to(torch.int16) - ((high ^ 1).to(torch.int16) << 2)
+        return (dl * L.to(torch.float32).reshape(-1, 16, 16)).reshape(-1, QK_K)
+
+
+class _Q45(_KQuant):
+    sub_block = 32
+
+    def _scales(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = q[:, 0:2].contiguous().view(torch.float16).to(torch.float32)
+        dmin = q[:, 2:4].contiguous().view(torch.float16).to(torch.float32)
+        sc, mn = _unpack_scales_k4(q[:, 4:16])
+        return (d * sc.to(torch.float32)).unsqueeze(-1), (dmin * mn.to(torch.float32)).unsqueeze(-1)
+
+
+@register
+class Q4_K(_Q45):
+    """8 sub-blocks of 32: x ≈ d·s·q − dmin·m, q 4-bit, s and m 6-bit. 144 bytes, 4.5 bpw."""
+
+    name, type_id, type_size = "Q4_K", 12, 144
+    _encoder = staticmethod(_encode_q4_k)
+
+    def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        d, m = self._scales(q)
+        L = _unpack_nibbles(q[:, 16:144]).reshape(-1, 8, 32).to(torch.float32)
+        return (d * L - m).reshape(-1, QK_K)
+
+
+@register
+class Q5_K(_Q45):
+    """8 sub-blocks of 32: x ≈ d·s·q − dmin·m, q 5-bit (4 low bits + 1 high bit), s and m 6-bit. 176 bytes, 5.5 bpw."""
+
+    name, type_id, type_size = "Q5_K", 13, 176
+    _encoder = staticmethod(_encode_q5_k)
+
+    def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        d, m = self._scales(q)
+        shifts = torch.arange(8, dtype=torch.uint8, device=q.device).reshape(1, 8, 1)
+        high = ((q[:, 16:48].unsqueeze(1) >> shifts) & 1).reshape(-1, QK_K)
+        L = (_unpack_nibbles(q[:, 48:176]) | (high << 4)).reshape(-1, 8, 32).to(torch.float32)
+        return (d * L - m).reshape(-1, QK_K)
+
+
+@register
+class Q6_K(_KQuant):
+    """16 sub-blocks of 16: x ≈ d·s·q, q 6-bit signed (4 low + 2 high bits), s 8-bit signed. 210 bytes, 6.5625 bpw."""
+
+    name, type_id, type_size, sub_block = "Q6_K", 14, 210, 16
+    _encoder = staticmethod(_encode_q6_k)
+
+    def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        ql, qh, sc = q[:, :128], q[:, 128:192], q[:, 192:208]
+        d = q[:, 208:210].contiguous().view(torch.float16).to(torch.float32)
+        dl = (d * sc.contiguous().view(torch.int8).to(torch.float32)).unsqueeze(-1)
+        ql = ql.reshape(-1, 2, 2, 1, 32)                              # [nb, half, byte-group, nibble, l]
+        lo = torch.cat([ql & 0xF, ql >> 4], 3)                        # nibble k of group g is L[128h + 32(g+2k) + l]
+        lo = lo.transpose(2, 3).reshape(-1, 2, 4, 32)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device).reshape(1, 1, 4, 1)
+        hi = (qh.reshape(-1, 2, 1, 32) >> shifts) & 3
+        L = ((lo | (hi << 4)).to(torch.int16) - 32).to(torch.float32).reshape(-1, 16, 16)
+        return (dl * L).reshape(-1, QK_K)

@@ -1,0 +1,397 @@
+"""Measure: for every tensor and every candidate type, the real error of the real encoder, and the exact bytes.
+
+Each type in qgguf.formats encodes the tensor (with the importance vector, as export will) and decodes it; the
+difference to the original weights is the error llama.cpp will see. Three averages of the squared error δ² are
+kept, each a mean per weight:
+
+    mse          plain mean of δ²
+    channel_mse  Σ_j I_j·e_j / Σ_j I_j, with e_j the mean of δ² over the rows of input channel j and I_j the
+                 per-channel Fisher (I_j = Σ_rows F_ij)
+    fisher_mse   Σ F_ij·δ_ij² / Σ F_ij, when the per-element Fisher is given
+
+and the predicted KL cost of the type is ΔKL = ½·ΣF·err, err the most detailed of the three available
+(docs/notes/plan.md derives it). Large tensors are measured on a seeded subset of rows (every GGUF type encodes
+rows independently, so a row's error does not depend on which other rows are encoded), drawn with probability
+proportional to each row's Fisher-weighted energy, and the sums over the sample are scaled to the whole tensor
+by the ratio of error to block-scale energy, which is known exactly for every row (sample_rows, _ratio).
+
+Results are cached on disk (cache_dir("measure")), keyed by the tensor's bytes, the importance and Fisher bytes,
+the row subset, the type, and the source of qgguf.formats (a changed encoder is measured afresh).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import formats
+from .errors import QggufError
+from .files import atomic_output, cache_dir
+from .plan import TensorChoices
+
+# Rows measured per tensor by default: the estimate of every error average then stays within 2% of the full
+# tensor's (docs/benchmarks.md, "Measure: row subsampling"). Smaller tensors are measured whole.
+DEFAULT_MAX_ROWS = 1024
+CHUNK_WEIGHTS = 1 << 22  # weights encoded at once: bounds memory on large tensors
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TypeResult:
+    """The error of one type on one tensor (means per weight over the measured rows) and its exact bytes."""
+
+    type: str
+    nbytes: int
+    mse: float
+    channel_mse: float | None = None
+    fisher_mse: float | None = None
+
+    @property
+    def err(self) -> float:
+        """The error ΔKL is predicted from: Fisher-weighted if known, else channel-weighted, else plain."""
+        for e in (self.fisher_mse, self.channel_mse, self.mse):
+            if e is not None:
+                return e
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class TensorMeasurement:
+    name: str
+    shape: tuple[int, ...]
+    rms: float
+    rows_measured: int
+    rows_total: int
+    results: dict[str, TypeResult] = field(default_factory=dict)
+
+    @property
+    def n_weights(self) -> int:
+        return int(np.prod(self.shape))
+
+    def choices(self, fisher_sum: float) -> TensorChoices:
+        """The planner's input: per type (bytes, ΔKL = ½·ΣF·err)."""
+        if not (math.isfinite(fisher_sum) and fisher_sum >= 0):
+            raise QggufError(f"{self.name}: ΣF is {fisher_sum}; recalibrate (the statistics are broken)")
+        return TensorChoices(name=self.name, shape=self.shape, fisher_sum=float(fisher_sum), rms=self.rms,
+                             options={k: (r.nbytes, predicted_dkl(fisher_sum, r.err)) for k, r in self.results.items()})
+
+
+def predicted_dkl(fisher_sum: float, err: float) -> float:
+    """ΔKL ≈ ½·ΣF·err: the second-order KL cost of a weight error with mean square `err` (Fisher-weighted)."""
+    return 0.5 * float(fisher_sum) * float(err)
+
+
+@dataclass
+class TensorInput:
+    """One tensor to measure. weights: GGUF layout (rows × row_len, or experts × rows × row_len), any device.
+
+    importance:     what the encoder weights by (per input channel; per expert × channel for 3-D tensors).
+    channel_fisher: I_j = Σ_rows F_ij for the channel-weighted error; defaults to `importance`.
+    fisher:         per-element Fisher, the shape of `weights`, for the Fisher-weighted error (optional).
+    """
+
+    name: str
+    weights: torch.Tensor | np.ndarray
+    importance: torch.Tensor | np.ndarray | None = None
+    channel_fisher: torch.Tensor | np.ndarray | None = None
+    fisher: torch.Tensor | np.ndarray | None = None
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def sample_rows(sizes: np.ndarray | int, max_rows: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sample of about `max_rows` rows, drawn with probability proportional to each row's size.
+
+    Returns the sorted row indices and their weights 1/π (π: the row's inclusion probability), for the
+    Horvitz–Thompson sums Σ_sample x_r/π_r ≈ Σ_all x_r. Rows larger than their share are always taken (π = 1);
+    the rest are drawn systematically along the rows, so the sample is also spread evenly over heads and
+    experts. Sizes are the rows' Fisher-weighted energy: the few rows that carry most of the predicted error
+    are the ones measured. An int `sizes` means that many rows of equal size. All rows when they are few.
+    """
+    s = np.full(sizes, 1.0) if isinstance(sizes, (int, np.integer)) else np.asarray(sizes, dtype=np.float64)
+    n = len(s)
+    if max_rows is None or max_rows <= 0 or n <= max_rows:
+        return np.arange(n), np.ones(n)
+    s = s + 1e-3 * max(s.mean(), 1e-300)  # every row keeps a chance, even one whose weights carry no Fisher
+    pi = np.zeros(n)
+    sure = np.zeros(n, dtype=bool)
+    while True:  # rows whose share of the rest reaches 1 are taken for sure; repeat for the rest
+        k = max_rows - int(sure.sum())
+        rest = s[~sure].sum()
+        new = ~sure & (s * k >= rest)
+        if not new.any() or k <= 0:
+            break
+        sure |= new
+    pi[sure] = 1.0
+    k = max_rows - int(sure.sum())
+    if k > 0:
+        pi[~sure] = s[~sure] * k / s[~sure].sum()
+    u = np.random.default_rng([seed, n, max_rows]).random()
+    c = np.cumsum(np.where(sure, 0.0, pi))
+    hit = np.floor(c - u) > np.floor(np.concatenate([[0.0], c[:-1]]) - u)  # systematic: one draw per unit of π
+    rows = np.flatnonzero(sure | hit)
+    return rows, 1.0 / pi[rows]
+
+
+# ------------------------------------------------------------------------------------------------ cache
+@lru_cache(maxsize=1)
+def _formats_source_hash() -> str:
+    """Hash of qgguf/formats/*.py: measurements of an older encoder are not reused."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in sorted(Path(formats.__file__).parent.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _hash_array(h, a) -> None:
+    if a is None:
+        h.update(b"none")
+        return
+    t = a.detach().to("cpu", torch.float32).contiguous() if isinstance(a, torch.Tensor) else \
+        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    h.update(repr(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+
+
+def _cache_file(key: str, type_name: str) -> Path:
+    h = hashlib.blake2b(f"{key}|{type_name}|{_formats_source_hash()}|v{CACHE_VERSION}".encode(), digest_size=20)
+    d = h.hexdigest()
+    return cache_dir("measure", d[:2]) / f"{d}.json"
+
+
+def _cache_read(path: Path) -> TypeResult | None:
+    try:
+        return TypeResult(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # absent or damaged: measure again
+
+
+def _cache_write(path: Path, r: TypeResult) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(asdict(r)))
+
+
+# ------------------------------------------------------------------------------------------------ measure
+def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None = DEFAULT_MAX_ROWS,
+                   seed: int = 0, cache: bool = True, device: str | torch.device | None = None
+                   ) -> TensorMeasurement:
+    """Encode and decode `t` in every type of `types` that accepts its row length; see the module docstring."""
+    w = _tensor(t.weights)
+    if device is not None:
+        w = w.to(device)
+    w = w.to(torch.float32)
+    if w.ndim not in (2, 3):
+        raise QggufError(f"{t.name}: only 2-D and 3-D tensors are quantised (this one has shape "
+                         f"{tuple(w.shape)}); leave it out of the plan")
+    shape = tuple(int(s) for s in w.shape)
+    row_len = shape[-1]
+    groups = 1 if w.ndim == 2 else shape[0]
+    w3 = w.reshape(groups, -1, row_len)
+    rows_per_group = w3.shape[1]
+    if not bool(torch.isfinite(w3).all()):
+        raise QggufError(f"{t.name}: the weights hold NaN or Inf; fix the checkpoint before quantising")
+
+    imp = _per_group(t.importance, groups, row_len, w.device, t.name, "importance")
+    chf = imp if t.channel_fisher is None else _per_group(t.channel_fisher, groups, row_len, w.device, t.name,
+                                                          "channel Fisher")
+    fisher = None
+    if t.fisher is not None:
+        fisher = _tensor(t.fisher).to(w.device, torch.float32)
+        if tuple(fisher.shape) != shape:
+            raise QggufError(f"{t.name}: the per-element Fisher has shape {tuple(fisher.shape)}, the weights "
+                             f"{shape}; use statistics computed for this model")
+        fisher = fisher.reshape(groups, -1, row_len)
+
+    n_total = groups * rows_per_group
+    sizes = _row_sizes(w3, chf, fisher) if max_rows and n_total > max_rows else n_total
+    rows, inv_pi = sample_rows(sizes, max_rows, seed)
+    rms = math.sqrt(float(_energy(w3, None, 1).col.sum()) / w3.numel())
+    energies: dict[int, _Energy | None] = {}
+    out = TensorMeasurement(name=t.name, shape=shape, rms=rms, rows_measured=len(rows), rows_total=n_total)
+
+    key = None
+    if cache:
+        h = hashlib.blake2b(digest_size=20)
+        for a in (w, t.importance, t.channel_fisher, t.fisher):
+            _hash_array(h, a)
+        h.update(f"rows={max_rows}|seed={seed}".encode())
+        key = h.hexdigest()
+
+    for name in types:
+        fmt = formats.get(name)
+        if not fmt.accepts(row_len):
+            continue
+        path = _cache_file(key, fmt.name) if key else None
+        r = _cache_read(path) if path else None
+        if r is None:
+            size = _scale_block(fmt)
+            if size not in energies:  # not needed when every row is measured: the sample is the tensor
+                energies[size] = _energy(w3, fisher, size) if len(rows) < n_total else None
+            r = _measure_type(fmt, w3, rows, inv_pi, rows_per_group, imp, chf, fisher, energies[size], shape,
+                              t.name)
+            if path:
+                _cache_write(path, r)
+        out.results[fmt.name] = r
+    return out
+
+
+def _tensor(a) -> torch.Tensor:
+    """A torch view of an array; memory-mapped GGUF data is read-only, which is fine: nothing writes to it."""
+    if isinstance(a, torch.Tensor):
+        return a
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _per_group(v, groups: int, row_len: int, device, name: str, what: str) -> torch.Tensor | None:
+    """A per-channel vector as groups × row_len (one row per expert, or one shared by all)."""
+    if v is None:
+        return None
+    v = _tensor(v).to(device, torch.float32)
+    if v.numel() == row_len:
+        return v.reshape(1, row_len).expand(groups, row_len)
+    if v.numel() == groups * row_len:
+        return v.reshape(groups, row_len)
+    raise QggufError(f"{name}: {what} has {v.numel()} values, rows have {row_len} (× {groups} experts); "
+                     "use statistics computed for this model")
+
+
+@dataclass
+class _Energy:
+    """Scale energy a of all rows (see _scale_sq): the ratio estimator's reference."""
+
+    col: torch.Tensor        # float64[groups, row_len]: Σ over rows of a
+    fisher_x2: float | None  # Σ F·a over the tensor
+    fisher: float | None     # Σ F over the tensor
+
+
+def _scale_sq(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Per element, the square of the largest |x| in its scale block of `size` (x² itself for size 1), float64.
+
+    The rounding error of an element follows the scale of its block, not its own value, so this is the
+    quantity the error is proportional to.
+    """
+    x = x.to(torch.float64)
+    if size == 1:
+        return x * x
+    a = x.abs().reshape(*x.shape[:-1], -1, size).amax(dim=-1, keepdim=True)
+    return (a * a).expand(*x.shape[:-1], x.shape[-1] // size, size).reshape(x.shape)
+
+
+def _energy(w3: torch.Tensor, fisher: torch.Tensor | None, size: int) -> _Energy:
+    """Σ over every row of the scale energy (per group and channel; Fisher-weighted), in chunks, no encoding."""
+    groups, rows, row_len = w3.shape
+    per_chunk = max(1, CHUNK_WEIGHTS // row_len)
+    col = torch.zeros(groups, row_len, dtype=torch.float64, device=w3.device)
+    fx = torch.zeros((), dtype=torch.float64, device=w3.device)
+    fs = torch.zeros((), dtype=torch.float64, device=w3.device)
+    for g in range(groups):
+        for r0 in range(0, rows, per_chunk):
+            a = _scale_sq(w3[g, r0:r0 + per_chunk], size)
+            col[g] += a.sum(dim=0)
+            if fisher is not None:
+                f = fisher[g, r0:r0 + per_chunk].to(torch.float64)
+                fx += (f * a).sum()
+                fs += f.sum()
+    return _Energy(col, None if fisher is None else float(fx), None if fisher is None else float(fs))
+
+
+def _row_sizes(w3: torch.Tensor, chf: torch.Tensor | None, fisher: torch.Tensor | None) -> np.ndarray:
+    """Each row's Fisher-weighted energy Σ_j F_rj·x_rj² (per-channel Fisher, or plain x² without it)."""
+    groups, rows, row_len = w3.shape
+    per_chunk = max(1, CHUNK_WEIGHTS // row_len)
+    out = torch.empty(groups, rows, dtype=torch.float64, device=w3.device)
+    for g in range(groups):
+        for r0 in range(0, rows, per_chunk):
+            x2 = w3[g, r0:r0 + per_chunk].to(torch.float64) ** 2
+            if fisher is not None:
+                x2 = x2 * fisher[g, r0:r0 + per_chunk].to(torch.float64)
+            elif chf is not None:
+                x2 = x2 * chf[g].to(torch.float64)
+            out[g, r0:r0 + per_chunk] = x2.sum(dim=1)
+    return out.reshape(-1).cpu().numpy()
+
+
+def _scale_block(fmt: formats.Format) -> int:
+    """Weights that share one scale: the sub-block of a K-quant, else the block."""
+    size = fmt.sub_block or fmt.block_size
+    return size if fmt.block_size % size == 0 else fmt.block_size
+
+
+def _ratio(err_s: float, energy_s: float, energy_all: float, fallback: float) -> float:
+    """Σ error over all rows ≈ (Σ error / Σ energy on the sampled rows) × Σ energy of all rows.
+
+    Every GGUF type's error scales with the square of its block scale, so the error-to-scale-energy ratio varies
+    far less between rows than the error itself: rows and blocks of different scale add little sampling noise.
+    With every row sampled the estimate is exact.
+    """
+    return err_s / energy_s * energy_all if energy_s > 0 else fallback
+
+
+def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_pi: np.ndarray, rows_per_group: int,
+                  imp: torch.Tensor | None, chf: torch.Tensor | None, fisher: torch.Tensor | None,
+                  energy: _Energy | None, shape: tuple[int, ...], name: str) -> TypeResult:
+    groups, _, row_len = w3.shape
+    dev = w3.device
+    per_chunk = max(1, CHUNK_WEIGHTS // row_len)
+    col_d = torch.zeros(groups, row_len, dtype=torch.float64, device=dev)   # sampled rows: Σ δ² per channel
+    col_x = torch.zeros(groups, row_len, dtype=torch.float64, device=dev)   # sampled rows: Σ a per channel
+    fd = torch.zeros((), dtype=torch.float64, device=dev)                    # sampled rows: Σ F·δ²
+    fx = torch.zeros((), dtype=torch.float64, device=dev)                    # sampled rows: Σ F·a
+    g_of = rows // rows_per_group
+    for g in np.unique(g_of):
+        sel = g_of == g
+        rg, wg = rows[sel] - g * rows_per_group, inv_pi[sel]
+        for r0 in range(0, len(rg), per_chunk):
+            idx = torch.as_tensor(rg[r0:r0 + per_chunk], device=dev)
+            wr = torch.as_tensor(wg[r0:r0 + per_chunk], device=dev)[:, None]  # 1/π: Horvitz–Thompson sums
+            x = w3[g].index_select(0, idx)
+            d2 = (fmt.roundtrip(x, None if imp is None else imp[g], tensor=name) - x).to(torch.float64) ** 2
+            x2 = _scale_sq(x, _scale_block(fmt))
+            col_d[g] += (wr * d2).sum(dim=0)
+            col_x[g] += (wr * x2).sum(dim=0)
+            if fisher is not None:
+                f = fisher[g].index_select(0, idx).to(torch.float64)
+                fd += (wr * f * d2).sum()
+                fx += (wr * f * x2).sum()
+    if energy is None:  # every row measured
+        energy = _Energy(col_x, float(fx) if fisher is not None else None,
+                         float(fisher.to(torch.float64).sum()) if fisher is not None else None)
+    n_all = groups * rows_per_group * row_len
+    # col_d, col_x, fd, fx estimate sums over all rows; the ratio to the known energy removes most of the noise
+    mse = _ratio(float(col_d.sum()), float(col_x.sum()), float(energy.col.sum()), float(col_d.sum())) / n_all
+    channel_mse = None
+    if chf is not None:
+        c = chf.to(torch.float64)
+        den = float(c.sum()) * rows_per_group  # Σ_j I_j e_j / Σ_j I_j with e_j a mean over the rows
+        channel_mse = _ratio(float((c * col_d).sum()), float((c * col_x).sum()), float((c * energy.col).sum()),
+                             mse * den) / den if den > 0 else mse
+    fisher_mse = None
+    if fisher is not None:
+        fisher_mse = _ratio(float(fd), float(fx), energy.fisher_x2, mse * energy.fisher) / energy.fisher \
+            if energy.fisher > 0 else mse
+    return TypeResult(type=fmt.name, nbytes=int(fmt.nbytes(shape)), mse=mse, channel_mse=channel_mse,
+                      fisher_mse=fisher_mse)
+
+
+def measure_tensors(items: Iterable[TensorInput], types: Sequence[str], *, max_rows: int | None = DEFAULT_MAX_ROWS,
+                    seed: int = 0, cache: bool = True, device: str | torch.device | None = None,
+                    progress: bool = True, total: int | None = None) -> dict[str, TensorMeasurement]:
+    """Measure a stream of tensors (one in flight at a time), with a progress bar."""
+    out: dict[str, TensorMeasurement] = {}
+    with tqdm(items, total=total, desc="measure", unit="tensor", disable=not progress or None) as bar:
+        for t in bar:
+            bar.set_postfix_str(t.name, refresh=False)
+            out[t.name] = measure_tensor(t, types, max_rows=max_rows, seed=seed, cache=cache, device=device)
+    return out

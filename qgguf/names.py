@@ -1,0 +1,110 @@
+"""HF parameter names → GGUF tensor names and row order, as llama.cpp's own converter writes them.
+
+The pinned tree's converter (conversion/ beside convert_hf_to_gguf.py) is the authority: for each HF weight we
+ask the converter class of the model's architecture what it writes, by feeding its `modify_tensors` a probe — a
+column holding each row's index. What comes out names the GGUF tensor and says which HF row each GGUF row holds
+(llama.cpp permutes the Q and K rows of Llama-family models so that its RoPE sees the pairs it expects). So any
+statistic with one entry per weight row (per-element Fisher) can be put in GGUF row order; per-input-channel
+vectors are unaffected by row permutations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import QggufError
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """Where one HF weight lands in the GGUF: its name and the HF row behind each GGUF row."""
+
+    name: str
+    rows: np.ndarray | None  # int64[n_gguf_rows]: GGUF row r holds HF row rows[r]; None means the same order
+
+    def to_gguf_rows(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Reorder a per-row array (first axis = HF output rows) into GGUF row order."""
+        if self.rows is None:
+            return x
+        idx = self.rows if isinstance(x, np.ndarray) else torch.as_tensor(self.rows, device=x.device)
+        return x[idx]
+
+
+@lru_cache(maxsize=1)
+def _conversion_package() -> Any:
+    """The pinned tree's `conversion` package (imported from the tree, which the build has checked out)."""
+    from .llama import source_tree
+
+    tree = str(source_tree())
+    if tree not in sys.path:
+        sys.path.insert(0, tree)
+    logging.getLogger("hf-to-gguf").setLevel(logging.WARNING)
+    return importlib.import_module("conversion")
+
+
+class TensorNameMap:
+    """The converter's view of one HF model folder: architecture, GGUF names and row orders of its weights."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        cfg_path = self.model_dir / "config.json"
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e:
+            raise QggufError(f"cannot read {cfg_path} ({e}); give a Hugging Face model folder") from None
+        archs = self.config.get("architectures") or []
+        if not archs:
+            raise QggufError(f"{cfg_path} names no architecture; give a Hugging Face causal-LM folder")
+        self.hf_arch = archs[0]
+        conv = _conversion_package()
+        try:
+            cls = conv.get_model_class(self.hf_arch)
+        except NotImplementedError:
+            raise QggufError(f"llama.cpp's converter does not support architecture {self.hf_arch!r}; "
+                             "qgguf handles the models llama.cpp can convert") from None
+        import gguf
+
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            # dry_run + lazy tensors: the converter indexes the safetensors headers and writes nothing
+            self._conv = cls(self.model_dir, gguf.LlamaFileType.ALL_F32, Path(tmp) / "probe.gguf", dry_run=True)
+        self.arch = gguf.MODEL_ARCH_NAMES[self._conv.model_arch]
+        self.block_count = getattr(self._conv, "block_count", None)
+
+    def gguf_tensor(self, hf_name: str, n_rows: int) -> GgufTensor | None:
+        """The GGUF tensor the converter writes for HF weight `hf_name` (n_rows output rows); None if none."""
+        item = self._conv.filter_tensors((hf_name, lambda: None))
+        if item is None:
+            return None
+        name = item[0]
+        bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)  # as the converter derives it
+        probe = torch.arange(n_rows, dtype=torch.float64).reshape(n_rows, 1)
+        try:
+            with torch.inference_mode(), contextlib.redirect_stdout(io.StringIO()):
+                out = list(self._conv.modify_tensors(probe, name, bid))
+        except (ValueError, KeyError) as e:
+            if "map" in str(e).lower():
+                return None  # a weight the converter does not write
+            raise
+        if not out:
+            return None
+        if len(out) != 1:
+            raise QggufError(f"llama.cpp's converter splits {hf_name!r} into {[n for n, _ in out]}; qgguf does not "
+                             f"yet map statistics onto split tensors for architecture {self.hf_arch!r}")
+        gname, data = out[0]
+        rows = torch.as_tensor(data).reshape(-1).round().to(torch.int64).numpy()
+        if rows.shape[0] == n_rows and np.array_equal(rows, np.arange(n_rows)):
+            return GgufTensor(gname, None)
+        return GgufTensor(gname, rows)

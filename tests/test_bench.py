@@ -1,0 +1,269 @@
+"""`qgguf bench` on the tiny model: the tools' real output parsed, rows resumed after an interruption, the
+report and docs section written, and the interpolation along a curve. The full bench is a benchmark, not a test."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qgguf import bench, toolout
+from qgguf.benchreport import update_docs
+from qgguf.cli import main
+from qgguf.pareto import bpw_at_kld, kld_at_bpw, pareto_front, rate_gap, savings
+from tiny import tiny_text
+
+CTX, CHUNKS = 128, 8
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("texts")
+    ev, cal = d / "eval.txt", d / "calib.txt"
+    ev.write_text(tiny_text(seed=1))  # the tokenizer was trained on seed 0; both texts are new to it
+    cal.write_text(tiny_text(seed=2))
+    return ev, cal
+
+
+def bench_args(model: Path, texts, out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["bench", str(model), "--text", str(texts[0]), "--calib", str(texts[1]), "--ctx", str(CTX),
+            "--chunks", str(CHUNKS), "--imatrix-chunks", str(CHUNKS), "-t", "2", "--targets", "--palettes",
+            "stock", "-o", str(out), "--cache", str(cache), "--attempts", "10", *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_llama, llama_build, texts, tmp_path_factory):
+    """One bench: Q4_K_M and Q6_K with the imatrix, Q4_K_M also without; quantised files kept."""
+    root = tmp_path_factory.mktemp("bench")
+    out, cache = root / "out", root / "cache"
+    args = bench_args(tiny_llama, texts, out, cache, "--presets", "Q4_K_M", "Q6_K", "--plain-rows", "--keep-gguf")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "qgguf", *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "cache": cache, "stderr": proc.stderr, "stdout": proc.stdout, "seconds": time.time() - t0,
+            "results": json.loads((out / "results.json").read_text())}
+
+
+def _ref_files(cache: Path) -> tuple[Path, Path]:
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    (f32,) = folder.glob("f32-*.gguf")
+    (logits,) = folder.glob("logits-*.kld")
+    return f32, logits
+
+
+def _run(cmd: list) -> str:
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stderr + "\n" + res.stdout
+
+
+# ------------------------------------------------------------------------------------------ parsers, real output
+def test_kld_parser_on_real_output(first_run, llama_build):
+    from qgguf.llama import tool_path
+
+    f32, logits = _ref_files(first_run["cache"])
+    q4 = first_run["out"] / "gguf" / "stock-imatrix-Q4_K_M.gguf"
+    ppl = tool_path("llama-perplexity", cuda=False)
+    for _ in range(10):  # the tool's asynchronous log may drop its last lines at exit: take a complete run
+        text = _run([ppl, "-m", q4, "--kl-divergence-base", logits, "--kl-divergence", "-c", CTX, "-t", 2, "-lv", 4])
+        try:
+            k = toolout.parse_kl_divergence(text)
+            break
+        except toolout.ToolOutputIncomplete:
+            continue
+    else:
+        pytest.fail("ten llama-perplexity runs in a row lost their statistics block")
+    assert k.chunks == CHUNKS and k.tokens_per_chunk == CTX - 1 - CTX // 2
+    last_chunk, last_mean, last_err = toolout.kld_chunk_rows(text)[-1]
+    assert last_chunk == CHUNKS and last_mean == pytest.approx(k.kld_mean, abs=1e-5)  # table: running means
+    assert 0 < k.kld_median <= k.kld_p90 <= k.kld_p95 <= k.kld_p99 <= k.kld_p999 <= k.kld_max
+    assert k.kld_mean_err < k.kld_mean
+    assert k.ppl_ratio == pytest.approx(k.ppl / k.ppl_base, rel=1e-4)
+    assert 0 < k.same_top_p < 100 and k.same_top_p_err > 0
+    # The same file measured by the bench gives the same numbers: the runs are deterministic.
+    row = json.loads((first_run["out"] / "rows" / "stock-imatrix-Q4_K_M.json").read_text())
+    assert row["kld"] == k.to_dict()
+    # llama.cpp's own BPW (2 decimals) is what gguf_sizes computes from the tensors.
+    info = toolout.parse_model_info(text)
+    sizes = bench.gguf_sizes(q4)
+    assert info.bpw == pytest.approx(sizes["bpw"], abs=0.006)
+    assert info.tensor_types == sizes["tensor_types"]
+
+    # The F32 model against its own logits: no divergence (up to the file's 16-bit log-probabilities).
+    self_text = _run([ppl, "-m", f32, "--kl-divergence-base", logits, "--kl-divergence", "-c", CTX, "-t", 2])
+    rows = toolout.kld_chunk_rows(self_text)
+    assert rows and rows[-1][1] < 1e-3
+    assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_cut_output_is_reported(first_run):
+    """A log cut short at any line of the statistics block raises ToolOutputIncomplete naming what is missing."""
+    text = (first_run["out"] / "logs" / "stock-imatrix-Q6_K.kld.log").read_text()
+    toolout.parse_kl_divergence(text)  # the kept log is complete
+    lines = text.splitlines()
+    block = next(i for i, line in enumerate(lines) if "KL divergence statistics" in line)
+    for cut in (block - 12, block + 2, block + 6):
+        with pytest.raises(toolout.ToolOutputIncomplete) as e:
+            toolout.parse_kl_divergence("\n".join(lines[:cut]))
+        assert e.value.missing and "Same top p" in str(e.value)
+    same = next(i for i, line in enumerate(lines) if line.startswith("Same top p"))
+    with pytest.raises(toolout.ToolOutputIncomplete, match="Same top p"):
+        toolout.parse_kl_divergence("\n".join(lines[:same]))
+
+
+def test_quantize_and_bench_parsers_on_real_output(first_run, llama_build, tmp_path):
+    from qgguf.llama import tool_path
+
+    f32, _ = _ref_files(first_run["cache"])
+    log = (first_run["out"] / "logs" / "stock-imatrix-Q4_K_M.quantize.log").read_text()
+    q = toolout.parse_quantize(log)
+    sizes = bench.gguf_sizes(first_run["out"] / "gguf" / "stock-imatrix-Q4_K_M.gguf")
+    assert q.quant_bpw == pytest.approx(sizes["bpw"], abs=0.006)
+    assert q.quant_mib == pytest.approx(sizes["tensor_bytes"] / 2**20, abs=0.006)
+    assert q.model_bpw == 32.0
+    assert q.tensor_types == sizes["tensor_types"]  # what it says it wrote is what the file holds
+
+    speed_text = _run([tool_path("llama-bench", cuda=False), "-m", f32, "-p", 32, "-n", 8, "-r", 1, "-t", 2,
+                       "-o", "json"])
+    speeds = {s.test: s for s in toolout.parse_llama_bench_json(speed_text)}
+    assert set(speeds) == {"pp32", "tg8"}
+    assert all(s.tokens_per_s > 0 and s.repetitions == 1 and "CPU" in s.backends for s in speeds.values())
+
+    with pytest.raises(toolout.ToolOutputIncomplete):
+        toolout.parse_quantize(log[: log.index("quant size")])
+    with pytest.raises(toolout.ToolOutputIncomplete):
+        toolout.parse_llama_bench_json(speed_text[: len(speed_text) // 2])
+
+
+# ------------------------------------------------------------------------------------------ the bench run
+def test_bench_results(first_run, tiny_llama):
+    res, out = first_run["results"], first_run["out"]
+    ids = {r["id"] for r in res["rows"]}
+    assert {"stock-imatrix-Q4_K_M", "stock-imatrix-Q6_K", "stock-plain-Q4_K_M", "stock-plain-Q6_K"} <= ids
+    stock = {r["id"]: r for r in res["rows"] if r["kind"] == "stock"}
+    q4, q6 = stock["stock-imatrix-Q4_K_M"], stock["stock-imatrix-Q6_K"]
+    assert q4["file_bytes"] == (out / "gguf" / "stock-imatrix-Q4_K_M.gguf").stat().st_size
+    assert q4["bpw"] < q6["bpw"] < 8 and q4["kld"]["kld_mean"] > q6["kld"]["kld_mean"] > 0
+    assert q4["llama_bpw"] == pytest.approx(q4["bpw"], abs=0.006)
+    assert q4["bpw_file"] > q4["bpw"]  # the header and tokenizer count in the file's bits
+    assert res["f32"]["bpw"] == 32.0 and res["f32"]["ppl"] == pytest.approx(q4["kld"]["ppl_base"], rel=1e-6)
+    assert res["chunks"] == CHUNKS and res["scored_tokens"] == CHUNKS * (CTX - 1 - CTX // 2)
+    assert res["machine"].endswith("CPU") and res["command"].startswith("qgguf bench ")
+
+    # qgguf rows run when `qgguf convert` exists; until then they are skipped with the reason printed.
+    help_text, why_not = bench.convert_help()
+    qrows = [r for r in res["rows"] if r["kind"] == "qgguf"]
+    if help_text is None:
+        assert not qrows and why_not == "qgguf convert not available"
+        assert "skipping 2 qgguf row(s): qgguf convert not available" in first_run["stderr"]
+        assert {s["id"] for s in res["skipped"]} == {"qgguf-stock-size-Q4_K_M", "qgguf-stock-size-Q6_K"}
+    else:
+        assert {r["id"] for r in qrows} | {s["id"] for s in res["skipped"]} | {f["id"] for f in res["failed"]} \
+            == {"qgguf-stock-size-Q4_K_M", "qgguf-stock-size-Q6_K"}
+        for r in qrows:  # at the preset's exact size: never over it
+            assert r["file_bytes"] <= stock["stock-imatrix-" + r["id"].rsplit("-", 1)[1]]["file_bytes"]
+
+    md = (out / "results.md").read_text()
+    assert "| F32 | reference |" in md and "Q4_K_M" in md and "![mean KLD against bpw](pareto.png)" in md
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not list(out.rglob("*.partial"))
+    # the summary on stdout names every measured row
+    assert all(r["label"] in first_run["stdout"] for r in res["rows"])
+
+
+def test_resume_after_interrupt(first_run, tiny_llama, texts, tmp_path):
+    """Ctrl-C mid-bench keeps the finished rows (and no partial file); the rerun reuses them."""
+    out = tmp_path / "out"
+    args = bench_args(tiny_llama, texts, out, first_run["cache"], "--presets", "Q4_K_M", "Q6_K", "Q5_K_M",
+                      "--no-qgguf")
+    proc = subprocess.Popen([sys.executable, "-m", "qgguf", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((out / "rows").glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    finished = sorted(p.name for p in (out / "rows").glob("*.json"))
+    assert proc.returncode == 130, err[-2000:]
+    assert 1 <= len(finished) < 3
+    assert not list(out.rglob("*.partial")) and not list((out / "gguf").glob("*"))
+    kept = {n: (out / "rows" / n).read_bytes() for n in finished}
+
+    res = subprocess.run([sys.executable, "-m", "qgguf", *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"reused {len(finished)} finished stock row(s)" in res.stderr
+    assert {n: (out / "rows" / n).read_bytes() for n in finished} == kept  # reused, not re-measured
+    assert len(list((out / "rows").glob("*.json"))) == 3
+
+    # A row whose spec differs is measured again; --redo re-measures and gets the same numbers.
+    row = json.loads((out / "rows" / "stock-imatrix-Q6_K.json").read_text())
+    spec_row = bench.Row("stock-imatrix-Q6_K", "stock", "Q6_K", "llama-quantize + imatrix", row["spec"])
+    assert bench.load_row(out, spec_row) is not None
+    spec_row.spec = {**row["spec"], "chunks": CHUNKS + 1}
+    assert bench.load_row(out, spec_row) is None
+    assert main(args + ["--redo", "stock-*-Q6_K"]) == 0
+    again = json.loads((out / "rows" / "stock-imatrix-Q6_K.json").read_text())
+    assert again["kld"] == row["kld"] and again["file_bytes"] == row["file_bytes"]
+
+
+def test_update_docs_keeps_other_sections(first_run, tmp_path):
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text("# Benchmarks\n\n## Someone else's section\n\nTheir numbers.\n")
+    plot = first_run["out"] / "pareto.png"
+    update_docs(first_run["results"], plot, docs)
+    once = docs.read_text()
+    update_docs(first_run["results"], plot, docs)  # again: the section is replaced, not added twice
+    text = docs.read_text()
+    assert text == once
+    assert text.startswith("# Benchmarks\n\n## Someone else's section\n\nTheir numbers.\n")
+    assert text.count("<!-- qgguf-bench:") == 2 and "## qgguf bench: " in text
+    assert first_run["results"]["command"] in text and "-core" in text
+    img = [line for line in text.splitlines() if line.startswith("![")][0]
+    assert (docs.parent / img[img.index("(") + 1:-1]).is_file()
+
+
+def test_bad_input_is_one_clear_error(tiny_llama, texts, tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "nope"), "-o", str(tmp_path / "o")]) == 2
+    assert "neither a folder nor a known model asset" in capsys.readouterr().err
+    assert main(bench_args(tiny_llama, texts, tmp_path / "o", tmp_path / "c", "--presets", "Q4_K_X")) == 2
+    err = capsys.readouterr().err
+    assert "Q4_K_X" in err and "Q4_K_M" in err and "Traceback" not in err
+    assert main(bench_args(tiny_llama, texts, tmp_path / "o", tmp_path / "c", "--ctx", "127")) == 2
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ interpolation
+def test_interpolation_along_curve():
+    # KLD = exp(-b): log-linear interpolation is exact for it.
+    pts = [(b, math.exp(-b)) for b in (3.0, 4.0, 5.5, 7.0)]
+    front = pareto_front(pts + [(4.5, 1.0), (5.0, math.exp(-3.5))])  # two dominated points are dropped
+    assert front == sorted(pts)
+    assert bpw_at_kld(front, math.exp(-4.7)) == pytest.approx(4.7)
+    assert kld_at_bpw(front, 6.1) == pytest.approx(math.exp(-6.1))
+    assert bpw_at_kld(front, math.exp(-2.0)) is None and bpw_at_kld(front, math.exp(-8.0)) is None
+    s = {x.preset: x for x in savings([("A", 5.0, math.exp(-4.5)), ("B", 4.0, math.exp(-4.5)),
+                                       ("C", 9.0, math.exp(-9.0))], "q", pts)}
+    assert s["A"].saving_bpw == pytest.approx(0.5) and s["A"].saving_pct == pytest.approx(10.0)
+    assert s["B"].saving_bpw == pytest.approx(-0.5)  # the curve needs more bits: a negative saving
+    assert s["C"].saving_bpw is None and "outside the curve's range" in s["C"].reason
+
+
+def test_rate_gap_from_plan():
+    n1, n2 = 256 * 512, 256 * 256
+    plan = {"tensors": [
+        {"name": "a", "shape": [256, 512], "bpw": 4.5, "mse": 0.01 * 4 ** -4, "variance": 0.01},
+        {"name": "b", "shape": [256, 256], "bytes": 256 * 256 * 6.5 / 8, "mse": 0.04 * 4 ** -6, "rms": 0.2},
+        {"name": "c", "shape": [256], "bpw": 32.0},  # no MSE: left out, counted
+    ]}
+    g = rate_gap(plan)
+    assert g["mean_gap_bits"] == pytest.approx((n1 * 0.5 + n2 * 0.5) / (n1 + n2))
+    assert g["tensors"] == 2 and g["missing"] == 1 and g["variance_from"] == "rms²+variance"
+    assert rate_gap({"tensors": [{"name": "a", "shape": [4], "bpw": 4}]})["mean_gap_bits"] is None

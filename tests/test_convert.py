@@ -1,0 +1,143 @@
+"""`qgguf convert` end to end on a tiny random Llama: the file fits the budget, has the planned types (read back by
+gguf-py), runs in the built llama.cpp, is reproducible, and stock llama-quantize reproduces a stock plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qgguf.llama import tool_path
+from tiny import make_tiny_llama, tiny_text
+
+
+def qgguf(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qgguf", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, llama_build):
+    d = tmp_path_factory.mktemp("convert")
+    model = make_tiny_llama(d / "model", seed=3)
+    text = d / "calib.txt"
+    text.write_text(tiny_text(seed=1))
+    stats = d / "stats.safetensors"
+    res = qgguf("calibrate", str(model), "-o", str(stats), "--text", str(text), "--tokens", "1024",
+                "--seq-len", "128")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return model, stats, d
+
+
+@pytest.fixture(scope="module")
+def converted(setup):
+    model, stats, d = setup
+    out = d / "q45.gguf"
+    res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "4.5", "--stats", str(stats))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res.stdout
+
+
+def test_file_matches_plan_and_budget(converted):
+    import gguf
+
+    out, stdout = converted
+    plan = json.loads(out.with_name("q45.plan.json").read_text())
+    types = {t["name"]: t["type"] for t in plan["tensors"]}
+    r = gguf.GGUFReader(out)
+    seen = {t.name: t.tensor_type.name for t in r.tensors}
+    for name, typ in types.items():
+        assert seen[name] == typ
+    assert len(set(types.values())) > 1, "a mixed plan was expected at 4.5 bpw"
+    data_bits = 8 * sum(int(t.n_bytes) for t in r.tensors)
+    bpw = data_bits / sum(int(t.n_elements) for t in r.tensors)
+    assert 4.2 < bpw <= 4.5
+    assert "predicted KL" in stdout
+    assert out.with_name("q45.heatmap.png").stat().st_size > 1000
+
+
+def test_runs_in_llama_cpp_with_low_kld(converted, setup):
+    """llama-perplexity measures the KL divergence of our file to the F32 model."""
+    model, _, d = setup
+    out, _ = converted
+    text = d / "eval.txt"
+    text.write_text(tiny_text(seed=7))
+    f32 = d / "f32.gguf"
+    assert qgguf("convert-hf", str(model), "-o", str(f32)).returncode == 0
+    ppl = str(tool_path("llama-perplexity"))
+    base = d / "base.kld"
+    common = ["-f", str(text), "-c", "128", "--chunks", "8", "-t", "2"]
+    r = subprocess.run([ppl, "-m", str(f32), "--kl-divergence-base", str(base), *common],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([ppl, "-m", str(out), "--kl-divergence-base", str(base), "--kl-divergence", *common],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(l for l in (r.stdout + r.stderr).splitlines() if l.startswith("Mean    KLD:"))
+    kld = float(line.split()[2])
+    assert 0 < kld < 0.2
+
+
+def test_byte_identical_on_rerun(converted, setup):
+    model, stats, d = setup
+    out, _ = converted
+    again = d / "again.gguf"
+    res = qgguf("convert", str(model), "-o", str(again), "--target-bpw", "4.5", "--stats", str(stats))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_stock_llama_quantize_reproduces_plan(converted, setup):
+    import gguf
+
+    model, _, d = setup
+    out, _ = converted
+    f32 = d / "f32-lq.gguf"
+    assert qgguf("convert-hf", str(model), "-o", str(f32)).returncode == 0
+    lq = d / "lq.gguf"
+    r = subprocess.run([str(tool_path("llama-quantize")), "--tensor-type-file",
+                        str(out.with_name("q45.tensor-types.txt")), str(f32), str(lq), "Q8_0", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    theirs = {t.name: t.tensor_type for t in gguf.GGUFReader(lq).tensors}
+    assert ours == theirs
+
+
+def test_infeasible_budget_names_the_range(setup, tmp_path):
+    model, stats, _ = setup
+    out = tmp_path / "x.gguf"
+    res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "1.0", "--stats", str(stats))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "smallest" in res.stderr and "largest" in res.stderr
+    assert not out.exists()
+
+
+def test_unknown_override_type(setup, tmp_path):
+    model, stats, _ = setup
+    out = tmp_path / "x.gguf"
+    res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "5", "--stats", str(stats),
+                "--tensor-type", "ffn_down=Q9_K")
+    assert res.returncode != 0 and "Q9_K" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_stats_from_another_model(setup, tmp_path):
+    _, stats, d = setup
+    other = make_tiny_llama(tmp_path / "other", seed=11)
+    out = tmp_path / "x.gguf"
+    res = qgguf("convert", str(other), "-o", str(out), "--target-bpw", "5", "--stats", str(stats))
+    assert res.returncode != 0 and "another model" in res.stderr
+    assert not out.exists()
+
+
+def test_output_equal_to_input(setup):
+    model, stats, _ = setup
+    res = qgguf("convert", str(model), "-o", str(model / "model.safetensors"), "--target-bpw", "5",
+                "--stats", str(stats))
+    assert res.returncode != 0 and "is the input" in res.stderr and "Traceback" not in res.stderr
+    assert (model / "model.safetensors").stat().st_size > 1000
