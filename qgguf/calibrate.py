@@ -116,6 +116,7 @@ class _Acc:
     embedding: bool = False
     ids: torch.Tensor | None = None  # tied + sequence: this step's token ids (B × T)
     head_grad: list | None = None  # tied + sequence: the head's per-sequence contribution, for the cross term
+    head: bool = False  # the output head: its own term is per token under either estimator (see _linear_grad_sequence)
 
 
 def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -170,6 +171,9 @@ class FisherCollector:
                 acc.embedding = True
                 self._handles.append(mod.register_forward_hook(self._embedding_hook(acc)))
         self._tied = {n for n, a in self.accs.items() if a.linear and a.embedding}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and weights.get(id(head.weight)) in self.accs:
+            self.accs[weights[id(head.weight)]].head = True
 
     def close(self) -> None:
         for h in self._handles:
@@ -196,7 +200,7 @@ class FisherCollector:
                 if self.estimator == "token":
                     output.register_hook(lambda g: self._linear_grad_token(acc, g, x2))
                 else:
-                    output.register_hook(lambda g: self._linear_grad_sequence(acc, g, xf))
+                    output.register_hook(lambda g: self._linear_grad_sequence(acc, g, xf, x2))
         return hook
 
     @staticmethod
@@ -207,22 +211,25 @@ class FisherCollector:
         if acc.fisher is not None:
             acc.fisher.addmm_(g2.T, x2)  # Σ_t g_t² (x_t²)ᵀ
 
-    def _linear_grad_sequence(self, acc: _Acc, g: torch.Tensor, xf: torch.Tensor) -> None:
+    def _linear_grad_sequence(self, acc: _Acc, g: torch.Tensor, xf: torch.Tensor, x2: torch.Tensor) -> None:
+        if acc.head:
+            # logits at t depend on x_t alone, so the cross-position terms of the head's own square vanish in
+            # expectation over the sampled labels: the per-token sum is the same estimate with less noise
+            self._linear_grad_token(acc, g, x2)
         g = g.detach().float().reshape(xf.shape[0], xf.shape[1], -1)
-        tied = acc.hf_name in self._tied
-        if tied:
+        if acc.hf_name in self._tied:
+            # the lookup's gradient lands on this sequence's token rows: keep the head's gradient on those rows
+            # for the cross term 2·G_lookup·G_head of the tied weight's squared gradient
             acc.head_grad = []
+            for b in range(xf.shape[0]):
+                uniq = torch.unique(acc.ids[b])
+                acc.head_grad.append(g[b][:, uniq].T @ xf[b])
+        if acc.head:
+            return
         for b in range(xf.shape[0]):  # one sequence at a time bounds the transient memory to one layer
             gb, xb = g[b], xf[b]
             t, (n_out, n_in) = gb.shape[0], (gb.shape[1], xb.shape[1])
-            full = acc.fisher is not None or t * (n_out + n_in) >= n_out * n_in
-            if tied:
-                # the lookup's gradient lands on this sequence's token rows: keep the head's gradient there
-                ids = acc.ids[b]
-                acc.head_grad.append(gb.T @ xb if acc.fisher is not None else gb[:, ids].T @ xb)
-                if acc.fisher is not None:
-                    continue  # the embedding hook squares head + lookup together
-            if full:
+            if acc.fisher is not None or t * (n_out + n_in) >= n_out * n_in:
                 G2 = (gb.T @ xb).square()  # this sequence's weight gradient, squared
                 acc.importance += G2.sum(0)
                 if acc.fisher is not None:
@@ -252,22 +259,17 @@ class FisherCollector:
         if acc.fisher is not None:
             acc.fisher.index_add_(0, ids.reshape(-1), g2)
 
-    def _embedding_grad_sequence(self, acc: _Acc, g: torch.Tensor, ids: torch.Tensor) -> None:
+    @staticmethod
+    def _embedding_grad_sequence(acc: _Acc, g: torch.Tensor, ids: torch.Tensor) -> None:
         g = g.detach().float().reshape(ids.shape[0], ids.shape[1], -1)
-        head = acc.head_grad if acc.hf_name in self._tied else None
         for b in range(ids.shape[0]):
-            if head is not None and acc.fisher is not None:
-                G2 = head[b].index_add_(0, ids[b], g[b]).square()  # head + lookup, the tied weight's gradient
-                acc.importance += G2.sum(0)
-                acc.fisher += G2
-                continue
-            uniq, rows = _grouped(ids[b], g[b])
-            acc.importance += rows.square().sum(0)
+            uniq, rows = _grouped(ids[b], g[b])  # this sequence's gradient on the rows it looked up
+            contrib = rows.square()
+            if acc.head_grad is not None:
+                contrib += 2 * rows * acc.head_grad[b]
+            acc.importance += contrib.sum(0)
             if acc.fisher is not None:
-                acc.fisher.index_add_(0, uniq, rows.square())
-            if head is not None:
-                # cross term 2·Σ_v G_lookup[v]·G_head[v] of the tied weight's squared gradient
-                acc.importance += 2 * (g[b] * head[b]).sum(0)
+                acc.fisher.index_add_(0, uniq, contrib)
         acc.head_grad = None
 
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

@@ -43,7 +43,7 @@ from .plan import TensorChoices
 # tensor's (docs/benchmarks.md, "Measure: row subsampling"). Smaller tensors are measured whole.
 DEFAULT_MAX_ROWS = 1024
 CHUNK_WEIGHTS = 1 << 22  # weights encoded at once: bounds memory on large tensors
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when the estimator changes
 
 
 @dataclass(frozen=True)

@@ -268,12 +268,14 @@ def solve_mckp(costs: Sequence[np.ndarray], values: Sequence[np.ndarray], capaci
     for i in range(n):
         h = _hull(C[i, :len(costs[i])], V[i, :len(values[i])])
         choice[i] = h[0]
+        prev = np.inf
         for a, b in zip(h[:-1], h[1:]):
             dc = C[i, b] - C[i, a]
+            prev = min(prev, (V[i, a] - V[i, b]) / dc)  # never rising along a hull, even by rounding
             seg_dec.append(i)
             seg_to.append(b)
             seg_dc.append(dc)
-            seg_eff.append((V[i, a] - V[i, b]) / dc)
+            seg_eff.append(prev)
     left = capacity - C[rows, choice].sum()
     lam = 0.0
     if seg_dec:
@@ -650,8 +652,8 @@ def _unnum(x) -> float:
 
 # ------------------------------------------------------------------------------------------------ plan()
 def continuous_allocation(tensors: Sequence[TensorChoices], mean_bits: float) -> np.ndarray:
-    """The paper's continuous widths: b_t = b̄ + log2 RMS_t + ½·log2 F̄_t − c, F̄_t = ΣF_t / n_t, with c chosen so
-    the weight-count-weighted mean of b_t is b̄. NaN for tensors without RMS or Fisher (or with zeros)."""
+    """The paper's continuous widths: b_t = b̄ + log2 RMS_t + ½·log2 F̄_t − c, F̄_t = ΣF_t / n_t, with c
+    chosen so the weight-count-weighted mean of b_t is b̄. NaN for tensors without RMS or Fisher (or zeros)."""
     n = np.array([t.n_weights for t in tensors], dtype=np.float64)
     rms = np.array([t.rms for t in tensors], dtype=np.float64)
     fsum = np.array([t.fisher_sum for t in tensors], dtype=np.float64)

@@ -267,3 +267,18 @@ def test_rate_gap_from_plan():
     assert g["mean_gap_bits"] == pytest.approx((n1 * 0.5 + n2 * 0.5) / (n1 + n2))
     assert g["tensors"] == 2 and g["missing"] == 1 and g["variance_from"] == "rms²+variance"
     assert rate_gap({"tensors": [{"name": "a", "shape": [4], "bpw": 4}]})["mean_gap_bits"] is None
+
+
+def test_qgguf_rows_say_why_they_cannot_run(tmp_path):
+    src = bench.Source(tmp_path, "m", "0" * 64, "m")
+    cfg = bench.BenchConfig(model=src, text=src, calib=src, out=tmp_path, presets=("Q4_K_M", "Q6_K"),
+                            targets=(4.0,), palettes=("stock", "extended"))
+    stock = {"Q4_K_M": {"file_bytes": 123456}}
+    rows = bench.qgguf_rows(cfg, stock, {}, None, "qgguf convert not available")
+    assert len(rows) == 6 and all(r.skip == "qgguf convert not available" for r in rows)
+    rows = {r.id: r for r in bench.qgguf_rows(cfg, stock, {}, "usage: convert --stats", "")}
+    assert rows["qgguf-stock-size-Q4_K_M"].skip == "" and rows["qgguf-stock-size-Q4_K_M"].spec["value"] == 123456
+    assert "Q6_K row did not finish" in rows["qgguf-stock-size-Q6_K"].skip
+    assert rows["qgguf-stock-bpw-4.00"].skip == "" and rows["qgguf-stock-bpw-4.00"].spec["budget"] == "target-bpw"
+    ext = rows["qgguf-extended-bpw-4.00"].skip
+    assert ext == "" if bench.extended_palette_exists() else ext.startswith("the extended palette does not exist")

@@ -53,8 +53,8 @@ def test_converted_file_generates_with_built_llama_cpp(tiny_f32):
            "--temp", "0", "-t", "2", "--no-display-prompt"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "8 runs" in res.stderr or "/     8 tokens" in res.stderr or "8 tokens" in res.stderr
-    assert res.stdout.strip(), "no text generated"
+    # With --no-display-prompt, stdout holds only the generated text (llama.cpp's log goes to stderr).
+    assert len(res.stdout.strip()) >= 4, f"no text generated: {res.stdout!r}"
 
 
 def test_doctor_reports_the_build(llama_build):

@@ -68,27 +68,41 @@ def test_per_element_fisher_and_predicted_dkl():
 
 
 def test_row_subsampling_stays_within_two_percent():
+    # heavy tails (t5), rows of very different scale and a heavy-tailed channel weighting: harder than real
+    # tensors (docs/benchmarks.md has those); the encoder runs unweighted here only to keep the test quick
     w = weights(4096, 64, seed=4)
-    imp = np.random.default_rng(5).gamma(0.5, size=64).astype(np.float32)
-    full = measure_tensor(TensorInput("t", w, imp), ["Q4_0", "Q8_0"], max_rows=None, cache=False)
+    chf = np.random.default_rng(5).gamma(0.5, size=64).astype(np.float32)
+    full = measure_tensor(TensorInput("t", w, channel_fisher=chf), ["Q4_0", "Q8_0"], max_rows=None, cache=False)
     assert full.rows_measured == 4096
+    worst = 0.0
     for seed in range(4):
-        sub = measure_tensor(TensorInput("t", w, imp), ["Q4_0", "Q8_0"], seed=seed, cache=False)
-        assert sub.rows_measured == DEFAULT_MAX_ROWS and sub.rows_total == 4096
-        assert sub.rms == full.rms  # RMS is always of the whole tensor
+        sub = measure_tensor(TensorInput("t", w, channel_fisher=chf), ["Q4_0", "Q8_0"], seed=seed, cache=False)
+        assert abs(sub.rows_measured - DEFAULT_MAX_ROWS) <= 1 and sub.rows_total == 4096
+        assert sub.rms == pytest.approx(full.rms, rel=1e-12)  # RMS is always of the whole tensor
         for t in ("Q4_0", "Q8_0"):
             assert sub.results[t].nbytes == full.results[t].nbytes
-            assert sub.results[t].mse == pytest.approx(full.results[t].mse, rel=0.02)
-            assert sub.results[t].channel_mse == pytest.approx(full.results[t].channel_mse, rel=0.02)
+            for e in ("mse", "channel_mse"):
+                worst = max(worst, abs(getattr(sub.results[t], e) / getattr(full.results[t], e) - 1))
+    assert 0 < worst <= 0.02
 
 
-def test_sample_rows_is_seeded_and_stratified():
-    a = sample_rows(10_000, 100, seed=0)
-    assert np.array_equal(a, sample_rows(10_000, 100, seed=0))
-    assert not np.array_equal(a, sample_rows(10_000, 100, seed=1))
-    assert np.array_equal(a // 100, np.arange(100))  # one row from each stratum of 100
-    assert np.array_equal(sample_rows(50, 100), np.arange(50))
-    assert np.array_equal(sample_rows(50, None), np.arange(50))
+def test_sample_rows_is_seeded_proportional_to_size_and_unbiased():
+    rows, w = sample_rows(10_000, 100, seed=0)
+    assert len(rows) == 100 and np.allclose(w, 100.0)  # equal sizes: every row has π = 1/100
+    assert np.array_equal(rows, sample_rows(10_000, 100, seed=0)[0])
+    assert not np.array_equal(rows, sample_rows(10_000, 100, seed=1)[0])
+    assert np.array_equal(rows // 100, np.arange(100))  # systematic: one row in each run of 100
+    assert np.array_equal(sample_rows(50, 100)[0], np.arange(50)) and (sample_rows(50, None)[1] == 1).all()
+    sizes = np.random.default_rng(0).lognormal(0, 2, 5000)
+    sizes[17] = 1e6  # a row far larger than its share is always measured
+    rows, w = sample_rows(sizes, 200, seed=3)
+    assert 17 in rows and w[list(rows).index(17)] == 1.0
+    assert abs(len(rows) - 200) <= 1
+    # Horvitz–Thompson: Σ x_r/π_r over the sample estimates Σ x_r over all rows, exactly so for x ∝ size
+    assert (sizes[rows] * w).sum() == pytest.approx(sizes.sum(), rel=0.01)
+    x = sizes * np.random.default_rng(1).uniform(0.5, 1.5, 5000)
+    est = [(x[r] * ww).sum() for r, ww in (sample_rows(sizes, 200, seed=s) for s in range(30))]
+    assert np.mean(est) == pytest.approx(x.sum(), rel=0.01)
 
 
 def test_cache_is_reused_and_keyed_by_tensor_type_and_importance(tmp_path, monkeypatch):

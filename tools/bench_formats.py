@@ -16,6 +16,7 @@ FFN weight when an asset is there), per type, with and without importance, on th
 
     python tools/bench_formats.py parity --source student-t smollm2-135m qwen2.5-coder-1.5b --write-doc
     python tools/bench_formats.py speed --write-doc
+    python tools/bench_formats.py doc          # rebuild both sections from the saved results
 
 Results are kept as JSON in the qgguf cache (bench/formats/), one file per source, so --write-doc rebuilds the
 `## Encoder parity` / `## Encoder speed` sections of docs/benchmarks.md from every source run so far.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -182,6 +184,7 @@ def parity_section(runs: list[dict]) -> str:
              f"Measured on a {MACHINE}. `ident` = tensors whose bytes equal ggml's. Σ ratio = total error over "
              "total error; max = worst tensor. Tensors whose row length a type cannot take are left out (`skip`).",
              ""]
+    lines += summary_table(runs)
     for run in runs:
         what = {"student-t": "random Student-t (ν = 5) tensors, 10 tensors of row lengths 576–8960",
                 "smollm2-135m": "every 2-D weight of the de-gridded SmolLM2-135M asset",
@@ -208,6 +211,26 @@ def parity_section(runs: list[dict]) -> str:
             lines.append("| " + " | ".join([name, *cells(p), *cells(q), str(p["skipped"])]) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def summary_table(runs: list[dict]) -> list[str]:
+    """Per type over every source and both modes: byte-identical tensors, best and worst tensor ratio."""
+    lines = [f"Summary over {', '.join(r['source'] for r in runs)} (plain and importance):", "",
+             "| type | byte-identical tensors | best tensor ratio | worst tensor ratio | within 1% on every tensor |",
+             "|---|---|---|---|---|"]
+    for name in formats.names():
+        cells = [r["results"][f"{name}/{m}"] for r in runs for m in ("plain", "importance")
+                 if f"{name}/{m}" in r["results"] and r["results"][f"{name}/{m}"]["tensors"]]
+        if not cells:
+            continue
+        n = sum(a["tensors"] for a in cells)
+        ident = sum(a["identical"] for a in cells)
+        lo = min(cells, key=lambda a: a["min_ratio"])
+        hi = max(cells, key=lambda a: a["max_ratio"])
+        worst = f"{hi['max_ratio']:.4f}" + (f" ({hi['mode']}, {hi['max_at']})" if ident < n else "")
+        lines.append(f"| {name} | {ident}/{n} | {lo['min_ratio']:.4f} | {worst} | "
+                     f"{'yes' if hi['max_ratio'] <= 1.01 else 'no'} |")
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -259,7 +282,7 @@ def run_speed(types: list[str], device: str) -> dict:
                 rows.append({"tensor": label, "type": name, "mode": mode, "weights": x.size,
                              "ours_wps": x.size / t_ours, "ggml_wps": x.size / t_ggml})
     return {"device": device, "machine": MACHINE if device == "cpu" else torch.cuda.get_device_name(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "load": list(os.getloadavg()),
             "command": shlex.join(["python", "tools/bench_formats.py", *sys.argv[1:]]), "rows": rows}
 
 
@@ -267,8 +290,17 @@ def speed_section(runs: list[dict]) -> str:
     lines = [SPEED_SECTION, "",
              "Weights per second (millions) of qgguf's encoder and of ggml's (ggml_quantize_chunk through ctypes, "
              "single-threaded as llama-quantize calls it per thread), same tensors. ratio = ours / ggml.", ""]
+    if not any(r["device"] == "cuda" for r in runs):
+        lines += ["GPU: not measured yet (no CUDA device was available to the runs so far); the goal there is "
+                  "≥ 1 G weights/s for Q4_K with importance on an H100.", ""]
     for run in runs:
+        load = run.get("load")
+        busy = (f" The machine is shared: load average {load[0]:.1f} (1 min) / {load[1]:.1f} (5 min) at the end "
+                "of the run, so absolute numbers are noisy; ours and ggml's ran interleaved, so the ratios are "
+                "fairer.") if load and run["device"] == "cpu" else ""
         lines += [f"### {run['device']}: {run['machine']}, {run['torch_threads']} torch thread(s)", "",
+                  f"    {run['command']}", "", busy.strip(), ""] if busy else \
+                 [f"### {run['device']}: {run['machine']}, {run['torch_threads']} torch thread(s)", "",
                   f"    {run['command']}", ""]
         for label in dict.fromkeys(r["tensor"] for r in run["rows"]):
             lines += [f"{label}:", "",
@@ -326,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--rows", type=int, default=16, help="rows of each tensor (a contiguous block)")
     pp.add_argument("--importance", choices=("act", "synthetic"), default="act")
     pp.add_argument("--tokens", type=int, default=512, help="calibration tokens for --importance act")
+    sub.add_parser("doc", help="rewrite both sections of docs/benchmarks.md from the saved results only")
     ps = sub.add_parser("speed")
     ps.add_argument("--device", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     for q in (pp, ps):
@@ -334,8 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--write-doc", action="store_true", help="rewrite this benchmark's section of "
                                                                 "docs/benchmarks.md from all saved results")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     doc = REPO / "docs" / "benchmarks.md"
+    if args.what == "doc":
+        for section, text in ((PARITY_SECTION, parity_section(load_runs("parity", SOURCES))),
+                              (SPEED_SECTION, speed_section(load_runs("speed", ("cpu", "cuda"))))):
+            if "|" in text:  # some results saved
+                write_section(doc, section, text)
+        return 0
+    torch.set_num_threads(args.threads)
     if args.what == "parity":
         for source in args.source:
             run = run_parity(source, args.rows, args.importance, args.tokens, args.types)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     pat = re.compile(r"model\.layers\.(\d+)\..*\.weight$")
     with safe_open(folder / "model.safetensors", "pt") as f:
         names = [n for n in f.keys()
-                 if (m := pat.match(n)) and int(m.group(1)) in args.layers and f.get_slice(n).get_shape().__len__() == 2]
+                 if (m := pat.match(n)) and int(m.group(1)) in args.layers and len(f.get_slice(n).get_shape()) == 2]
         if args.embeddings:
             names.insert(0, "model.embed_tokens.weight")
         worst: dict[int, float] = {k: 0.0 for k in args.rows}

@@ -182,7 +182,7 @@ def lloyd_absmax(y: torch.Tensor, init: torch.Tensor, iters: int = 60) -> torch.
     return c
 
 
-def lloyd_encoder(x: torch.Tensor, fmt: nl.NLFormat, init: torch.Tensor, iters: int = 12) -> torch.Tensor:
+def lloyd_encoder(x: torch.Tensor, fmt: nl.NLFormat, init: torch.Tensor, iters: int = 8) -> torch.Tensor:
     """Lloyd-Max with the encoder in the loop: the scale search picks each block's scale for the current codebook,
     each level moves to the mean of x/scale over the weights it codes, the codebook is renormalised to start at -1."""
     c = init.double().clone()
@@ -208,7 +208,7 @@ CANDIDATES = {
     2: tuple(range(-127 - 96, -127 + 16 + 1, 4)),
     3: tuple(range(-127 - 48, -127 + 8 + 1, 2)),
     4: tuple(range(-127 - 16, -127 + 8 + 1)),
-    5: tuple(range(-127 - 12, -127 + 4 + 1)),
+    5: tuple(range(-127 - 16, -127 + 8 + 1)),
     6: tuple(range(-127 - 8, -127 + 4 + 1)),
 }
 
@@ -226,7 +226,7 @@ class Tensor:
     numel: int       # of the whole tensor
 
 
-def synthetic(rows: int = 1024, cols: int = 2048, seed: int = 0) -> list[Tensor]:
+def synthetic(rows: int = 512, cols: int = 2048, seed: int = 0) -> list[Tensor]:
     g = torch.Generator().manual_seed(seed)
     gauss = torch.randn(rows, cols, generator=g)
     # Student-t nu=5 as a Gaussian scale mixture: z / sqrt(chi2_5 / 5), then unit variance
@@ -451,7 +451,7 @@ def main(argv=None) -> int:
     ap.add_argument("--assets", nargs="*", default=["smollm2-135m", "qwen2.5-coder-1.5b"],
                     help="asset names (qgguf fetch) or HF folders")
     ap.add_argument("--rows", type=int, default=16, help="seeded rows sampled from each tensor")
-    ap.add_argument("--train", type=int, default=4_000_000, help="weights used to train the Lloyd codebooks")
+    ap.add_argument("--train", type=int, default=2_000_000, help="weights used to train the Lloyd codebooks")
     ap.add_argument("--bits", type=int, nargs="*", default=[2, 3, 4, 5, 6])
     ap.add_argument("--codebook", default="lloyd-encoder", help="codebook variant used for the _32 layouts")
     ap.add_argument("--out", type=Path, required=True, help="folder for results.json and table.md")

@@ -8,8 +8,8 @@ Exactness. ggml-quants.c is compiled without -ffast-math and without FMA, so eac
 IEEE float32 operation and its loops sum in index order. torch's element-wise float32 ops are IEEE-exact on CPU and
 CUDA, so writing every expression with the same operand order, and summing blocks in index order, gives the same
 scales and the same quants as ggml (byte-identical output), on the CPU and on a GPU alike. Traps: torch evaluates
-`python_float / tensor` as `tensor.reciprocal() * python_float` (two roundings; write `torch.tensor(c) / t`), and
-its vectorised CPU sqrt is not correctly rounded (use `sqrt_f32`).
+`python_float / tensor` (and, on CUDA, `tensor / python_float`) as a multiplication by a reciprocal, two roundings
+(use `fdiv`), and its vectorised CPU sqrt is not correctly rounded (use `sqrt_f32`).
 """
 
 from __future__ import annotations
@@ -64,6 +64,19 @@ def round_away(v: torch.Tensor) -> torch.Tensor:
 def trunc_u8(v: torch.Tensor) -> torch.Tensor:
     """C's float → (u)int8 conversion of a non-negative value: truncation toward zero, as int32."""
     return torch.trunc(v).to(torch.int32)
+
+
+def fdiv(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """a / b as one IEEE float32 division (C's `a/b`) when one side is a Python number.
+
+    torch otherwise multiplies by a reciprocal (two roundings): for `number / tensor` everywhere, and on CUDA for
+    `tensor / number`. The number becomes a 0-d float32 tensor on the other operand's device.
+    """
+    if not isinstance(a, torch.Tensor):
+        a = torch.tensor(float(a), dtype=torch.float32, device=b.device)
+    if not isinstance(b, torch.Tensor):
+        b = torch.tensor(float(b), dtype=torch.float32, device=a.device)
+    return a / b
 
 
 def sqrt_f32(v: torch.Tensor) -> torch.Tensor:
@@ -185,7 +198,7 @@ def make_qx_quants(xt: torch.Tensor, nmax: int, rmse_type: int, qw: torch.Tensor
     def done(d, l):
         return torch.where(zero, 0.0, d), torch.where(zero, 0.0, l + nmax).to(torch.int32)
 
-    iscale = torch.tensor(float(-nmax), device=xt.device) / mx_safe
+    iscale = fdiv(-nmax, mx_safe)
     if rmse_type == 0:
         return done(1 / iscale, quants(iscale))
     return_early = rmse_type < 0
@@ -253,7 +266,7 @@ def make_qkx3_quants(xt: torch.Tensor, nmax: int, weights: torch.Tensor | None, 
             return nearest_int_exact(v).clamp_(0, nmax)
         return v.round_().clamp_(0, nmax)  # nearest_int(iscale·(x - min))
 
-    iscale = torch.tensor(float(nmax), device=dev) / rng
+    iscale = fdiv(nmax, rng)
     scale = 1 / iscale
     best_mad = err(scale, quants(iscale, mn), mn)
     m = mn

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from .base import Format, register
-from .common import (GROUP_MAX_EPS, KVALUES_IQ4NL, Codebook, fp16_bytes, fp16_from_bytes, nearest_int, pack_nibbles,
-                     seq_sum, signed_absmax, sqrt_f32, unpack_nibbles)
+from .common import (GROUP_MAX_EPS, KVALUES_IQ4NL, Codebook, fdiv, fp16_bytes, fp16_from_bytes, nearest_int,
+                     pack_nibbles, seq_sum, signed_absmax, sqrt_f32, unpack_nibbles)
 
 SUB = 32   # weights per scale
 NTRY = 7   # ggml's candidate half-range for IQ4 scale search
@@ -37,13 +37,12 @@ def _block_scales(xt: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         wq = weight * q
         return seq_sum(wq * xt), seq_sum(wq.mul_(q))
 
-    d = -mx / float(KVALUES_IQ4NL[0])  # ggml: -max/values[0]
+    d = fdiv(-mx, KVALUES_IQ4NL[0])  # ggml: -max/values[0]
     sumqx, sumq2 = sums(1 / d)
     d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
     best = d * sumqx
     for itry in range(-NTRY, NTRY + 1):
-        # a tensor numerator: torch computes `python_float / tensor` as reciprocal·float, not as a division
-        sumqx, sumq2 = sums(torch.tensor(float(itry + KVALUES_IQ4NL[0]), device=mx.device) / mx)
+        sumqx, sumq2 = sums(fdiv(itry + KVALUES_IQ4NL[0], mx))
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         d = torch.where(better, sumqx / sumq2, d)
         best = torch.where(better, d * sumqx, best)
@@ -100,7 +99,7 @@ class IQ4_XS(Format):
         scales = _block_scales(xt, weight).reshape(nsb, nsub)
         # super-block scale from the sub-block scale of largest magnitude; 6-bit sub-block scales in [-32, 31]
         max_scale, _ = signed_absmax(scales.t())
-        d = -max_scale / 32.0
+        d = fdiv(-max_scale, 32)
         ls = nearest_int(_inv(d).unsqueeze(1) * scales).clamp_(-32, 31)
         dl = (d.unsqueeze(1) * ls).reshape(-1)
         L = IQ4NL.index(_inv(dl) * xt)  # [32, nsb·8]

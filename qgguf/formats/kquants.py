@@ -48,6 +48,18 @@ def _grid(first: float, values: list[float]) -> list[float]:
     return [_f32(first)] + [_f32(v) for v in values]
 
 
+def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
+    """num / t as one IEEE division, like C's float division (PyTorch's `scalar / tensor` multiplies by a
+    reciprocal, which rounds twice)."""
+    return torch.full_like(t, num) / t
+
+
+def _sqrt(t: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt, as C's sqrtf (PyTorch's vectorised CPU sqrt is not; in float64 it is,
+    and rounding that to float32 gives the correctly rounded float32 result)."""
+    return torch.sqrt(t.double()).float()
+
+
 def _fp16(v: torch.Tensor) -> torch.Tensor:
     """GGML_FP32_TO_FP16 then back: round to nearest even at fp16."""
     return v.to(torch.float16).to(torch.float32)
@@ -65,30 +77,37 @@ def _first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.gather(-1, i).squeeze(-1), ax.gather(-1, i).squeeze(-1)
 
 
+def _first_absmax0(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_first_absmax along the first dim, as element-wise ops over the groups."""
+    val, amax = xt[0], xt[0].abs()
+    for i in range(1, xt.shape[0]):
+        a = xt[i].abs()
+        gt = a > amax
+        val = torch.where(gt, xt[i], val)
+        amax = torch.where(gt, a, amax)
+    return val, amax
+
+
 def _seq_sum0(t: torch.Tensor) -> torch.Tensor:
-    """Sum along the first dim in index order."""
+    """Sum along the first dim in index order: ggml's float accumulation order, so sums (and the choices made
+    on them) come out the same as ggml's."""
     acc = t[0]
     for i in range(1, t.shape[0]):
         acc = acc + t[i]
     return acc
 
 
-def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum along the last dim in index order (ggml's accumulation order; used where n is small)."""
-    acc = t[..., 0]
-    for i in range(1, t.shape[-1]):
-        acc = acc + t[..., i]
-    return acc
-
-
 # ------------------------------------------------------------------------------------------ kernels
-# The searches are split into small kernels (one candidate scale, one greedy pass) that the Python code calls in
-# sequence: each is element-wise over groups, so torch.compile fuses it into one loop, and compiles stay short.
+# Groups (sub-blocks, or super-blocks for the scales of scales) are laid out transposed, [n, g]: each position of
+# a group is a contiguous vector over groups, so sums in ggml's order are element-wise adds that vectorise.
+# The searches are split into small kernels (one candidate scale, one greedy pass, a head, a tail) that the
+# Python code calls in sequence; torch.compile fuses each into one loop and compiles stay short.
 _use_compiled: contextvars.ContextVar[bool] = contextvars.ContextVar("qgguf_kquant_compiled", default=False)
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable) -> Callable:
+    # emulate_precision_casts keeps the fp16 round trips of d and dmin (otherwise fused away)
     return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
 
 
@@ -101,107 +120,105 @@ def _qkx_kernels(nmax: int, use_mad: bool) -> tuple[Callable, Callable]:
     """make_qkx2_quants / make_qkx3_quants (identical once weights are given): x ≈ scale·l − the_min, l ∈ [0, nmax].
 
     `start` fits the min/max scale; `step` tries one more scale (numerator `num`) with its weighted least-squares
-    scale and min and keeps it if it lowers the weighted squared (or absolute) error. As in ggml, each try is
-    taken relative to the best min so far, so the tries run in sequence. All state is [g, 1].
+    scale and min, and keeps it if it lowers the weighted squared (or absolute) error. As in ggml, each try is
+    taken relative to the best min so far, so the tries run in sequence. xt, wt: [n, g]; state: [g].
     """
-    def error(x, w, scale, m, l):
-        diff = scale * l + m - x
-        return (w * (diff.abs() if use_mad else diff * diff)).sum(-1, keepdim=True)
+    def error(xt, wt, scale, m, l):
+        diff = scale * l + m - xt
+        return _seq_sum0(wt * (diff.abs() if use_mad else diff * diff))
 
-    def start(x, w):
-        mn = x.amin(-1, keepdim=True).clamp(max=0.0)
-        mx = x.amax(-1, keepdim=True)
-        iscale = float(nmax) / (mx - mn)
-        scale = 1.0 / iscale
-        best = error(x, w, scale, mn, torch.clamp(torch.round(iscale * (x - mn)), 0, nmax))
-        return mn, mx, w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True), scale, best
+    def start(xt, wt):
+        mn = xt.amin(0).clamp(max=0.0)
+        mx = xt.amax(0)
+        iscale = _rdiv(nmax, mx - mn)
+        scale = _rdiv(1, iscale)
+        best = error(xt, wt, scale, mn, torch.clamp(torch.round(iscale * (xt - mn)), 0, nmax))
+        return mn, mx, _seq_sum0(wt), _seq_sum0(wt * xt), scale, best
 
-    def step(x, w, sum_w, sum_x, mx, m, scale, best, num):
+    def step(xt, wt, sum_w, sum_x, mx, m, scale, best, num):
         iscale = num / (mx - m)
-        l = torch.clamp(torch.round(iscale * (x - m)), 0, nmax)
-        wl = w * l
-        s_l = wl.sum(-1, keepdim=True)
-        s_l2 = (wl * l).sum(-1, keepdim=True)
-        s_xl = (wl * x).sum(-1, keepdim=True)
+        l = torch.clamp(torch.round(iscale * (xt - m)), 0, nmax)
+        wl = wt * l
+        s_l = _seq_sum0(wl)
+        s_l2 = _seq_sum0(wl * l)
+        s_xl = _seq_sum0(wl * xt)
         det = sum_w * s_l2 - s_l * s_l
         this_scale = (sum_w * s_xl - sum_x * s_l) / det
         this_min = (s_l2 * sum_x - s_l * s_xl) / det
         clip = this_min > 0                                           # a positive offset is not allowed
         this_scale = torch.where(clip, s_xl / s_l2, this_scale)
         this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
-        err = error(x, w, this_scale, this_min, l)
+        err = error(xt, wt, this_scale, this_min, l)
         better = (det > 0) & (err < best)
         return torch.where(better, this_scale, scale), torch.where(better, this_min, m), torch.where(better, err, best)
 
     return start, step
 
 
-def _qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+def _qkx_quants(xt: torch.Tensor, wt: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                 use_mad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qkx2/3_quants over groups x, w [g, n]: returns scale [g] and the_min [g] (≥ 0)."""
+    """make_qkx2/3_quants over groups xt, wt [n, g]: returns scale [g] and the_min [g] (≥ 0)."""
     start, step = _qkx_kernels(nmax, use_mad)
-    mn, mx, sum_w, sum_x, scale, best = _call(start, x, w)
-    nums = x.new_tensor([_f32(_f32(_f32(rmin) + _f32(rdelta) * _f32(i)) + nmax) for i in range(nstep + 1)])
+    mn, mx, sum_w, sum_x, scale, best = _call(start, xt, wt)
+    nums = xt.new_tensor([_f32(_f32(_f32(rmin) + _f32(rdelta) * _f32(i)) + nmax) for i in range(nstep + 1)])
     m = mn
     for i in range(nstep + 1):
-        scale, m, best = _call(step, x, w, sum_w, sum_x, mx, m, scale, best, nums[i])
+        scale, m, best = _call(step, xt, wt, sum_w, sum_x, mx, m, scale, best, nums[i])
     flat = mx == mn
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    m = torch.where(flat, mn, m)
-    return scale.squeeze(-1), -m.squeeze(-1)
+    return torch.where(flat, torch.zeros_like(scale), scale), -torch.where(flat, mn, m)
 
 
 @functools.lru_cache(maxsize=None)
 def _qx_kernel(nmax: int) -> Callable:
     """make_qx_quants with rmse_type 1: symmetric x ≈ scale·q, q ∈ [−nmax, nmax−1], weights w.
 
-    x, w: [g, n]. Tries 19 scales around −nmax/max (a candidate dimension) and keeps the one maximising
-    (Σwxq)²/Σwq² (ggml's sequential scan, strict improvement). Returns scale [g] and the index of the chosen
-    candidate [g] (0 for an all-zero group).
+    xt, wt: [n, g]. Tries 19 scales around −nmax/max (a candidate dimension: l is [n, C, g]) and keeps the one
+    maximising (Σwxq)²/Σwq² by ggml's sequential scan (strict improvement). Returns scale [g], the chosen
+    candidate [g], the candidate iscales [C, g] and the all-zero mask [g].
     """
     nums = _grid(-nmax, [-(_f32(nmax + _f32(_f32(0.1) * i))) for i in range(-9, 10) if i])
 
-    def search(x, w):
-        mx, amax = _first_absmax(x)
-        iscale = x.new_tensor(nums) / mx.unsqueeze(-1)                # [g, C]
-        xc = x.unsqueeze(1)
-        wc = w.unsqueeze(1)
-        l = torch.clamp(torch.round(iscale.unsqueeze(-1) * xc), -nmax, nmax - 1)
-        slx = ((wc * xc) * l).sum(-1)
-        sl2 = ((wc * l) * l).sum(-1)
+    def search(xt, wt):
+        mx, amax = _first_absmax0(xt)
+        iscale = xt.new_tensor(nums).unsqueeze(-1) / mx               # [C, g]
+        l = torch.clamp(torch.round(iscale * xt.unsqueeze(1)), -nmax, nmax - 1)
+        slx = _seq_sum0((wt * xt).unsqueeze(1) * l)
+        sl2 = _seq_sum0((wt.unsqueeze(1) * l) * l)
         zero_f = torch.zeros_like(mx)
-        s = torch.where(sl2[:, 0] != 0, slx[:, 0] / sl2[:, 0], zero_f)
-        best = s * slx[:, 0]
+        s = torch.where(sl2[0] != 0, slx[0] / sl2[0], zero_f)
+        best = s * slx[0]
         pick = torch.zeros_like(mx, dtype=torch.long)
         for c in range(1, len(nums)):
-            take = (sl2[:, c] > 0) & (slx[:, c] * slx[:, c] > best * sl2[:, c])
-            s = torch.where(take, slx[:, c] / sl2[:, c], s)
-            best = torch.where(take, s * slx[:, c], best)
+            take = (sl2[c] > 0) & (slx[c] * slx[c] > best * sl2[c])
+            s = torch.where(take, slx[c] / sl2[c], s)
+            best = torch.where(take, s * slx[c], best)
             pick = torch.where(take, torch.full_like(pick, c), pick)
         zero = amax < GROUP_MAX_EPS
-        return torch.where(zero, zero_f, s), torch.where(zero, torch.zeros_like(pick), pick), iscale, zero
+        return torch.where(zero, zero_f, s), pick, iscale, zero
 
     return search
 
 
-def _qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, want_l: bool = False
+def _qx_quants(xt: torch.Tensor, wt: torch.Tensor, nmax: int, want_l: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """make_qx_quants (rmse_type 1) over groups: scale [g] and, if asked, L = q + nmax [g, n] (0 if all-zero)."""
-    s, pick, iscale, zero = _call(_qx_kernel(nmax), x, w)
+    """make_qx_quants (rmse_type 1) over groups xt, wt [n, g]: scale [g] and, if asked, L = q + nmax [g, n]
+    (0 for an all-zero group)."""
+    s, pick, iscale, zero = _call(_qx_kernel(nmax), xt, wt)
     if not want_l:
         return s, None
-    L = torch.clamp(torch.round(iscale.gather(-1, pick[:, None]) * x), -nmax, nmax - 1) + nmax
-    return s, torch.where(zero.unsqueeze(-1), torch.zeros_like(L), L)
+    L = torch.clamp(torch.round(iscale.gather(0, pick[None]) * xt), -nmax, nmax - 1) + nmax
+    return s, torch.where(zero, torch.zeros_like(L), L).t()
 
 
 @functools.lru_cache(maxsize=None)
 def _greedy_pass(lo: float | None, hi: float, need_old_sl2: bool) -> Callable:
     """One of ggml's greedy passes (make_q3_quants, make_qp_quants): for each position in turn, move its level to
-    the one the current least-squares scale asks for, if that raises (Σwxl)²/Σwl². Works on transposed [n, g]
-    tensors so each position is a contiguous vector over groups. make_qp_quants also requires the sum without
-    the position to stay positive (`need_old_sl2`)."""
+    the one the current least-squares scale asks for, if that raises (Σwxl)²/Σwl². make_qp_quants also requires
+    the sum without the position to stay positive (`need_old_sl2`). Returns the new levels, sums, and which
+    groups changed."""
     def run(xt, wt, wxt, Lt, sumlx, suml2):
         cols = list(Lt.unbind(0))
+        changed = torch.zeros_like(sumlx, dtype=torch.bool)
         for i in range(len(cols)):
             xi, wi, wxi, li = xt[i], wt[i], wxt[i], cols[i]
             slx = sumlx - wxi * li
@@ -214,7 +231,8 @@ def _greedy_pass(lo: float | None, hi: float, need_old_sl2: bool) -> Callable:
             cols[i] = torch.where(ok, new_l, li)
             sumlx = torch.where(ok, slx_n, sumlx)
             suml2 = torch.where(ok, sl2_n, suml2)
-        return torch.stack(cols, 0), sumlx, suml2
+            changed = changed | ok
+        return torch.stack(cols, 0), sumlx, suml2, changed
 
     return run
 
@@ -227,70 +245,71 @@ def _greedy_sums(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor
 
 def _greedy(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor, lo: float | None, hi: float,
             need_old_sl2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's (up to) 5 greedy passes on transposed xt, wt, Lt [n, g]; returns Lt, Σwxl, Σwl² [g].
+    """ggml's (up to) 5 greedy passes on xt, wt, Lt [n, g]; returns Lt, Σwxl, Σwl² [g].
 
     A group that a pass leaves unchanged stays unchanged (ggml's early exit), so each later pass runs only on the
     groups the previous one changed — a few percent of them after the first pass."""
-    wxt, sumlx, suml2 = _call(_greedy_sums, xt, wt, Lt)
     run = _greedy_pass(lo, hi, need_old_sl2)
-    new_Lt, sumlx, suml2 = _call(run, xt, wt, wxt, Lt, sumlx, suml2)
-    idx = (new_Lt != Lt).any(0).nonzero().squeeze(1)
-    Lt = new_Lt
+    wxt, sumlx, suml2 = _call(_greedy_sums, xt, wt, Lt)
+    Lt, sumlx, suml2, changed = _call(run, xt, wt, wxt, Lt, sumlx, suml2)
+    idx = changed.nonzero().squeeze(1)
     for _ in range(4):
         if idx.numel() == 0:
             break
         sub = (xt[:, idx], wt[:, idx], wxt[:, idx], Lt[:, idx], sumlx[idx], suml2[idx])
         # a batch of one would make the dynamic-shape kernel specialise and recompile
-        new_l, new_sx, new_s2 = _call(run, *sub) if idx.numel() > 1 else run(*sub)
-        changed = (new_l != sub[3]).any(0)
-        Lt[:, idx], sumlx[idx], suml2[idx] = new_l, new_sx, new_s2
-        idx = idx[changed]
+        out = _call(run, *sub) if idx.numel() > 1 else run(*sub)
+        Lt[:, idx], sumlx[idx], suml2[idx] = out[0], out[1], out[2]
+        idx = idx[out[3]]
     return Lt, sumlx, suml2
 
 
 @functools.lru_cache(maxsize=None)
 def _q3_start(nmax: int) -> Callable:
     def start(xt):
-        ax = xt.abs()
-        i = ax.argmax(0, keepdim=True)                                # first largest |x|, as ggml's strict `>`
-        iscale = -float(nmax) / xt.gather(0, i)
-        Lt = torch.clamp(torch.round(iscale * xt), -nmax, nmax - 1)
-        return Lt, xt * xt, ax.gather(0, i).squeeze(0)
+        mx, amax = _first_absmax0(xt)
+        Lt = torch.clamp(torch.round(_rdiv(-nmax, mx) * xt), -nmax, nmax - 1)
+        return xt * xt, Lt, amax
     return start
 
 
-def _q3_quants(x: torch.Tensor, nmax: int) -> torch.Tensor:
-    """make_q3_quants with do_rmse: symmetric, weights x², then the greedy passes. x: [g, n] → scale [g].
+def _q3_quants(xt: torch.Tensor, nmax: int) -> torch.Tensor:
+    """make_q3_quants with do_rmse: symmetric, weights x², then the greedy passes. xt: [n, g] → scale [g].
     (The quants are redone from the quantised scale afterwards.)"""
-    xt = x.t().contiguous()
-    Lt, wt, amax = _call(_q3_start(nmax), xt)
+    wt, Lt, amax = _call(_q3_start(nmax), xt)
     _, sumlx, suml2 = _greedy(xt, wt, Lt, -nmax, nmax - 1, False)
     s = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     return torch.where(amax < GROUP_MAX_EPS, torch.zeros_like(s), s)
 
 
-def _qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qp_quants: the sub-block scales (or mins) x ≥ 0 as scale·L, L ∈ [0, nmax], weights w.
+@functools.lru_cache(maxsize=None)
+def _qp_kernel(nmax: int) -> Callable:
+    """make_qp_quants' scale search: 9 scales around nmax/max, the first with the least weighted squared error.
+    xt, wt: [n, g] → levels Lt [n, g] for the chosen scale, and max [g]."""
+    nums = _grid(nmax, [_f32(_f32(_f32(0.1) * i) + nmax) for i in range(-4, 5) if i])
 
-    x, w: [g, n] with n the number of sub-blocks (8 or 16). A 9-point scale search, then the greedy passes.
-    Returns scale [g] and L [g, n]. Sums run in ggml's order (n is small).
-    """
-    mx = x.amax(-1).clamp(min=0.0)
-    nums = x.new_tensor(_grid(nmax, [_f32(_f32(_f32(0.1) * i) + nmax) for i in range(-4, 5) if i]))
-    iscale = nums / mx.unsqueeze(-1)                                  # [g, 9]
-    xc = x.unsqueeze(1)
-    l = torch.round(iscale.unsqueeze(-1) * xc)
-    l = torch.cat([l[:, :1], l[:, 1:].clamp(max=nmax)], 1)            # the first try is not clamped in ggml
-    diff = xc - (1.0 / iscale).unsqueeze(-1) * l
-    mse = _seq_sum((w.unsqueeze(1) * diff) * diff)
-    best = mse.argmin(-1, keepdim=True)                               # first minimum = ggml's strict `<` scan
-    L = torch.round(iscale.gather(-1, best) * x).clamp(max=nmax)
-    Lt, sumlx, suml2 = _greedy(x.t().contiguous(), w.t().contiguous(), L.t().contiguous(), None, nmax, True)
-    L = Lt.t()
+    def search(xt, wt):
+        mx = xt.amax(0).clamp(min=0.0)
+        iscale = xt.new_tensor(nums).unsqueeze(-1) / mx               # [C, g]
+        l = torch.round(iscale * xt.unsqueeze(1))                     # [n, C, g]
+        l = torch.cat([l[:, :1], l[:, 1:].clamp(max=nmax)], 1)        # the first try is not clamped in ggml
+        diff = xt.unsqueeze(1) - _rdiv(1, iscale) * l
+        mse = _seq_sum0((wt.unsqueeze(1) * diff) * diff)              # [C, g]
+        best = mse.argmin(0, keepdim=True)                            # first minimum = ggml's strict `<` scan
+        return torch.round(iscale.gather(0, best) * xt).clamp(max=nmax), mx
+
+    return search
+
+
+def _qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qp_quants: the sub-block scales (or mins) x ≥ 0 of each super-block as scale·L, L ∈ [0, nmax],
+    weights w. x, w: [nb, n] (n = 8 or 16 sub-blocks). Returns scale [nb] and L [nb, n]."""
+    xt, wt = x.t().contiguous(), w.t().contiguous()
+    Lt, mx = _call(_qp_kernel(nmax), xt, wt)
+    Lt, sumlx, suml2 = _greedy(xt, wt, Lt, None, nmax, True)
     s = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     zero = mx < GROUP_MAX_EPS
-    return (torch.where(zero, torch.zeros_like(s), s),
-            torch.where(zero.unsqueeze(-1), torch.zeros_like(L), L))
+    return torch.where(zero, torch.zeros_like(s), s), torch.where(zero, torch.zeros_like(Lt), Lt).t()
 
 
 # ------------------------------------------------------------------------------------------ packing helpers
@@ -355,21 +374,38 @@ def _unpack_scales_q3(q: torch.Tensor) -> torch.Tensor:
 # requantise the weights with them, pack the bytes). Heads and tails are element-wise over blocks and are
 # compiled as single kernels too.
 
+def _groups(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[nb, 256] → the transposed groups [n, nb·256/n] the searches work on."""
+    return x.reshape(-1, n).t().contiguous()
+
+
 @functools.lru_cache(maxsize=None)
-def _head_importance(sub: int, sigma_factor: float) -> Callable:
-    """ggml's _impl weighting: importance · sqrt(σ² + x²), σ² = factor·Σx²/256 over the super-block; and the
-    per-sub-block weight sums. x, w: [nb, 256] → weight [nb·256/sub, sub], sw [nb, 256/sub]."""
+def _head_importance(n: int, sigma_factor: float) -> Callable:
+    """ggml's _impl weighting: importance · sqrt(σ² + x²), σ² = factor·Σx²/256 over the super-block. x, w:
+    [nb, 256] → xt, weight wt [n, g] (transposed groups) and the per-sub-block weight sums sw [nb, 256/n]."""
     def head(x, w):
-        sigma2 = (sigma_factor * (x * x).sum(-1, keepdim=True)) / QK_K
-        weight = (w * torch.sqrt(sigma2 + x * x)).reshape(x.shape[0], QK_K // sub, sub)
-        return weight.reshape(-1, sub), _seq_sum(weight)
+        sigma2 = (sigma_factor * _seq_sum0((x * x).t())) / QK_K
+        weight = w * _sqrt(sigma2.unsqueeze(-1) + x * x)
+        wt = _groups(weight, n)
+        return _groups(x, n), wt, _seq_sum0(wt).reshape(x.shape[0], QK_K // n)
     return head
 
 
-def _head_q45_ref(x: torch.Tensor) -> torch.Tensor:
-    """quantize_row_q{4,5}_K_ref's weights: rms of the sub-block + |x|."""
-    xs = x.reshape(-1, 32)
-    return torch.sqrt((xs * xs).sum(-1, keepdim=True) / 32) + xs.abs()
+def _head_q45_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_row_q{4,5}_K_ref's weights: rms of the sub-block + |x|. → xt, wt [32, g]."""
+    xt = _groups(x, 32)
+    return xt, _sqrt(_seq_sum0(xt * xt) / 32) + xt.abs()
+
+
+def _head_q2_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xt = _groups(x, 16)
+    return xt, xt.abs()
+
+
+def _head_q6(x: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_row_q6_K_ref weights by x² (make_qx_quants with no weights); _impl by the importance alone."""
+    xt = _groups(x, 16)
+    return xt, xt * xt if w is None else _groups(w, 16)
 
 
 def _requant_q2(x: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor) -> torch.Tensor:
@@ -386,8 +422,8 @@ def _tail_q2_ref(x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> t
     max_scale = scales.amax(-1).clamp(min=0.0)
     max_min = mins.amax(-1).clamp(min=0.0)
     has_s, has_m = max_scale > 0, max_min > 0
-    ls = torch.round((15.0 / max_scale).unsqueeze(-1) * scales)
-    lm = torch.round((15.0 / max_min).unsqueeze(-1) * mins)
+    ls = torch.round(_rdiv(15, max_scale).unsqueeze(-1) * scales)
+    lm = torch.round(_rdiv(15, max_min).unsqueeze(-1) * mins)
     ls = torch.where(has_s.unsqueeze(-1), ls, torch.zeros_like(ls)).to(torch.int32)
     lm = torch.where(has_m.unsqueeze(-1), lm, torch.zeros_like(lm)).to(torch.int32)
     d = torch.where(has_s, _fp16(max_scale / 15.0), torch.zeros_like(max_scale))
@@ -403,12 +439,11 @@ def _tail_q2_imp(x: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, dm: torch.
 def _encode_q2_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     nb = x.shape[0]
     if w is None:        # quantize_row_q2_K_ref
-        xs = x.reshape(-1, 16)
-        scales, mins = _qkx_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, True)
+        scales, mins = _qkx_quants(*_call(_head_q2_ref, x), 3, -0.5, 0.1, 15, True)
         return _call(_tail_q2_ref, x, scales, mins)
     # quantize_row_q2_K_impl
-    weight, sw = _call(_head_importance(16, 1.0), x, w)
-    scales, mins = _qkx_quants(x.reshape(-1, 16), weight, 3, -0.9, 0.05, 36, False)
+    xt, wt, sw = _call(_head_importance(16, 1.0), x, w)
+    scales, mins = _qkx_quants(xt, wt, 3, -0.9, 0.05, 36, False)
     dm, ls = _qp_quants(scales.reshape(nb, 16), sw, 15)
     mm, lm = _qp_quants(mins.reshape(nb, 16), sw, 15)
     return _call(_tail_q2_imp, x, ls, lm, dm, mm)
@@ -430,10 +465,10 @@ def _tail_q3_ref(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     scales = scales.reshape(-1, 16)
     max_scale, _ = _first_absmax(scales)
     nz = max_scale != 0
-    iscale = -32.0 / max_scale
+    iscale = _rdiv(-32, max_scale)
     l6 = torch.clamp(torch.round(iscale.unsqueeze(-1) * scales), -32, 31) + 32
     l6 = torch.where(nz.unsqueeze(-1), l6, torch.zeros_like(l6))
-    return _requant_q3(x, l6, torch.where(nz, _fp16(1.0 / iscale), torch.zeros_like(max_scale)))
+    return _requant_q3(x, l6, torch.where(nz, _fp16(_rdiv(1, iscale)), torch.zeros_like(max_scale)))
 
 
 def _tail_q3_imp(x: torch.Tensor, l6: torch.Tensor, d_block: torch.Tensor) -> torch.Tensor:
@@ -443,11 +478,11 @@ def _tail_q3_imp(x: torch.Tensor, l6: torch.Tensor, d_block: torch.Tensor) -> to
 def _encode_q3_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     nb = x.shape[0]
     if w is None:        # quantize_row_q3_K_ref
-        return _call(_tail_q3_ref, x, _q3_quants(x.reshape(-1, 16), 4))
+        return _call(_tail_q3_ref, x, _q3_quants(_groups(x, 16), 4))
     # quantize_row_q3_K_impl
-    weight, sw = _call(_head_importance(16, 2.0), x, w)
-    scales, _ = _qx_quants(x.reshape(-1, 16), weight, 4)
-    d_block, l6 = _qx_quants(scales.reshape(nb, 16), sw, 32, want_l=True)
+    xt, wt, sw = _call(_head_importance(16, 2.0), x, w)
+    scales, _ = _qx_quants(xt, wt, 4)
+    d_block, l6 = _qx_quants(scales.reshape(nb, 16).t().contiguous(), sw.t().contiguous(), 32, want_l=True)
     return _call(_tail_q3_imp, x, l6, d_block)
 
 
@@ -461,8 +496,8 @@ def _tail_q45(nmax: int, ref: bool) -> Callable:
             scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
             max_scale = scales.amax(-1).clamp(min=0.0)
             max_min = mins.amax(-1).clamp(min=0.0)
-            inv_s = torch.where(max_scale > 0, 63.0 / max_scale, torch.zeros_like(max_scale))
-            inv_m = torch.where(max_min > 0, 63.0 / max_min, torch.zeros_like(max_min))
+            inv_s = torch.where(max_scale > 0, _rdiv(63, max_scale), torch.zeros_like(max_scale))
+            inv_m = torch.where(max_min > 0, _rdiv(63, max_min), torch.zeros_like(max_min))
             # uint8_t ls = nearest_int(...): the int wraps modulo 256 before MIN(63, ·)
             ls = (torch.round(inv_s.unsqueeze(-1) * scales).to(torch.int32) & 0xFF).clamp(max=63)
             lm = (torch.round(inv_m.unsqueeze(-1) * mins).to(torch.int32) & 0xFF).clamp(max=63)
@@ -490,11 +525,11 @@ def _encode_q45_k(x: torch.Tensor, w: torch.Tensor | None, nmax: int, rmin: floa
     """Q4_K and Q5_K share everything but nmax, the ref search grid and the high bit."""
     nb = x.shape[0]
     if w is None:        # quantize_row_q{4,5}_K_ref
-        scales, mins = _qkx_quants(x.reshape(-1, 32), _call(_head_q45_ref, x), nmax, rmin, rdelta, nstep, False)
+        scales, mins = _qkx_quants(*_call(_head_q45_ref, x), nmax, rmin, rdelta, nstep, False)
         return _call(_tail_q45(nmax, True), x, scales, mins, scales, mins)
     # quantize_row_q{4,5}_K_impl
-    weights, sw = _call(_head_importance(32, 2.0), x, w)
-    scales, mins = _qkx_quants(x.reshape(-1, 32), weights, nmax, -0.9, 0.05, 36, False)
+    xt, wt, sw = _call(_head_importance(32, 2.0), x, w)
+    scales, mins = _qkx_quants(xt, wt, nmax, -0.9, 0.05, 36, False)
     d_block, ls = _qp_quants(scales.reshape(nb, 8), sw, 63)
     m_block, lm = _qp_quants(mins.reshape(nb, 8), sw, 63)
     return _call(_tail_q45(nmax, False), x, ls, lm, d_block, m_block)
@@ -513,8 +548,8 @@ def _tail_q6(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     scales = scales.reshape(nb, 16)
     max_scale, max_abs = _first_absmax(scales)
     zero = max_abs < GROUP_MAX_EPS
-    iscale = -128.0 / max_scale
-    d = torch.where(zero, torch.zeros_like(max_scale), _fp16(1.0 / iscale))
+    iscale = _rdiv(-128, max_scale)
+    d = torch.where(zero, torch.zeros_like(max_scale), _fp16(_rdiv(1, iscale)))
     sc = torch.round(iscale.unsqueeze(-1) * scales).clamp(max=127)
     sc = torch.where(zero.unsqueeze(-1), torch.zeros_like(sc), sc)
     dd = d.unsqueeze(-1) * sc
@@ -529,9 +564,7 @@ def _tail_q6(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_q6_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    xs = x.reshape(-1, 16)
-    # quantize_row_q6_K_ref weights by x² (make_qx_quants with no weights); _impl by the importance alone
-    scales, _ = _qx_quants(xs, xs * xs if w is None else w.reshape(-1, 16), 32)
+    scales, _ = _qx_quants(*_call(_head_q6, x, w), 32)
     return _call(_tail_q6, x, scales)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .base import Format, register
-from .common import (fp16_bytes, fp16_from_bytes, make_qkx3_quants, make_qx_quants, pack_bits32, pack_nibbles,
+from .common import (fdiv, fp16_bytes, fp16_from_bytes, make_qkx3_quants, make_qx_quants, pack_bits32, pack_nibbles,
                      round_away, seq_sum, sqrt_f32, signed_absmax, trunc_u8, unpack_bits32, unpack_nibbles)
 
 QK = 32
@@ -67,7 +67,7 @@ def _row_sigma2(x: torch.Tensor) -> torch.Tensor:
     row_len = _ROW_LEN.value or x.shape[1]  # blocks given without a row: each block is its own row
     rows = x.reshape(-1, row_len).t()
     sq = (rows * rows).contiguous()
-    sigma2 = seq_sum(sq) / float(row_len)
+    sigma2 = fdiv(seq_sum(sq), row_len)
     return sigma2.repeat_interleave(row_len // x.shape[1])
 
 
@@ -78,7 +78,7 @@ def _bytes(*parts: torch.Tensor) -> torch.Tensor:
 def _ref_symmetric(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_row_q4_0_ref / q5_0_ref: d = max/-nmax, q = min(2·nmax-1, (int)(x/d + nmax + 0.5))."""
     mx, _ = signed_absmax(xt)
-    d = mx / float(-nmax)
+    d = fdiv(mx, -nmax)
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     L = trunc_u8(xt * inv + (nmax + 0.5)).clamp_(max=2 * nmax - 1)
     return d, L.t()
@@ -88,7 +88,7 @@ def _ref_affine(xt: torch.Tensor, nmax: int, clamp: bool) -> tuple[torch.Tensor,
     """quantize_row_q4_1_ref / q5_1_ref: d = (max - min)/nmax, m = min, q = (int)((x - min)/d + 0.5)."""
     mn = xt.min(dim=0).values
     mx = xt.max(dim=0).values
-    d = (mx - mn) / float(nmax)
+    d = fdiv(mx - mn, nmax)
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     L = trunc_u8((xt - mn) * inv + 0.5)
     if clamp:
@@ -182,7 +182,7 @@ class Q8_0(_Block32):
     def encode_blocks(self, x, w):
         # quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d); ggml ignores importance for Q8_0
         amax = x.abs().max(dim=1).values
-        d = amax / 127.0
+        d = fdiv(amax, 127)
         inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
         q = round_away(x * inv.unsqueeze(1)).to(torch.int8)
         return _bytes(fp16_bytes(d), q.view(torch.uint8))
