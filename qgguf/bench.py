@@ -51,14 +51,19 @@ from .toolout import (ToolOutputIncomplete, kld_chunk_rows, parse_kl_divergence,
                       parse_model_info, parse_quantize)
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
-DEFAULT_TARGETS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.5)  # bpw sweep of the qgguf curves
+# The bpw sweep of the qgguf curves beyond the size-matched rows: by default ("auto") one target half a bit below
+# the smallest preset and one half a bit above the largest, so each curve spans every preset's KLD and the saving
+# can be read off for all of them (the size-matched rows already fill the range between).
+AUTO_TARGET_MARGIN = 0.5
 PALETTES = ("stock", "extended")
-DEFAULT_CHUNKS = 40   # × 512 tokens of the text: see docs/notes/bench.md for the timing and the ± it gives
+DEFAULT_CHUNKS = 20   # × 512 tokens of the text; SmolLM2 Q4_K_M: mean KLD ± 1.7 % (docs/benchmarks.md)
 DEFAULT_IMATRIX_CHUNKS = 100
 DEFAULT_CALIB_TOKENS = 16384  # tokens of the calibration text for qgguf's Fisher statistics
 DEFAULT_TEXT = "austen"   # held out: neither the imatrix nor qgguf's calibration sees it
 DEFAULT_CALIB = "wiki"
 ROW_VERSION = 1           # bump when a row's measurement changes meaning
+# What qgguf convert writes beside OUT.gguf, and the row field naming the copy kept in DIR/plans/.
+CONVERT_SIDE_FILES = {".plan.json": "plan", ".tensor-types.txt": "tensor_type_file", ".heatmap.png": "heatmap"}
 KLD_ATTEMPTS = 5          # llama-perplexity's asynchronous log can lose its last lines at exit: run it again
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -168,7 +173,7 @@ class BenchConfig:
     imatrix_chunks: int = DEFAULT_IMATRIX_CHUNKS
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     presets: tuple[str, ...] = PRESETS
-    targets: tuple[float, ...] = DEFAULT_TARGETS
+    targets: tuple[float, ...] | None = None  # None: auto (see AUTO_TARGET_MARGIN)
     palettes: tuple[str, ...] = PALETTES
     plain_rows: bool = False
     qgguf_rows: bool = True
@@ -196,7 +201,8 @@ class BenchConfig:
                  "--ctx", str(self.ctx),
                  "--chunks", str(self.chunks), "--imatrix-chunks", str(self.imatrix_chunks),
                  "--calib-tokens", str(self.calib_tokens),
-                 "--presets", *self.presets, "--targets", *[f"{t:g}" for t in self.targets],
+                 "--presets", *self.presets,
+                 "--targets", *(["auto"] if self.targets is None else [f"{t:g}" for t in self.targets]),
                  "--palettes", *self.palettes]
         if self.plain_rows:
             parts.append("--plain-rows")
@@ -491,7 +497,7 @@ def run_row(row: Row, cfg: BenchConfig, ref: Reference, tools: Tools) -> tuple[d
         t2, c2 = time.time(), TOOL_TIME["cpu"]
     finally:
         if not cfg.keep_gguf:
-            for p in (gguf_path, gguf_path.with_suffix(".plan.json")):
+            for p in [gguf_path] + [gguf_path.with_suffix(x) for x in CONVERT_SIDE_FILES]:
                 p.unlink(missing_ok=True)
     record = {"id": row.id, "version": ROW_VERSION, "kind": row.kind, "label": row.label, "series": row.series,
               "spec": row.spec, **facts, **result,
@@ -556,10 +562,20 @@ def extended_palette_exists() -> bool:
     return any(not getattr(f, "stock", True) for f in formats.all_formats())
 
 
+def auto_targets(stock_done: dict[str, dict]) -> tuple[float, ...]:
+    """Half a bit below the smallest and above the largest finished preset (llama.cpp bpw), to 0.25."""
+    bpws = [r["bpw"] for r in stock_done.values()]
+    if not bpws:
+        return ()
+    lo, hi = min(bpws) - AUTO_TARGET_MARGIN, max(bpws) + AUTO_TARGET_MARGIN
+    return tuple(t for t in (math.floor(lo * 4) / 4, math.ceil(hi * 4) / 4) if 0 < t <= 32)
+
+
 def qgguf_rows(cfg: BenchConfig, stock_done: dict[str, dict], common: dict, help_text: str | None,
                why_not: str, stats: Path | None = None) -> list[Row]:
     """`qgguf convert` at each preset's file size and at each bpw target, per palette."""
     rows = []
+    targets = cfg.targets if cfg.targets is not None else auto_targets(stock_done)
     stats_digest = sha256_file(stats) if stats else None
     for palette in cfg.palettes:
         series = f"qgguf ({palette} palette)"
@@ -571,7 +587,7 @@ def qgguf_rows(cfg: BenchConfig, stock_done: dict[str, dict], common: dict, help
             st = stock_done.get(preset)
             budgets.append((f"size-{preset}", f"@{preset} size", "--target-size",
                             float(st["file_bytes"]) if st else math.nan))
-        for t in cfg.targets:
+        for t in targets:
             budgets.append((f"bpw-{t:.2f}", f"{t:g} bpw", "--target-bpw", float(t)))
         for part, label, flag, value in budgets:
             rid = f"qgguf-{palette}-{part}"
@@ -589,17 +605,22 @@ def qgguf_rows(cfg: BenchConfig, stock_done: dict[str, dict], common: dict, help
                     cmd += ["--stats", str(stats)]
                 if help_text and "--threads" in help_text:
                     cmd += ["--threads", str(cfg.threads)]
+                if help_text and "--device" in help_text:
+                    cmd += ["--device", "cuda" if cfg.gpu else "cpu"]
                 cmd += list(cfg.convert_args)
                 run_tool(cmd, cfg.out / "logs" / f"{rid}.convert.log", f"{rid}: qgguf convert",
                          timeout=cfg.timeout)
                 facts: dict = {"target": {"flag": flag, "value": value}}
                 plan = out.with_suffix(".plan.json")
+                for extra, field_name in CONVERT_SIDE_FILES.items():
+                    side = out.with_suffix(extra)
+                    if side.is_file():
+                        kept = cfg.out / "plans" / f"{rid}{extra}"
+                        kept.parent.mkdir(exist_ok=True)
+                        with atomic_output(kept) as tmp:
+                            shutil.copyfile(side, tmp)
+                        facts[field_name] = str(kept.relative_to(cfg.out))
                 if plan.is_file():
-                    kept = cfg.out / "plans" / f"{rid}.plan.json"
-                    kept.parent.mkdir(exist_ok=True)
-                    with atomic_output(kept) as tmp:
-                        shutil.copyfile(plan, tmp)
-                    facts["plan"] = str(kept.relative_to(cfg.out))
                     facts["rate_gap"] = rate_gap(json.loads(plan.read_text()))
                 else:
                     facts["plan"] = None
@@ -732,9 +753,9 @@ def add_parser(sub) -> None:
                    help=f"tokens of the calibration text for qgguf calibrate (default {DEFAULT_CALIB_TOKENS})")
     p.add_argument("--presets", nargs="+", default=list(PRESETS), metavar="TYPE",
                    help="llama-quantize presets (default: " + " ".join(PRESETS) + ")")
-    p.add_argument("--targets", nargs="*", type=float, default=list(DEFAULT_TARGETS), metavar="BPW",
-                   help="bpw targets of the qgguf sweep (default: " + " ".join(f"{t:g}" for t in DEFAULT_TARGETS)
-                   + ")")
+    p.add_argument("--targets", nargs="*", default=["auto"], metavar="BPW",
+                   help=f"bpw targets of the qgguf sweep, besides the preset sizes (default auto: "
+                   f"{AUTO_TARGET_MARGIN:g} bpw below the smallest preset and above the largest; none: no sweep)")
     p.add_argument("--palettes", nargs="+", default=list(PALETTES), choices=PALETTES,
                    help="qgguf palettes (default: both; extended is skipped while it does not exist)")
     p.add_argument("--plain-rows", action="store_true", help="also quantise each preset without the imatrix")
@@ -776,9 +797,16 @@ def config_from_args(args) -> BenchConfig:
     if unknown:
         raise QggufError(f"--presets {' '.join(unknown)}: not a llama-quantize type; choose from "
                          f"{' '.join(sorted(allowed))}")
-    bad = [t for t in args.targets if not 0 < t <= 32]
-    if bad:
-        raise QggufError(f"--targets {' '.join(map(str, bad))}: bpw targets must be between 0 and 32")
+    targets: tuple[float, ...] | None = None
+    if args.targets != ["auto"]:
+        try:
+            values = [float(t) for t in args.targets]
+        except ValueError:
+            raise QggufError(f"--targets {' '.join(args.targets)}: give bpw numbers such as 4.5, or auto") from None
+        bad = [t for t in values if not 0 < t <= 32]
+        if bad:
+            raise QggufError(f"--targets {' '.join(map(str, bad))}: bpw targets must be between 0 and 32")
+        targets = tuple(sorted(set(values)))
     if args.stats is not None:
         require_file(args.stats, "--stats file", "give the statistics file written by `qgguf calibrate`")
     out = Path(args.out)
@@ -794,7 +822,7 @@ def config_from_args(args) -> BenchConfig:
         out=out, ctx=args.ctx, chunks=args.chunks, imatrix_chunks=args.imatrix_chunks,
         calib_tokens=args.calib_tokens,
         presets=presets,
-        targets=tuple(sorted(set(args.targets))), palettes=tuple(dict.fromkeys(args.palettes)),
+        targets=targets, palettes=tuple(dict.fromkeys(args.palettes)),
         plain_rows=args.plain_rows, qgguf_rows=args.qgguf_rows, gpu=args.gpu, threads=args.threads,
         stats=args.stats, convert_args=tuple(args.convert_args), redo=tuple(args.redo), keep_gguf=args.keep_gguf,
         timeout=args.timeout, docs=docs, cache=args.cache, attempts=max(1, args.attempts))

@@ -110,6 +110,7 @@ def report_markdown(results: dict, plot_name: str, heading: str = "#") -> str:
              f"({results['scored_tokens']:,} scored tokens); imatrix from {results['calibration']['name']} "
              f"({results['calibration']['imatrix_chunks']} chunks)",
              f"- date: {results['date']}",
+             *_timing_lines(results),
              "- bpw (llama.cpp) = all tensor bits / all tensor elements, as llama.cpp prints it; bpw (file) = the "
              "whole file's bits / all tensor elements",
              "", markdown_table(table_rows([f32] + results["rows"], results["backend"] == "cuda")), ""]
@@ -127,6 +128,20 @@ def report_markdown(results: dict, plot_name: str, heading: str = "#") -> str:
         lines += ["Failed:", ""] + [f"- {s['id']}: {s['error'].splitlines()[0]}" for s in results["failed"]] + [""]
     lines += [f"![mean KLD against bpw]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def _timing_lines(results: dict) -> list[str]:
+    t = results.get("timing") or {}
+    rows = [r for r in results["rows"] if r.get("seconds")]
+    if not rows:
+        return []
+    line = (f"- time: measuring the {len(rows)} rows took {t.get('rows_wall_s', 0) / 60:.1f} min "
+            f"({t.get('rows_cpu_s', 0) / 60:.1f} CPU-min in the tools)")
+    steps = t.get("steps_this_run") or {}
+    if steps:
+        line += "; one-off steps of this run: " + ", ".join(
+            f"{k} {v['wall_s'] / 60:.1f} min ({v['cpu_s'] / 60:.1f} CPU-min)" for k, v in steps.items())
+    return [line]
 
 
 def update_docs(results: dict, plot: Path, docs: Path) -> Path:

@@ -60,6 +60,7 @@ class Stats:
     meta: dict
     tensors: dict[str, TensorStats] = field(default_factory=dict)
     path: Path | None = None  # the file it was loaded from; per-element Fisher is read from it on demand
+    timing: dict = field(default_factory=dict)  # seconds of the run that made it (not saved: files stay identical)
 
     def __getitem__(self, name: str) -> TensorStats:
         try:

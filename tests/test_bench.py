@@ -280,5 +280,7 @@ def test_qgguf_rows_say_why_they_cannot_run(tmp_path):
     assert rows["qgguf-stock-size-Q4_K_M"].skip == "" and rows["qgguf-stock-size-Q4_K_M"].spec["value"] == 123456
     assert "Q6_K row did not finish" in rows["qgguf-stock-size-Q6_K"].skip
     assert rows["qgguf-stock-bpw-4.00"].skip == "" and rows["qgguf-stock-bpw-4.00"].spec["budget"] == "target-bpw"
+    assert bench.auto_targets({"Q2_K": {"bpw": 5.139}, "Q8_0": {"bpw": 8.506}}) == (4.5, 9.25)
+    assert bench.auto_targets({}) == ()
     ext = rows["qgguf-extended-bpw-4.00"].skip
     assert ext == "" if bench.extended_palette_exists() else ext.startswith("the extended palette does not exist")

@@ -5,7 +5,10 @@ the mean per-token KL(p_original ‖ p_noisy); the prediction from the calibrati
 (ΣF per token). σ² is set per tensor so that the predicted KL is --target nats/token (small enough for the
 quadratic regime, large enough to measure). Each tensor is measured with --draws noise draws.
 
-    python tools/kl_check.py MODEL_DIR --stats stats.safetensors [--text austen] [--tokens 4096] [--md]
+    python tools/kl_check.py MODEL_DIR --stats stats.safetensors [more.safetensors ...] [--text austen] [--md]
+
+With several statistics files (e.g. the two estimators), σ² comes from the first and each file's prediction
+is compared with the same measured KL.
 """
 
 from __future__ import annotations
@@ -62,11 +65,13 @@ def mean_kl(model, batches: list[torch.Tensor], ref_logp: list[torch.Tensor]) ->
     return total / n
 
 
-def run(model_dir: Path, stats_path: Path, text_path: Path, tokens: int, seq_len: int, target: float,
+def run(model_dir: Path, stats_path: Path | list[Path], text_path: Path, tokens: int, seq_len: int, target: float,
         draws: int, seed: int, patterns: list[str] | None, blocks: list[int] | None) -> dict:
     from transformers import AutoTokenizer
 
-    stats = load_stats(stats_path)
+    paths = [stats_path] if isinstance(stats_path, (str, Path)) else list(stats_path)
+    all_stats = [load_stats(p) for p in paths]
+    stats = all_stats[0]
     model = load_model(model_dir, torch.device("cpu"), "float32")
     tok = AutoTokenizer.from_pretrained(model_dir)
     batches = [c[None] for c in token_chunks(tok, read_text(text_path), tokens, seq_len, str(text_path))]
@@ -98,31 +103,38 @@ def run(model_dir: Path, stats_path: Path, text_path: Path, tokens: int, seq_len
         measured = float(np.mean(kls))
         rows.append({"tensor": name, "kind": kind_of(name), "fisher_sum": t.fisher_sum, "sigma2": sigma2,
                      "predicted": predicted, "measured": measured, "ratio": measured / predicted,
+                     "ratios": [measured / (0.5 * sigma2 * s[name].fisher_sum) for s in all_stats],
                      "draws": [float(k) for k in kls], "seconds": time.perf_counter() - t0})
         print(f"{name:28s} ΣF={t.fisher_sum:10.4g} σ²={sigma2:9.3g} predicted={predicted:.4g} "
               f"measured={measured:.4g} ratio={measured / predicted:.3f}", file=sys.stderr, flush=True)
-    return {"model": str(model_dir), "stats": str(stats_path), "stats_meta": {k: stats.meta[k] for k in (
-        "tokens", "seq_len", "seed", "text", "model_sha256")}, "text": str(text_path), "tokens": tokens,
+    return {"model": str(model_dir), "stats": [str(p) for p in paths], "stats_meta": [{k: s.meta.get(k) for k in (
+        "tokens", "seq_len", "seed", "estimator", "text", "model_sha256")} for s in all_stats], "text": str(text_path), "tokens": tokens,
         "seq_len": seq_len, "target": target, "draws": draws, "seed": seed, "rows": rows}
 
 
 def markdown(res: dict) -> str:
-    lines = ["| tensor | kind | ΣF (per token) | σ² | predicted KL | measured KL | measured / predicted |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    labels = [m.get("estimator") or f"stats {i}" for i, m in enumerate(res["stats_meta"])]
+    lines = ["| tensor | kind | ΣF (per token) | σ² | predicted KL | measured KL | "
+             + " | ".join(f"measured / predicted ({lab})" for lab in labels) + " |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(labels)]
     for r in res["rows"]:
         lines.append(f"| {r['tensor']} | {r['kind']} | {r['fisher_sum']:.4g} | {r['sigma2']:.3g} | "
-                     f"{r['predicted']:.4g} | {r['measured']:.4g} | {r['ratio']:.3f} |")
-    within = sum(abs(r["ratio"] - 1) <= 0.25 for r in res["rows"])
+                     f"{r['predicted']:.4g} | {r['measured']:.4g} | "
+                     + " | ".join(f"{x:.3f}" for x in r["ratios"]) + " |")
     lines.append("")
-    lines.append(f"{within} of {len(res['rows'])} tensors within 25% "
-                 f"(ratios {min(r['ratio'] for r in res['rows']):.3f}–{max(r['ratio'] for r in res['rows']):.3f}).")
+    for i, lab in enumerate(labels):
+        ratios = [r["ratios"][i] for r in res["rows"]]
+        within = sum(abs(x - 1) <= 0.25 for x in ratios)
+        lines.append(f"- {lab}: {within} of {len(ratios)} tensors within 25% (ratios {min(ratios):.3f}–"
+                     f"{max(ratios):.3f})")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", help="HF folder, or an asset name (smollm2-135m)")
-    ap.add_argument("--stats", type=Path, required=True, help="statistics from `qgguf calibrate`")
+    ap.add_argument("--stats", type=Path, nargs="+", required=True,
+                    help="statistics from `qgguf calibrate` (σ² is set from the first)")
     ap.add_argument("--text", default="austen", help="held-out text file, or an asset name (default austen)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)

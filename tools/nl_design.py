@@ -226,7 +226,7 @@ class Tensor:
     numel: int       # of the whole tensor
 
 
-def synthetic(rows: int = 512, cols: int = 2048, seed: int = 0) -> list[Tensor]:
+def synthetic(rows: int = 256, cols: int = 2048, seed: int = 0) -> list[Tensor]:
     g = torch.Generator().manual_seed(seed)
     gauss = torch.randn(rows, cols, generator=g)
     # Student-t nu=5 as a Gaussian scale mixture: z / sqrt(chi2_5 / 5), then unit variance
@@ -254,7 +254,7 @@ def load_asset(name_or_dir: str, rows: int, seed: int = 0, max_len: int = 1 << 1
             for key in sorted(sf.keys()):
                 sl = sf.get_slice(key)
                 shape = sl.get_shape()
-                if len(shape) != 2 or shape[1] % 256 or shape[1] > max_len:
+                if len(shape) != 2 or shape[1] % BLOCK or shape[1] > max_len:
                     continue
                 r = torch.randperm(shape[0], generator=g)[:rows].sort().values
                 x = torch.stack([sl[int(i)] for i in r]).float()
@@ -270,22 +270,38 @@ def kind(name: str) -> str:
 
 
 # ================================================================================================ measuring
-def mse_nl(fmt: nl.NLFormat, x: torch.Tensor) -> float:
-    y = fmt.roundtrip(x)
-    return (y - x).double().pow(2).mean().item()
+class Pool:
+    """The sampled tensors whose rows a block size divides, as one [n, block] batch (every encoder here works block
+    by block), so each type runs once over everything; per-tensor MSE comes from segment sums."""
 
+    def __init__(self, tensors: list[Tensor], block: int):
+        tensors = [t for t in tensors if t.x.shape[1] % block == 0]
+        self.block = block
+        self.keys = [f"{t.asset}/{t.name}" for t in tensors]
+        parts = [t.x.reshape(-1, block) for t in tensors]
+        self.seg = torch.cat([torch.full((p.shape[0],), i) for i, p in enumerate(parts)])
+        self.x = torch.cat(parts)
+        self.count = torch.zeros(len(parts), dtype=torch.float64).index_add_(
+            0, self.seg, torch.full((self.x.shape[0],), float(block), dtype=torch.float64))
 
-def mse_stock(type_id: int, x: torch.Tensor) -> float:
-    """ggml's encoder; the better of no importance and flat importance (the IQ2 types need an importance)."""
-    xn = x.numpy()
-    best = float("inf")
-    for imp in (None, np.ones(x.shape[1], dtype=np.float32)):
-        if imp is None and ggml_ref.lib().ggml_quantize_requires_imatrix(type_id):
-            continue
-        raw = ggml_ref.quantize(type_id, xn, imp)
-        y = ggml_ref.dequantize(type_id, raw, x.shape)
-        best = min(best, float(((y.astype(np.float64) - xn) ** 2).mean()))
-    return best
+    def per_tensor(self, y: torch.Tensor) -> torch.Tensor:
+        err = (y.double() - self.x.double()).pow(2).sum(1)
+        return torch.zeros(len(self.keys), dtype=torch.float64).index_add_(0, self.seg, err) / self.count
+
+    def mse_nl(self, fmt: nl.NLFormat) -> dict[str, float]:
+        return dict(zip(self.keys, self.per_tensor(fmt.roundtrip(self.x)).tolist()))
+
+    def mse_stock(self, type_id: int) -> dict[str, float]:
+        """ggml's encoder; per tensor the better of no importance and flat importance (IQ2_XXS/XS need one)."""
+        xn = self.x.numpy()
+        best = None
+        for imp in (None, np.ones(self.block, dtype=np.float32)):
+            if imp is None and ggml_ref.lib().ggml_quantize_requires_imatrix(type_id):
+                continue
+            y = ggml_ref.dequantize(type_id, ggml_ref.quantize(type_id, xn, imp), xn.shape)
+            m = self.per_tensor(torch.from_numpy(y))
+            best = m if best is None else torch.minimum(best, m)
+        return dict(zip(self.keys, best.tolist()))
 
 
 def stock_bpw(type_id: int) -> float:
@@ -294,19 +310,16 @@ def stock_bpw(type_id: int) -> float:
 
 
 def frontier_bits(points: list[tuple[float, float]], rel: float) -> float:
-    """Bits the stock frontier needs for relative MSE `rel`: the lower envelope of (bpw, log rel-MSE), linear in
-    log MSE between its points; nan outside its range."""
-    pts = sorted(points)
-    env = []  # Pareto points: increasing bpw, decreasing error
-    for b, e in pts:
+    """Bits the stock frontier needs for relative MSE `rel`: the Pareto points of (bpw, rel-MSE), linear in log MSE
+    between neighbours; nan outside their range."""
+    env = []  # increasing bpw, decreasing error
+    for b, e in sorted(points):
         if not env or e < env[-1][1]:
             env.append((b, e))
     for (b0, e0), (b1, e1) in zip(env, env[1:]):
         if e1 <= rel <= e0:
             t = (math.log(e0) - math.log(rel)) / (math.log(e0) - math.log(e1))
             return b0 + t * (b1 - b0)
-    if env and rel > env[0][1]:
-        return float("nan")  # worse than the smallest stock type: the frontier does not reach that far down
     return float("nan")
 
 
@@ -367,6 +380,7 @@ def study(args) -> dict:
 
     # 4. measure --------------------------------------------------------------------------------------------
     tensors = [t for ts in sets.values() for t in ts]
+    pools = {256: Pool(tensors, 256), 32: Pool(tensors, 32)}
     candidates = []
     for bits in args.bits:
         for cb in books[bits]:
@@ -375,74 +389,115 @@ def study(args) -> dict:
         candidates.append((f"NL{bits}_32/{best}", bits, "32", books[bits][best]))
     for label, bits, layout, values in tqdm(candidates, desc="NL candidates", file=sys.stderr):
         fmt = make(label, bits, layout, values)
-        res["types"][label] = {"bits": bits, "layout": layout, "bpw": fmt.bpw, "values": list(values),
-                               "mse": {f"{t.asset}/{t.name}": mse_nl(fmt, t.x) for t in tensors}}
+        res["types"][label] = {"bits": bits, "layout": layout, "bpw": fmt.bpw, "block": fmt.block_size, "values": list(values),
+                               "mse": pools[fmt.block_size].mse_nl(fmt)}
     for name, tid in tqdm(STOCK.items(), desc="stock types", file=sys.stderr):
-        res["stock"][name] = {"bpw": stock_bpw(tid), "palette": name in PALETTE,
-                              "mse": {f"{t.asset}/{t.name}": mse_stock(tid, t.x) for t in tensors}}
+        blk = ggml_ref.traits(tid).blck_size
+        res["stock"][name] = {"bpw": stock_bpw(tid), "palette": name in PALETTE, "block": blk,
+                              "mse": pools[blk].mse_stock(tid)}
     res["tensors"] = {f"{t.asset}/{t.name}": {"asset": t.asset, "kind": kind(t.name), "numel": t.numel,
-                                              "ms": t.x.double().pow(2).mean().item(), "rows": t.x.shape[0]}
+                                              "ms": t.x.double().pow(2).mean().item(), "rows": t.x.shape[0],
+                                              "row_len": t.x.shape[1]}
                       for t in tensors}
     return res
 
 
 # ================================================================================================ reporting
-def pooled(res: dict, mse: dict, asset: str) -> float:
-    """Relative MSE pooled over an asset's tensors: Σ numel·MSE / Σ numel·mean-square (a numel-weighted average)."""
+def pooled(res: dict, mse: dict, asset: str, keys: list[str]) -> float:
+    """Relative MSE over an asset's tensors in `keys`: Σ numel·MSE/mean-square / Σ numel."""
     num = den = 0.0
-    for k, t in res["tensors"].items():
+    for k in keys:
+        t = res["tensors"][k]
         if t["asset"] == asset:
             num += t["numel"] * mse[k] / t["ms"]
             den += t["numel"]
-    return num / den
+    return num / den if den else float("nan")
 
 
-def report(res: dict) -> str:
-    out = []
-    groups = ["synthetic/gauss", "synthetic/student-t5"] + res["assets"]
+def table(res: dict, block: int, title: str) -> list[str]:
+    """Rate/distortion table and keep/drop evidence over the tensors a block size fits (block 256: the _XS and K
+    types, every type compared; block 32: only the block-32 types, on every tensor)."""
+    kinds = [(n, s, False) for n, s in res["stock"].items() if block == 256 or s["block"] == 32]
+    kinds += [(n, t, True) for n, t in res["types"].items() if block == 256 or t["block"] == 32]
+    keys = sorted(set.intersection(*[set(v["mse"]) for _, v, _ in kinds]))
+    groups = [g for g in ("synthetic/gauss", "synthetic/student-t5") if g in keys]
+    groups += [a for a in res["assets"] if any(res["tensors"][k]["asset"] == a for k in keys)]
 
     def rel(mse: dict, g: str) -> float:
-        if g.startswith("synthetic/"):
-            return mse[g] / res["tensors"][g]["ms"]
-        return pooled(res, mse, g)
+        return mse[g] / res["tensors"][g]["ms"] if g.startswith("synthetic/") else pooled(res, mse, g, keys)
 
-    # stock rows
-    stock = res["stock"]
-    front = {g: [(s["bpw"], rel(s["mse"], g)) for n, s in stock.items() if s["palette"]] for g in groups}
-    front_all = {g: [(s["bpw"], rel(s["mse"], g)) for s in stock.values()] for g in groups}
-    hdr = "| type | bpw | " + " | ".join(f"{g.split('/')[-1]} rel-MSE" for g in groups) + " | gap to D(R), gauss (bits) |"
-    out.append(hdr)
+    real = [k for k in keys if not k.startswith("synthetic/")]
+    out = [f"**{title}** ({len(real)} tensors)", ""]
+    out.append("| type | bpw | " + " | ".join(f"{g.split('/')[-1]} rel-MSE" for g in groups)
+               + " | gap to Gaussian D(R) (bits) |")
     out.append("|" + "---|" * (3 + len(groups)))
     rows = []
-    for n, s in stock.items():
-        r = [rel(s["mse"], g) for g in groups]
-        rows.append((s["bpw"], f"| {n}{'' if s['palette'] else ' (not in palette)'} | {s['bpw']:.4g} | "
-                     + " | ".join(f"{v:.4g}" for v in r) + f" | {gap_bits(s['bpw'], r[0]):.3f} |"))
-    for label, t in res["types"].items():
-        r = [rel(t["mse"], g) for g in groups]
-        rows.append((t["bpw"], f"| **{label}** | {t['bpw']:.4g} | " + " | ".join(f"{v:.4g}" for v in r)
-                     + f" | {gap_bits(t['bpw'], r[0]):.3f} |"))
+    for n, v, ours in kinds:
+        r = [rel(v["mse"], g) for g in groups]
+        label = f"**{n}**" if ours else (n if v["palette"] else f"{n} (not in palette)")
+        rows.append((v["bpw"], f"| {label} | {v['bpw']:.4g} | " + " | ".join(f"{x:.4g}" for x in r)
+                     + f" | {gap_bits(v['bpw'], r[0]):.3f} |"))
     out += [r for _, r in sorted(rows, key=lambda z: z[0])]
     out.append("")
-    # bits saved against the stock frontier, per data set, and per-tensor wins
-    out.append("| NL type | bpw | " + " | ".join(f"{g.split('/')[-1]}: bits saved (palette / all stock)"
-                                                 for g in groups) + " | tensors won vs palette frontier |")
+    stock = [v for _, v, ours in kinds if not ours]
+    out.append("| NL type | bpw | " + " | ".join(f"{g.split('/')[-1]}: bits saved vs palette / all stock"
+                                                 for g in groups) + " | tensors won vs palette |")
     out.append("|" + "---|" * (3 + len(groups)))
-    for label, t in res["types"].items():
+    for n, t, ours in kinds:
+        if not ours:
+            continue
         cells = []
         for g in groups:
             r = rel(t["mse"], g)
-            cells.append(f"{frontier_bits(front[g], r) - t['bpw']:+.3f} / {frontier_bits(front_all[g], r) - t['bpw']:+.3f}")
-        won = tot = 0
-        for k, info in res["tensors"].items():
-            if info["asset"] == "synthetic":
-                continue
-            pts = [(s["bpw"], s["mse"][k] / info["ms"]) for s in stock.values() if s["palette"]]
-            fb = frontier_bits(pts, t["mse"][k] / info["ms"])
-            tot += 1
-            won += int(not math.isnan(fb) and fb > t["bpw"]) or int(math.isnan(fb) and t["bpw"] < min(p[0] for p in pts))
-        cells.append(f"{won}/{tot}" if tot else "–")
-        out.append(f"| {label} | {t['bpw']:.4g} | " + " | ".join(cells) + " |")
+            pal = [(s["bpw"], rel(s["mse"], g)) for s in stock if s["palette"]]
+            alls = [(s["bpw"], rel(s["mse"], g)) for s in stock]
+            cells.append(f"{saved(pal, t['bpw'], r)} / {saved(alls, t['bpw'], r)}")
+        won = 0
+        for k in real:
+            ms = res["tensors"][k]["ms"]
+            pal = [(s["bpw"], s["mse"][k] / ms) for s in stock if s["palette"]]
+            won += beats(pal, t["bpw"], t["mse"][k] / ms)
+        cells.append(f"{won}/{len(real)}")
+        out.append(f"| {n} | {t['bpw']:.4g} | " + " | ".join(cells) + " |")
+    return out
+
+
+def saved(points, bpw: float, rel: float) -> str:
+    """Bits the stock frontier needs for this error minus the type's bpw; 'extends' when the error is above the
+    smallest stock type's and the type is smaller than it (no stock type that small to compare with)."""
+    fb = frontier_bits(points, rel)
+    if not math.isnan(fb):
+        return f"{fb - bpw:+.3f}"
+    b0, e0 = min(points)
+    if rel > e0:
+        return "extends" if bpw < b0 else "dominated"
+    return "n/a"
+
+
+def beats(points, bpw: float, rel: float) -> bool:
+    """Below the stock frontier at this bpw, or smaller than every stock type (the planner had no choice there)."""
+    fb = frontier_bits(points, rel)
+    if math.isnan(fb):
+        return bpw < min(points)[0]
+    return fb > bpw
+
+
+def report(res: dict) -> str:
+    out = [f"Rows sampled per tensor: {res['rows']} (seeded); Lloyd codebooks trained on {res['train']}.", ""]
+    out += ["Fits (each tensor divided by its RMS, pooled): mean log-likelihood per weight", "",
+            "| asset | Normal | Laplace | Student-t | fitted ν | kurtosis |", "|---|---|---|---|---|---|"]
+    for a, f in res["fits"].items():
+        if "normal_ll" in f:
+            out.append(f"| {a} | {f['normal_ll']:.4f} | {f['laplace_ll']:.4f} | {f['t_ll']:.4f} | {f['t_nu']:.1f} "
+                       f"| {f['kurtosis']:.2f} |")
+    out += ["", "Codebooks (int8):", ""]
+    for b, books in res["codebooks"].items():
+        for n, v in books.items():
+            out.append(f"- {b}-bit {n}: `{' '.join(str(x) for x in v)}`")
+    out.append("")
+    out += table(res, 256, "Tensors whose rows are multiples of 256 (all types)")
+    out.append("")
+    out += table(res, 32, "All tensors, block-32 types only")
     return "\n".join(out)
 
 
@@ -450,7 +505,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--assets", nargs="*", default=["smollm2-135m", "qwen2.5-coder-1.5b"],
                     help="asset names (qgguf fetch) or HF folders")
-    ap.add_argument("--rows", type=int, default=16, help="seeded rows sampled from each tensor")
+    ap.add_argument("--rows", type=int, default=8, help="seeded rows sampled from each tensor")
     ap.add_argument("--train", type=int, default=2_000_000, help="weights used to train the Lloyd codebooks")
     ap.add_argument("--bits", type=int, nargs="*", default=[2, 3, 4, 5, 6])
     ap.add_argument("--codebook", default="lloyd-encoder", help="codebook variant used for the _32 layouts")

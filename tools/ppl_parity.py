@@ -175,7 +175,8 @@ def run_model(name: str, chunks: int, ctx: int, threads: int) -> dict:
     row = {"model": name, "chunks": lc["n_chunk"], "ctx": lc["n_ctx"], "scored": hf["count"],
            "add_bos": add_bos, "llama_ppl": lc["ppl"], "llama_err": lc["err"], "hf_ppl": hf["ppl"], "rel": rel,
            "llama_s": lc["seconds"], "hf_s": hf["seconds"], "tokens": agree,
-           "command": " ".join(["llama-perplexity"] + [shlex.quote(c) for c in lc["command"][1:]]),
+           "command": " ".join(["llama-perplexity"] + [shlex.quote(c) for c in lc["command"][1:]]).replace(
+               str(Path.home()), "~"),
            "date": dt.date.today().isoformat(), "ok": abs(rel) <= TOLERANCE}
     print(json.dumps(row), file=sys.stderr)
     return row
@@ -200,7 +201,9 @@ def section_text(rows: dict[str, str], commands: dict[str, str]) -> str:
              "converted with `qgguf convert-hf --outtype f32`. transformers runs fp32 on the very tokens "
              "llama-perplexity evaluated (read from its logits stream), with its protocol: 512-token windows, "
              "BOS swapped in first when the vocab adds BOS, the second half of each window scored. "
-             f"Acceptance: the two agree within {100 * TOLERANCE:.0f} %.", "",
+             f"Acceptance: the two agree within {100 * TOLERANCE:.0f} %. Difference = transformers / llama.cpp "
+             "- 1. Seconds are wall time of each side (llama.cpp's includes loading the F32 GGUF and tokenising "
+             "the whole text), taken while other jobs shared the CPU: indicative only.", "",
              "Reproduce: `python tools/ppl_parity.py --write-doc` (both models; `--model NAME --chunks N` for "
              "one). It runs, per model:", ""]
     lines += [f"- {m}: `{c}`" for m, c in commands.items()]

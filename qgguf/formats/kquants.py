@@ -37,7 +37,7 @@ COMPILE_MIN_BLOCKS = 1024
 # Super-blocks per call of a kernel: bounds the candidate × sub-block intermediates (eager) and keeps the
 # working set of the fused kernels in cache (compiled).
 PIECE_BLOCKS_EAGER = 1024
-PIECE_BLOCKS_COMPILED = 4096
+PIECE_BLOCKS_COMPILED = 2048
 
 
 def _f32(v: float) -> float:
@@ -216,11 +216,11 @@ def _greedy_pass(lo: float | None, hi: float, need_old_sl2: bool) -> Callable:
     the one the current least-squares scale asks for, if that raises (Σwxl)²/Σwl². make_qp_quants also requires
     the sum without the position to stay positive (`need_old_sl2`). Returns the new levels, sums, and which
     groups changed."""
-    def run(xt, wt, wxt, Lt, sumlx, suml2):
+    def run(xt, wt, Lt, sumlx, suml2):
         cols = list(Lt.unbind(0))
-        changed = torch.zeros_like(sumlx, dtype=torch.bool)
         for i in range(len(cols)):
-            xi, wi, wxi, li = xt[i], wt[i], wxt[i], cols[i]
+            xi, wi, li = xt[i], wt[i], cols[i]
+            wxi = wi * xi
             slx = sumlx - wxi * li
             sl2 = suml2 - (wi * li) * li
             new_l = torch.clamp(torch.round(xi * sl2 / slx), lo, hi)
@@ -231,16 +231,15 @@ def _greedy_pass(lo: float | None, hi: float, need_old_sl2: bool) -> Callable:
             cols[i] = torch.where(ok, new_l, li)
             sumlx = torch.where(ok, slx_n, sumlx)
             suml2 = torch.where(ok, sl2_n, suml2)
-            changed = changed | ok
-        return torch.stack(cols, 0), sumlx, suml2, changed
+        new_Lt = torch.stack(cols, 0)
+        # (compared afterwards: or-ing the accept masks inside the chain makes the fused kernel 3x slower)
+        return new_Lt, sumlx, suml2, (new_Lt != Lt).any(0)
 
     return run
 
 
-def _greedy_sums(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    wxt = wt * xt
-    return wxt, _seq_sum0(wxt * Lt), _seq_sum0((wt * Lt) * Lt)
+def _greedy_sums(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _seq_sum0((wt * xt) * Lt), _seq_sum0((wt * Lt) * Lt)
 
 
 def _greedy(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor, lo: float | None, hi: float,
@@ -250,17 +249,34 @@ def _greedy(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor, lo: float | No
     A group that a pass leaves unchanged stays unchanged (ggml's early exit), so each later pass runs only on the
     groups the previous one changed — a few percent of them after the first pass."""
     run = _greedy_pass(lo, hi, need_old_sl2)
-    wxt, sumlx, suml2 = _call(_greedy_sums, xt, wt, Lt)
-    Lt, sumlx, suml2, changed = _call(run, xt, wt, wxt, Lt, sumlx, suml2)
+    sumlx, suml2 = _call(_greedy_sums, xt, wt, Lt)
+    Lt, sumlx, suml2, changed = _call(run, xt, wt, Lt, sumlx, suml2)
     idx = changed.nonzero().squeeze(1)
     for _ in range(4):
         if idx.numel() == 0:
             break
-        sub = (xt[:, idx], wt[:, idx], wxt[:, idx], Lt[:, idx], sumlx[idx], suml2[idx])
+        args = (xt.index_select(1, idx), wt.index_select(1, idx), Lt.index_select(1, idx),
+                sumlx.index_select(0, idx), suml2.index_select(0, idx))
         # a batch of one would make the dynamic-shape kernel specialise and recompile
-        out = _call(run, *sub) if idx.numel() > 1 else run(*sub)
-        Lt[:, idx], sumlx[idx], suml2[idx] = out[0], out[1], out[2]
-        idx = idx[out[3]]
+        new_l, new_sx, new_s2, changed = _call(run, *args) if idx.numel() > 1 else run(*args)
+        Lt.index_copy_(1, idx, new_l)
+        sumlx.index_copy_(0, idx, new_sx)
+        suml2.index_copy_(0, idx, new_s2)
+        idx = idx[changed]
+    return Lt, sumlx, suml2
+    S = torch.stack([xt, wt, wxt], 0)                                 # one gather per pass for the constants
+    for _ in range(4):
+        sub = S.index_select(2, idx)
+        args = (sub[0], sub[1], sub[2], Lt.index_select(1, idx), sumlx.index_select(0, idx),
+                suml2.index_select(0, idx))
+        # a batch of one would make the dynamic-shape kernel specialise and recompile
+        new_l, new_sx, new_s2, changed = _call(run, *args) if idx.numel() > 1 else run(*args)
+        Lt.index_copy_(1, idx, new_l)
+        sumlx.index_copy_(0, idx, new_sx)
+        suml2.index_copy_(0, idx, new_s2)
+        idx = idx[changed]
+        if idx.numel() == 0:
+            break
     return Lt, sumlx, suml2
 
 
