@@ -174,6 +174,7 @@ class BenchConfig:
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     presets: tuple[str, ...] = PRESETS
     targets: tuple[float, ...] | None = None  # None: auto (see AUTO_TARGET_MARGIN)
+    sizes: tuple[str, ...] | None = None      # presets whose file size qgguf is matched at; None: all
     palettes: tuple[str, ...] = PALETTES
     plain_rows: bool = False
     qgguf_rows: bool = True
@@ -203,6 +204,7 @@ class BenchConfig:
                  "--calib-tokens", str(self.calib_tokens),
                  "--presets", *self.presets,
                  "--targets", *(["auto"] if self.targets is None else [f"{t:g}" for t in self.targets]),
+                 *(["--sizes", *self.sizes] if self.sizes is not None else []),
                  "--palettes", *self.palettes]
         if self.plain_rows:
             parts.append("--plain-rows")
@@ -583,7 +585,7 @@ def qgguf_rows(cfg: BenchConfig, stock_done: dict[str, dict], common: dict, help
         if not skip and palette == "extended" and not extended_palette_exists():
             skip = "the extended palette does not exist yet (no non-stock types are registered)"
         budgets: list[tuple[str, str, str, float]] = []  # (id part, label, flag, value)
-        for preset in cfg.presets:
+        for preset in cfg.presets if cfg.sizes is None else [p for p in cfg.presets if p in cfg.sizes]:
             st = stock_done.get(preset)
             budgets.append((f"size-{preset}", f"@{preset} size", "--target-size",
                             float(st["file_bytes"]) if st else math.nan))
@@ -756,6 +758,8 @@ def add_parser(sub) -> None:
     p.add_argument("--targets", nargs="*", default=["auto"], metavar="BPW",
                    help=f"bpw targets of the qgguf sweep, besides the preset sizes (default auto: "
                    f"{AUTO_TARGET_MARGIN:g} bpw below the smallest preset and above the largest; none: no sweep)")
+    p.add_argument("--sizes", nargs="*", default=None, metavar="TYPE",
+                   help="presets whose exact file size qgguf is matched at (default: every preset)")
     p.add_argument("--palettes", nargs="+", default=list(PALETTES), choices=PALETTES,
                    help="qgguf palettes (default: both; extended is skipped while it does not exist)")
     p.add_argument("--plain-rows", action="store_true", help="also quantise each preset without the imatrix")
@@ -792,6 +796,10 @@ def config_from_args(args) -> BenchConfig:
     if args.ctx % 2:
         raise QggufError(f"--ctx {args.ctx} is odd; give an even context length such as 512")
     presets = tuple(dict.fromkeys(p.upper() for p in args.presets))
+    sizes = None if args.sizes is None else tuple(dict.fromkeys(p.upper() for p in args.sizes))
+    if sizes and set(sizes) - set(presets):
+        raise QggufError(f"--sizes {' '.join(sorted(set(sizes) - set(presets)))}: not among --presets; a size is "
+                         "matched only for a preset the bench measures")
     allowed = quantize_types(args.gpu)
     unknown = [p for p in presets if p not in allowed]
     if unknown:
@@ -822,7 +830,7 @@ def config_from_args(args) -> BenchConfig:
         out=out, ctx=args.ctx, chunks=args.chunks, imatrix_chunks=args.imatrix_chunks,
         calib_tokens=args.calib_tokens,
         presets=presets,
-        targets=targets, palettes=tuple(dict.fromkeys(args.palettes)),
+        targets=targets, sizes=sizes, palettes=tuple(dict.fromkeys(args.palettes)),
         plain_rows=args.plain_rows, qgguf_rows=args.qgguf_rows, gpu=args.gpu, threads=args.threads,
         stats=args.stats, convert_args=tuple(args.convert_args), redo=tuple(args.redo), keep_gguf=args.keep_gguf,
         timeout=args.timeout, docs=docs, cache=args.cache, attempts=max(1, args.attempts))

@@ -109,6 +109,7 @@ def token_chunks(tokenizer, text: str, n_tokens: int, seq_len: int, where: str =
 # ---------------------------------------------------------------------------------------------------- collector
 
 ESTIMATORS = ("token", "sequence")
+PROBES = ("label", "gaussian")
 DEFAULT_ESTIMATOR = "sequence"  # predicts KL for every tensor kind (tools/kl_check.py); see the module docstring
 
 
@@ -140,6 +141,22 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return labels.reshape(logits.shape[:-1])
 
 
+def label_cotangent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """∂ log p(y)/∂logits = onehot(y) − p: the gradient a sampled label sends into the model."""
+    v = -torch.softmax(logits.detach().float(), dim=-1)
+    v.scatter_add_(-1, labels.unsqueeze(-1), torch.ones_like(labels, dtype=v.dtype).unsqueeze(-1))
+    return v
+
+
+def gaussian_cotangent(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """v = √p ⊙ z − p (√p · z), z ~ N(0, I): E[v vᵀ] = diag(p) − p pᵀ, the same covariance as onehot(y) − p with
+    y ~ p, so it estimates the same true Fisher; but every vocabulary row contributes (weighted by √p) instead of
+    one drawn row, which removes the heavy tail that a rarely drawn label with a large gradient gives."""
+    p = torch.softmax(logits.detach().float(), dim=-1)
+    sz = p.sqrt() * torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+    return sz - p * sz.sum(-1, keepdim=True)
+
+
 def _grouped(ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of one sequence's embedding gradient: (distinct ids, Σ of g over the positions holding each id)."""
     uniq, inv = torch.unique(ids, return_inverse=True)
@@ -156,11 +173,14 @@ class FisherCollector:
     """
 
     def __init__(self, model: nn.Module, weights: dict[int, str], per_element: Callable[[str], bool] = lambda n: False,
-                 estimator: str = DEFAULT_ESTIMATOR):
+                 estimator: str = DEFAULT_ESTIMATOR, probe: str = "label"):
         if estimator not in ESTIMATORS:
             raise QggufError(f"--estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+        if probe not in PROBES:
+            raise QggufError(f"--probe {probe!r} is not one of {', '.join(PROBES)}")
         self.model = model
         self.estimator = estimator
+        self.probe = probe
         self.n_tokens = 0
         self.accs: dict[str, _Acc] = {}
         self._handles = []
@@ -286,25 +306,25 @@ class FisherCollector:
                 acc.fisher.index_add_(0, uniq, contrib)
         acc.head_grad = None
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """One forward/backward over a batch of sequences (B × T). Labels are drawn from the model unless given.
-        Returns the labels used."""
+    def step(self, input_ids: torch.Tensor, generator: torch.Generator | None = None,
+             cotangent: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward/backward over a batch of sequences (B × T). The gradient sent into the logits is the
+        `cotangent` given, else a probe drawn from the model's predictive distribution ("label": ∂ log p(y)/∂logits
+        for a sampled y; "gaussian": see gaussian_cotangent). Returns the cotangent used."""
         try:
             with torch.enable_grad():
                 logits = self.model(input_ids=input_ids, use_cache=False).logits
-                if labels is None:
-                    labels = sample_labels(logits, generator)
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                ll = logp.gather(-1, labels.unsqueeze(-1)).sum()
-                del logits, logp
-                ll.backward()
+                if cotangent is None:
+                    cotangent = (label_cotangent(logits, sample_labels(logits, generator)) if self.probe == "label"
+                                 else gaussian_cotangent(logits, generator))
+                logits.backward(cotangent.to(logits.dtype))
+                del logits
         finally:
             self._x_cache.clear()
             for acc in self.accs.values():
                 acc.ids, acc.head_grad = None, None
         self.n_tokens += input_ids.numel()
-        return labels
+        return cotangent
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -392,7 +412,7 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
               seq_len: int = DEFAULT_SEQ_LEN, device: str = "cpu", seed: int = DEFAULT_SEED,
               per_element: Sequence[str] = (), dtype: str = "auto", batch_size: int = 1,
               imatrix_out: Path | None = None, imatrix_from: str = "act", estimator: str = DEFAULT_ESTIMATOR,
-              progress: bool = True) -> Stats:
+              probe: str = "label", progress: bool = True) -> Stats:
     """Run the calibration and write the statistics file (and optionally an llama.cpp imatrix GGUF)."""
     from .hfconvert import check_model_dir
     from .names import TensorNameMap
@@ -404,6 +424,8 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
         raise QggufError(f"--seq-len must be at least 2, not {seq_len}")
     if estimator not in ESTIMATORS:
         raise QggufError(f"--estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+    if probe not in PROBES:
+        raise QggufError(f"--probe {probe!r} is not one of {', '.join(PROBES)}")
     if batch_size < 1:
         raise QggufError(f"--batch-size must be at least 1, not {batch_size}")
     cfg = check_model_dir(model_dir)
@@ -441,7 +463,7 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
     wanted = tuple(per_element)
     collector = FisherCollector(
         model, weights, per_element=lambda n: any(fnmatch.fnmatchcase(targets[n].name, p) for p in wanted),
-        estimator=estimator)
+        estimator=estimator, probe=probe)
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -464,7 +486,7 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
         collector.close()
 
     meta = {
-        "qgguf_version": __version__, "estimator": estimator, "labels": "sampled",
+        "qgguf_version": __version__, "estimator": estimator, "probe": probe,
         "model": model_dir.name, "model_sha256": model_sha256(model_dir),
         "hf_arch": name_map.hf_arch, "arch": name_map.arch,
         "text": text_path.name, "text_sha256": sha256_file(text_path),
@@ -509,6 +531,9 @@ def add_parser(sub) -> None:
     p.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=ESTIMATORS,
                    help="sequence: each sequence's whole gradient is one sample, keeping the terms between "
                         "positions (default); token: each token's gradient contribution is one sample")
+    p.add_argument("--probe", default="label", choices=PROBES,
+                   help="label: one label per position drawn from the model (default); gaussian: a Gaussian "
+                        "probe with the same covariance (same expectation, lighter tails)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd)
 
@@ -519,7 +544,7 @@ def _cmd(args) -> int:
     stats = calibrate(args.model_dir, args.out, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
                       device=args.device, seed=args.seed, per_element=args.per_element, dtype=args.dtype,
                       batch_size=args.batch_size, imatrix_out=args.imatrix, imatrix_from=args.imatrix_from,
-                      estimator=args.estimator)
+                      estimator=args.estimator, probe=args.probe)
     total = sum(t.fisher_sum for t in stats.tensors.values())
     print(f"{args.out}: {len(stats.tensors)} tensors, {stats.meta['tokens']} tokens, ΣF over all = {total:.4g}")
     if args.imatrix:

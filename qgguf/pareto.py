@@ -126,8 +126,12 @@ def rate_gap(plan: dict) -> dict:
         used += 1
         variance_from.add(src)
     if not used:
+        tensors = plan.get("tensors", [])
+        lacking = [k for k in ("mse", "variance") if not any(t.get(k) is not None for t in tensors)]
+        if "variance" in lacking and any(t.get("rms") is not None for t in tensors):
+            lacking.remove("variance")
         return {"mean_gap_bits": None, "tensors": 0, "missing": missing,
-                "reason": "the plan JSON has no per-tensor 'mse' and 'variance' (or 'rms')"}
+                "reason": "the plan JSON has no per-tensor " + " or ".join(f"'{k}'" for k in lacking or ["bpw"])}
     return {"mean_gap_bits": num / den, "tensors": used, "missing": missing,
             "variance_from": "+".join(sorted(variance_from))}
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from qgguf.calibrate import (FisherCollector, collect_weights, load_model, sample_labels, token_chunks)
+from qgguf.calibrate import (FisherCollector, collect_weights, gaussian_cotangent, label_cotangent, load_model,
+                             sample_labels, token_chunks)
 from qgguf.cli import main
 from qgguf.names import TensorNameMap
 from qgguf.stats import load_stats
@@ -46,10 +47,11 @@ def run_cli(*args) -> int:
 
 # ---------------------------------------------------------------------------------------------------- brute force
 
-def brute_force_fisher(model: nn.Module, weights: dict[int, str], ids: torch.Tensor, labels: torch.Tensor,
+def brute_force_fisher(model: nn.Module, weights: dict[int, str], ids: torch.Tensor, cotangent: torch.Tensor,
                        estimator: str) -> dict[str, torch.Tensor]:
     """Per-element Fisher straight from its definition, with autograd weight gradients and no hooks.
 
+    ℓ is the model's logits contracted with `cotangent` (for a sampled label y: onehot(y) − p, i.e. log p(y)).
     Every use of every weight gets its own zero perturbation D, one per token position ("token": token t's
     contribution g_t x_tᵀ = ∂ℓ/∂D_t) or one per sequence ("sequence": the sequence's whole gradient ∂ℓ/∂D_b;
     the output head's own term stays per token, and a tied weight adds 2·G_lookup·G_head). F = Σ samples (∂ℓ/∂D)²/N.
@@ -85,7 +87,7 @@ def brute_force_fisher(model: nn.Module, weights: dict[int, str], ids: torch.Ten
     try:
         with torch.enable_grad():
             logits = model(input_ids=ids, use_cache=False).logits
-            torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).sum().backward()
+            (logits * cotangent).sum().backward()
     finally:
         for mod in saved:
             del mod.forward  # back to the class's forward
@@ -104,9 +106,9 @@ def brute_force_fisher(model: nn.Module, weights: dict[int, str], ids: torch.Ten
     return out
 
 
-@pytest.mark.parametrize("estimator", ["token", "sequence"])
+@pytest.mark.parametrize("estimator,probe", [("token", "label"), ("sequence", "label"), ("sequence", "gaussian")])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_fisher_matches_brute_force(estimator, tied, tiny_llama, tiny_tied, texts):
+def test_fisher_matches_brute_force(estimator, probe, tied, tiny_llama, tiny_tied, texts):
     from transformers import AutoTokenizer
 
     model_dir = tiny_tied if tied else tiny_llama
@@ -115,10 +117,10 @@ def test_fisher_matches_brute_force(estimator, tied, tiny_llama, tiny_tied, text
     ids = torch.stack(token_chunks(AutoTokenizer.from_pretrained(model_dir), texts["cal"].read_text(), 64, 32))
     # per-element on half the weights: both the full (out × in) and the Gram-matrix paths are checked
     full = set(sorted(weights.values())[::2])
-    col = FisherCollector(model, weights, per_element=lambda n: n in full, estimator=estimator)
-    labels = col.step(ids, generator=torch.Generator().manual_seed(1))
+    col = FisherCollector(model, weights, per_element=lambda n: n in full, estimator=estimator, probe=probe)
+    cotangent = col.step(ids, generator=torch.Generator().manual_seed(1))
     col.close()
-    ref = brute_force_fisher(model, weights, ids, labels, estimator)
+    ref = brute_force_fisher(model, weights, ids, cotangent, estimator)
     assert set(ref) == set(col.accs)
     if tied:
         assert "model.embed_tokens.weight" in ref and "lm_head.weight" not in ref  # one tensor, both uses
@@ -132,15 +134,21 @@ def test_fisher_matches_brute_force(estimator, tied, tiny_llama, tiny_tied, text
             assert acc.fisher is None
 
 
-def test_labels_are_drawn_from_the_model():
-    """Inverse-CDF sampling reproduces the predictive distribution and a seed fixes the draws."""
-    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]]).repeat(40000, 1)
-    a = sample_labels(logits[None], torch.Generator().manual_seed(3))[0]
-    b = sample_labels(logits[None], torch.Generator().manual_seed(3))[0]
+def test_probes_are_drawn_from_the_model():
+    """Inverse-CDF sampling reproduces the predictive distribution, a seed fixes the draws, and both probes
+    have the covariance diag(p) − p pᵀ of the score (so both estimate the true Fisher)."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]]).repeat(40000, 1)[None]
+    a = sample_labels(logits, torch.Generator().manual_seed(3))[0]
+    b = sample_labels(logits, torch.Generator().manual_seed(3))[0]
     assert torch.equal(a, b)
     freq = torch.bincount(a, minlength=4).double() / a.numel()
-    torch.testing.assert_close(freq, torch.softmax(logits[0].double(), 0), atol=0.01, rtol=0)
+    p = torch.softmax(logits[0, 0].double(), 0)
+    torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
     assert freq[3] == 0
+    cov = torch.diag(p) - torch.outer(p, p)
+    for v in (label_cotangent(logits, a[None]), gaussian_cotangent(logits, torch.Generator().manual_seed(4))):
+        v = v[0].double()
+        torch.testing.assert_close(v.T @ v / v.shape[0], cov, atol=0.01, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- end to end

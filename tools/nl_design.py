@@ -202,15 +202,9 @@ def lloyd_encoder(x: torch.Tensor, fmt: nl.NLFormat, init: torch.Tensor, iters: 
 
 
 # ================================================================================================ candidates
-# Numerators of the candidate inverse scales num/max (the max maps to num; below -127 clips the largest weights).
-# Wider and coarser at low bits, where clipping pays; chosen in the study (docs/notes/nl.md).
-CANDIDATES = {
-    2: tuple(range(-127 - 96, -127 + 16 + 1, 4)),
-    3: tuple(range(-127 - 48, -127 + 8 + 1, 2)),
-    4: tuple(range(-127 - 16, -127 + 8 + 1)),
-    5: tuple(range(-127 - 16, -127 + 8 + 1)),
-    6: tuple(range(-127 - 8, -127 + 4 + 1)),
-}
+# The encoder's candidate inverse scales are qgguf.formats.nl's (chosen here: wide and coarse at 2 bits, where clipping
+# the block's largest weights pays, narrow and fine at 5-6 bits).
+CANDIDATES = {b: nl.candidates(b) for b in nl.CANDIDATES}
 
 
 def make(name: str, bits: int, layout: str, values, candidates=None) -> nl.NLFormat:
@@ -377,6 +371,7 @@ def study(args) -> dict:
         if bits == 4:
             books[bits]["iq4nl"] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
     res["codebooks"] = {str(b): v for b, v in books.items()}
+    print("codebooks:", json.dumps(res["codebooks"]), file=sys.stderr, flush=True)
 
     # 4. measure --------------------------------------------------------------------------------------------
     tensors = [t for ts in sets.values() for t in ts]

@@ -243,13 +243,15 @@ def _greedy_sums(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor) -> tuple[
 
 
 def _greedy(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor, lo: float | None, hi: float,
-            need_old_sl2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's (up to) 5 greedy passes on xt, wt, Lt [n, g]; returns Lt, Σwxl, Σwl² [g].
+            need_old_sl2: bool, sums: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's (up to) 5 greedy passes on xt, wt, Lt [n, g] (and Σwxl, Σwl² if already known); returns Lt,
+    Σwxl, Σwl² [g].
 
     A group that a pass leaves unchanged stays unchanged (ggml's early exit), so each later pass runs only on the
     groups the previous one changed — a few percent of them after the first pass."""
     run = _greedy_pass(lo, hi, need_old_sl2)
-    sumlx, suml2 = _call(_greedy_sums, xt, wt, Lt)
+    sumlx, suml2 = _call(_greedy_sums, xt, wt, Lt) if sums is None else sums
     Lt, sumlx, suml2, changed = _call(run, xt, wt, Lt, sumlx, suml2)
     idx = changed.nonzero().squeeze(1)
     for _ in range(4):
@@ -282,18 +284,20 @@ def _greedy(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor, lo: float | No
 
 @functools.lru_cache(maxsize=None)
 def _q3_start(nmax: int) -> Callable:
-    def start(xt):
-        mx, amax = _first_absmax0(xt)
+    def start(xt, mx):
         Lt = torch.clamp(torch.round(_rdiv(-nmax, mx) * xt), -nmax, nmax - 1)
-        return xt * xt, Lt, amax
+        wt = xt * xt
+        return wt, Lt, *_greedy_sums(xt, wt, Lt)
     return start
 
 
 def _q3_quants(xt: torch.Tensor, nmax: int) -> torch.Tensor:
     """make_q3_quants with do_rmse: symmetric, weights x², then the greedy passes. xt: [n, g] → scale [g].
     (The quants are redone from the quantised scale afterwards.)"""
-    wt, Lt, amax = _call(_q3_start(nmax), xt)
-    _, sumlx, suml2 = _greedy(xt, wt, Lt, -nmax, nmax - 1, False)
+    # the max is its own kernel: fused with the levels, it would be recomputed for every position
+    mx, amax = _call(_first_absmax0, xt)
+    wt, Lt, sumlx, suml2 = _call(_q3_start(nmax), xt, mx)
+    _, sumlx, suml2 = _greedy(xt, wt, Lt, -nmax, nmax - 1, False, (sumlx, suml2))
     s = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     return torch.where(amax < GROUP_MAX_EPS, torch.zeros_like(s), s)
 
@@ -398,30 +402,25 @@ def _groups(x: torch.Tensor, n: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _head_importance(n: int, sigma_factor: float) -> Callable:
     """ggml's _impl weighting: importance · sqrt(σ² + x²), σ² = factor·Σx²/256 over the super-block. x, w:
-    [nb, 256] → xt, weight wt [n, g] (transposed groups) and the per-sub-block weight sums sw [nb, 256/n]."""
+    [nb, 256] → the weights [nb, 256] and their per-sub-block sums sw [nb, 256/n]. (The transposition to groups
+    is left to the caller: done inside a fused kernel it costs more than the rest of it.)"""
     def head(x, w):
         sigma2 = (sigma_factor * _seq_sum0((x * x).t())) / QK_K
         weight = w * _sqrt(sigma2.unsqueeze(-1) + x * x)
-        wt = _groups(weight, n)
-        return _groups(x, n), wt, _seq_sum0(wt).reshape(x.shape[0], QK_K // n)
+        return weight, _seq_sum0(weight.reshape(x.shape[0], QK_K // n, n).permute(2, 0, 1))
     return head
 
 
-def _head_q45_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_row_q{4,5}_K_ref's weights: rms of the sub-block + |x|. → xt, wt [32, g]."""
-    xt = _groups(x, 32)
-    return xt, _sqrt(_seq_sum0(xt * xt) / 32) + xt.abs()
+def _importance_groups(x: torch.Tensor, w: torch.Tensor, n: int, sigma_factor: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xt, wt [n, g] and sw [nb, 256/n] for the _impl encoders."""
+    weight, sw = _call(_head_importance(n, sigma_factor), x, w)
+    return _groups(x, n), _groups(weight, n), sw
 
 
-def _head_q2_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xt = _groups(x, 16)
-    return xt, xt.abs()
-
-
-def _head_q6(x: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_row_q6_K_ref weights by x² (make_qx_quants with no weights); _impl by the importance alone."""
-    xt = _groups(x, 16)
-    return xt, xt * xt if w is None else _groups(w, 16)
+def _head_q45_ref(xt: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q{4,5}_K_ref's weights: rms of the sub-block + |x|. xt [32, g] → wt [32, g]."""
+    return _sqrt(_seq_sum0(xt * xt) / 32) + xt.abs()
 
 
 def _requant_q2(x: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor) -> torch.Tensor:
@@ -455,10 +454,11 @@ def _tail_q2_imp(x: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, dm: torch.
 def _encode_q2_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     nb = x.shape[0]
     if w is None:        # quantize_row_q2_K_ref
-        scales, mins = _qkx_quants(*_call(_head_q2_ref, x), 3, -0.5, 0.1, 15, True)
+        xt = _groups(x, 16)
+        scales, mins = _qkx_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, True)
         return _call(_tail_q2_ref, x, scales, mins)
     # quantize_row_q2_K_impl
-    xt, wt, sw = _call(_head_importance(16, 1.0), x, w)
+    xt, wt, sw = _importance_groups(x, w, 16, 1.0)
     scales, mins = _qkx_quants(xt, wt, 3, -0.9, 0.05, 36, False)
     dm, ls = _qp_quants(scales.reshape(nb, 16), sw, 15)
     mm, lm = _qp_quants(mins.reshape(nb, 16), sw, 15)
@@ -496,7 +496,7 @@ def _encode_q3_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     if w is None:        # quantize_row_q3_K_ref
         return _call(_tail_q3_ref, x, _q3_quants(_groups(x, 16), 4))
     # quantize_row_q3_K_impl
-    xt, wt, sw = _call(_head_importance(16, 2.0), x, w)
+    xt, wt, sw = _importance_groups(x, w, 16, 2.0)
     scales, _ = _qx_quants(xt, wt, 4)
     d_block, l6 = _qx_quants(scales.reshape(nb, 16).t().contiguous(), sw.t().contiguous(), 32, want_l=True)
     return _call(_tail_q3_imp, x, l6, d_block)
@@ -541,10 +541,11 @@ def _encode_q45_k(x: torch.Tensor, w: torch.Tensor | None, nmax: int, rmin: floa
     """Q4_K and Q5_K share everything but nmax, the ref search grid and the high bit."""
     nb = x.shape[0]
     if w is None:        # quantize_row_q{4,5}_K_ref
-        scales, mins = _qkx_quants(*_call(_head_q45_ref, x), nmax, rmin, rdelta, nstep, False)
+        xt = _groups(x, 32)
+        scales, mins = _qkx_quants(xt, _call(_head_q45_ref, xt), nmax, rmin, rdelta, nstep, False)
         return _call(_tail_q45(nmax, True), x, scales, mins, scales, mins)
     # quantize_row_q{4,5}_K_impl
-    xt, wt, sw = _call(_head_importance(32, 2.0), x, w)
+    xt, wt, sw = _importance_groups(x, w, 32, 2.0)
     scales, mins = _qkx_quants(xt, wt, nmax, -0.9, 0.05, 36, False)
     d_block, ls = _qp_quants(scales.reshape(nb, 8), sw, 63)
     m_block, lm = _qp_quants(mins.reshape(nb, 8), sw, 63)
@@ -580,7 +581,9 @@ def _tail_q6(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_q6_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    scales, _ = _qx_quants(*_call(_head_q6, x, w), 32)
+    # quantize_row_q6_K_ref weights by x² (make_qx_quants with no weights); _impl by the importance alone
+    xt = _groups(x, 16)
+    scales, _ = _qx_quants(xt, xt * xt if w is None else _groups(w, 16), 32)
     return _call(_tail_q6, x, scales)
 
 

@@ -30,9 +30,10 @@ import torch
 from .base import Format, register
 from .common import GROUP_MAX_EPS, fp16_bytes, fp16_from_bytes, fp16_round, nearest_int, seq_sum
 
-# Type ids: far above upstream's (42 is the highest at the pinned commit, ~3 new ids a year) so that a file written
-# with an NL type can never be mistaken for a future upstream type; see docs/notes/nl.md.
-NL_TYPE_ID_BASE = 100
+# Type ids: far above upstream's (42 is the highest at the pinned commit) so that a file with an NL type can never be
+# read as a future upstream type: 100 + bits for the _XS layouts, 110 + bits for the _32 ones (docs/notes/nl.md).
+TYPE_ID_XS = 100
+TYPE_ID_32 = 110
 
 # Sub-block (scale) size inside every layout; super-block size of the _XS layouts.
 SUB = 32
@@ -221,3 +222,33 @@ def nl_class(name: str, bits: int, layout: str, values, candidates, type_id: int
                  candidates=tuple(int(c) for c in candidates), block_size=block, type_size=header + block * bits // 8,
                  sub_block=SUB if layout == "XS" else None)
     return type(name, (NLFormat,), attrs)
+
+
+# ------------------------------------------------------------------------------------------------ the family
+# Codebooks (tools/nl_design.py; the same tables are in cpp_ext's ggml-nl.h and the fork's gguf-py).
+VALUES: dict[int, tuple[int, ...]] = {
+    2: (-127, -66, 0, 66),
+    3: (-127, -96, -54, -24, 0, 24, 54, 96),
+    5: (-127, -116, -104, -94, -84, -75, -67, -59, -52, -45, -39, -33, -27, -21, -16, -10,
+        -5, 0, 5, 10, 16, 21, 27, 33, 39, 45, 52, 59, 67, 75, 84, 94),
+    6: (-127, -121, -115, -109, -104, -98, -93, -88, -84, -79, -75, -70, -66, -62, -58, -55,
+        -51, -47, -44, -40, -37, -34, -31, -28, -25, -22, -19, -16, -13, -10, -7, -4,
+        -1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 42, 45,
+        49, 52, 56, 60, 64, 68, 72, 77, 81, 86, 91, 96, 101, 107, 113, 120),
+}
+
+# Candidate inverse-scale numerators -127 - lo ... -127 + hi in steps of `step`: wide and coarse at 2 bits, where
+# clipping the block's largest weights pays, narrow and fine at 5-6 bits (chosen in the design study).
+CANDIDATES: dict[int, tuple[int, int, int]] = {2: (96, 16, 4), 3: (48, 8, 2), 4: (16, 8, 1), 5: (16, 8, 1),
+                                              6: (8, 4, 1)}
+
+
+def candidates(bits: int) -> tuple[int, ...]:
+    lo, hi, step = CANDIDATES[bits]
+    return tuple(range(-127 - lo, -127 + hi + 1, step))
+
+
+for _bits in (2, 3, 5, 6):
+    register(nl_class(f"NL{_bits}_XS", _bits, "XS", VALUES[_bits], candidates(_bits), TYPE_ID_XS + _bits))
+for _bits in (2, 3, 5, 6):
+    register(nl_class(f"NL{_bits}_32", _bits, "32", VALUES[_bits], candidates(_bits), TYPE_ID_32 + _bits))
