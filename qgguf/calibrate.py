@@ -128,7 +128,7 @@ class _Acc:
     embedding: bool = False
     ids: torch.Tensor | None = None  # tied + sequence: this step's token ids (B × T)
     head_grad: list | None = None  # tied + sequence: the head's per-sequence contribution, for the cross term
-    head: bool = False  # the output head: its own term is per token under either estimator (see _linear_grad_sequence)
+    head: bool = False  # the output head: its own term is per token under either estimator
 
 
 def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -197,7 +197,13 @@ def degrid_to_hf(src: Path, out: Path, seed: int, expected_tensor_sha256: str = 
             "source": src.name, "source_sha256": source_sha256, "degrid_seed": seed,
             "tensor_sha256": digest, "transformers": transformers.__version__,
         })
-        os.replace(hf, out)
+        try:
+            os.replace(hf, out)
+        except OSError:
+            if out.exists():  # another fetch of the same model finished first
+                raise QggufError(f"{out} was written by another run meanwhile; run `qgguf fetch` again to "
+                                 "check it") from None
+            raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out

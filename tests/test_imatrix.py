@@ -107,8 +107,8 @@ def test_llama_quantize_uses_our_imatrix(work, source):
     assert len(changed) >= 10, changed  # the importance changed the Q4_K encodings of the block weights
     # and the file runs
     res = subprocess.run([str(tool_path("llama-completion")), "-m", str(work["dir"] / f"q4k-{source}.gguf"), "-p",
-                          "the world", "-n", "4", "-no-cnv", "--temp", "0", "-t", "2"], capture_output=True, errors="replace",
-                         text=True, timeout=120)
+                          "the world", "-n", "4", "-no-cnv", "--temp", "0", "-t", "2"], capture_output=True,
+                         text=True, errors="replace", timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
 
 

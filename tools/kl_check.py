@@ -59,14 +59,22 @@ def mean_kl(model, batches: list[torch.Tensor], ref_logp: list[torch.Tensor]) ->
     """Mean over tokens of KL(p_ref ‖ p_model)."""
     total, n = 0.0, 0
     for ids, lp in zip(batches, ref_logp):
-        lq = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+        lq = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.double(), -1)  # fp64: small KLs
         total += (lp.exp() * (lp - lq)).sum().item()
         n += ids.numel()
     return total / n
 
 
+def held_out(text: str, start: float) -> str:
+    """The text from `start` (a fraction of its length) on, from the next line: a part calibration never read."""
+    if start <= 0:
+        return text
+    cut = text.find("\n", int(len(text) * start))
+    return text[cut + 1:] if cut >= 0 else ""
+
+
 def run(model_dir: Path, stats_path: Path | list[Path], text_path: Path, tokens: int, seq_len: int, target: float,
-        draws: int, seed: int, patterns: list[str] | None, blocks: list[int] | None) -> dict:
+        draws: int, seed: int, patterns: list[str] | None, blocks: list[int] | None, start: float = 0.0) -> dict:
     from transformers import AutoTokenizer
 
     paths = [stats_path] if isinstance(stats_path, (str, Path)) else list(stats_path)
@@ -74,9 +82,10 @@ def run(model_dir: Path, stats_path: Path | list[Path], text_path: Path, tokens:
     stats = all_stats[0]
     model = load_model(model_dir, torch.device("cpu"), "float32")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    batches = [c[None] for c in token_chunks(tok, read_text(text_path), tokens, seq_len, str(text_path))]
+    text = held_out(read_text(text_path), start)
+    batches = [c[None] for c in token_chunks(tok, text, tokens, seq_len, str(text_path))]
     with torch.no_grad():
-        ref = [torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in batches]
+        ref = [torch.log_softmax(model(input_ids=b, use_cache=False).logits.double(), -1) for b in batches]
     params = dict(model.named_parameters())
     names = stats.names()
     if patterns:
@@ -108,8 +117,9 @@ def run(model_dir: Path, stats_path: Path | list[Path], text_path: Path, tokens:
         print(f"{name:28s} ΣF={t.fisher_sum:10.4g} σ²={sigma2:9.3g} predicted={predicted:.4g} "
               f"measured={measured:.4g} ratio={measured / predicted:.3f}", file=sys.stderr, flush=True)
     return {"model": str(model_dir), "stats": [str(p) for p in paths], "stats_meta": [{k: s.meta.get(k) for k in (
-        "tokens", "seq_len", "seed", "estimator", "text", "model_sha256")} for s in all_stats], "text": str(text_path), "tokens": tokens,
-        "seq_len": seq_len, "target": target, "draws": draws, "seed": seed, "rows": rows}
+        "tokens", "seq_len", "seed", "estimator", "text", "model_sha256")} for s in all_stats],
+        "text": str(text_path), "tokens": tokens,
+        "seq_len": seq_len, "target": target, "draws": draws, "seed": seed, "start": start, "rows": rows}
 
 
 def markdown(res: dict) -> str:
@@ -140,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--target", type=float, default=0.01, help="predicted KL per token to aim σ² at")
     ap.add_argument("--draws", type=int, default=2)
+    ap.add_argument("--start", type=float, default=0.0,
+                    help="read the text from this fraction of its length on (e.g. 0.5 for the calibration text's "
+                         "unread second half)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tensors", nargs="*", default=None, help="GGUF-name globs (default: a spread of kinds)")
     ap.add_argument("--blocks", type=int, nargs="*", default=None, help="blocks to sample (default first/mid/last)")
@@ -158,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return asset_path(x)
 
     res = run(resolve(args.model_dir), args.stats, resolve(args.text), args.tokens, args.seq_len, args.target,
-              args.draws, args.seed, args.tensors, args.blocks)
+              args.draws, args.seed, args.tensors, args.blocks, args.start)
     res["command"] = "python tools/kl_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
     if args.json:

@@ -192,7 +192,7 @@ HEADER = ("| model | chunks × ctx | scored tokens | BOS | llama.cpp PPL | trans
 def table_row(r: dict) -> str:
     return (f"| {r['model']} (de-gridded) | {r['chunks']} × {r['ctx']} | {r['scored']} | "
             f"{'yes' if r['add_bos'] else 'no'} | {r['llama_ppl']:.4f} ± {r['llama_err']:.4f} | {r['hf_ppl']:.4f} | "
-            f"{100 * r['rel']:+.3f} % | {r['llama_s']:.0f} | {r['hf_s']:.0f} | {r['tokens']} | {r['date']} |")
+            f"{100 * r['rel']:+.4f} % | {r['llama_s']:.0f} | {r['hf_s']:.0f} | {r['tokens']} | {r['date']} |")
 
 
 def section_text(rows: dict[str, str], commands: dict[str, str]) -> str:

@@ -88,6 +88,12 @@ def _first_absmax0(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return val, amax
 
 
+def _pos_max(t: torch.Tensor) -> torch.Tensor:
+    """max(0, largest value) along the last dim, as ggml's `if (v > m) m = v` from m = 0: +0.0, never −0.0."""
+    m = t.amax(-1)
+    return torch.where(m > 0, m, torch.zeros_like(m))
+
+
 def _seq_sum0(t: torch.Tensor) -> torch.Tensor:
     """Sum along the first dim in index order: ggml's float accumulation order, so sums (and the choices made
     on them) come out the same as ggml's."""
@@ -121,7 +127,8 @@ def _qkx_kernels(nmax: int, use_mad: bool) -> tuple[Callable, Callable]:
 
     `start` fits the min/max scale; `step` tries one more scale (numerator `num`) with its weighted least-squares
     scale and min, and keeps it if it lowers the weighted squared (or absolute) error. As in ggml, each try is
-    taken relative to the best min so far, so the tries run in sequence. xt, wt: [n, g]; state: [g].
+    taken relative to the best min so far, so the tries run in sequence. xt, wt: [n, g]; state: [g]. The state
+    also keeps the iscale and min the best levels were rounded with (`li`, `lm`), to redo those levels later.
     """
     def error(xt, wt, scale, m, l):
         diff = scale * l + m - xt
@@ -133,9 +140,9 @@ def _qkx_kernels(nmax: int, use_mad: bool) -> tuple[Callable, Callable]:
         iscale = _rdiv(nmax, mx - mn)
         scale = _rdiv(1, iscale)
         best = error(xt, wt, scale, mn, torch.clamp(torch.round(iscale * (xt - mn)), 0, nmax))
-        return mn, mx, _seq_sum0(wt), _seq_sum0(wt * xt), scale, best
+        return mn, mx, _seq_sum0(wt), _seq_sum0(wt * xt), scale, best, iscale
 
-    def step(xt, wt, sum_w, sum_x, mx, m, scale, best, num):
+    def step(xt, wt, sum_w, sum_x, mx, m, scale, best, li, lm, num):
         iscale = num / (mx - m)
         l = torch.clamp(torch.round(iscale * (xt - m)), 0, nmax)
         wl = wt * l
@@ -150,22 +157,27 @@ def _qkx_kernels(nmax: int, use_mad: bool) -> tuple[Callable, Callable]:
         this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
         err = error(xt, wt, this_scale, this_min, l)
         better = (det > 0) & (err < best)
-        return torch.where(better, this_scale, scale), torch.where(better, this_min, m), torch.where(better, err, best)
+        return (torch.where(better, this_scale, scale), torch.where(better, this_min, m),
+                torch.where(better, err, best), torch.where(better, iscale, li), torch.where(better, m, lm))
 
     return start, step
 
 
 def _qkx_quants(xt: torch.Tensor, wt: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
-                use_mad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qkx2/3_quants over groups xt, wt [n, g]: returns scale [g] and the_min [g] (≥ 0)."""
+                use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx2/3_quants over groups xt, wt [n, g]: returns scale [g], the_min [g] (≥ 0), and [2, g]: the iscale
+    and min that give the search's levels as clamp(round(iscale·(x − min)), 0, nmax) (ggml keeps those levels
+    in sub-blocks whose quantised scale is 0; they decode the same whatever they are)."""
     start, step = _qkx_kernels(nmax, use_mad)
-    mn, mx, sum_w, sum_x, scale, best = _call(start, xt, wt)
+    mn, mx, sum_w, sum_x, scale, best, li = _call(start, xt, wt)
     nums = xt.new_tensor([_f32(_f32(_f32(rmin) + _f32(rdelta) * _f32(i)) + nmax) for i in range(nstep + 1)])
-    m = mn
+    m, lm = mn, mn
     for i in range(nstep + 1):
-        scale, m, best = _call(step, xt, wt, sum_w, sum_x, mx, m, scale, best, nums[i])
+        scale, m, best, li, lm = _call(step, xt, wt, sum_w, sum_x, mx, m, scale, best, li, lm, nums[i])
     flat = mx == mn
-    return torch.where(flat, torch.zeros_like(scale), scale), -torch.where(flat, mn, m)
+    zero = torch.zeros_like(scale)
+    return (torch.where(flat, zero, scale), -torch.where(flat, mn, m),
+            torch.stack([torch.where(flat, zero, li), torch.where(flat, zero, lm)], 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,15 +211,18 @@ def _qx_kernel(nmax: int) -> Callable:
     return search
 
 
-def _qx_quants(xt: torch.Tensor, wt: torch.Tensor, nmax: int, want_l: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """make_qx_quants (rmse_type 1) over groups xt, wt [n, g]: scale [g] and, if asked, L = q + nmax [g, n]
-    (0 for an all-zero group)."""
+def _qx_quants(xt: torch.Tensor, wt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants (rmse_type 1) over groups xt, wt [n, g]: scale [g] and the iscale of the chosen levels
+    [g], NaN for an all-zero group (see _qx_levels)."""
     s, pick, iscale, zero = _call(_qx_kernel(nmax), xt, wt)
-    if not want_l:
-        return s, None
-    L = torch.clamp(torch.round(iscale.gather(0, pick[None]) * xt), -nmax, nmax - 1) + nmax
-    return s, torch.where(zero, torch.zeros_like(L), L).t()
+    ib = iscale.gather(0, pick[None]).squeeze(0)
+    return s, torch.where(zero, torch.full_like(ib, float("nan")), ib)
+
+
+def _qx_levels(x: torch.Tensor, ib: torch.Tensor, nmax: int) -> torch.Tensor:
+    """make_qx_quants' levels L = q + nmax from the chosen iscale; 0 for an all-zero group (NaN iscale)."""
+    L = torch.clamp(torch.round(ib * x), -nmax, nmax - 1) + nmax
+    return torch.where(torch.isnan(ib), torch.zeros_like(L), L)
 
 
 @functools.lru_cache(maxsize=None)
@@ -291,15 +306,15 @@ def _q3_start(nmax: int) -> Callable:
     return start
 
 
-def _q3_quants(xt: torch.Tensor, nmax: int) -> torch.Tensor:
-    """make_q3_quants with do_rmse: symmetric, weights x², then the greedy passes. xt: [n, g] → scale [g].
-    (The quants are redone from the quantised scale afterwards.)"""
+def _q3_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_q3_quants with do_rmse: symmetric, weights x², then the greedy passes. xt: [n, g] → scale [g], the
+    levels Lt [n, g] and max |x| [g]."""
     # the max is its own kernel: fused with the levels, it would be recomputed for every position
     mx, amax = _call(_first_absmax0, xt)
     wt, Lt, sumlx, suml2 = _call(_q3_start(nmax), xt, mx)
-    _, sumlx, suml2 = _greedy(xt, wt, Lt, -nmax, nmax - 1, False, (sumlx, suml2))
+    Lt, sumlx, suml2 = _greedy(xt, wt, Lt, -nmax, nmax - 1, False, (sumlx, suml2))
     s = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    return torch.where(amax < GROUP_MAX_EPS, torch.zeros_like(s), s)
+    return torch.where(amax < GROUP_MAX_EPS, torch.zeros_like(s), s), Lt, amax
 
 
 @functools.lru_cache(maxsize=None)
@@ -423,19 +438,26 @@ def _head_q45_ref(xt: torch.Tensor) -> torch.Tensor:
     return _sqrt(_seq_sum0(xt * xt) / 32) + xt.abs()
 
 
-def _requant_q2(x: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor) -> torch.Tensor:
+def _search_levels(x: torch.Tensor, lk: torch.Tensor, n: int, nmax: int) -> torch.Tensor:
+    """The levels of _qkx_quants' chosen try, [nb, 256/n, n] (ggml keeps them where a sub-block's scale is 0)."""
+    li, lm = lk[0].reshape(x.shape[0], -1, 1), lk[1].reshape(x.shape[0], -1, 1)
+    return torch.clamp(torch.round(li * (x.reshape(x.shape[0], -1, n) - lm)), 0, nmax)
+
+
+def _requant_q2(x: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, lk: torch.Tensor
+                ) -> torch.Tensor:
     xs = x.reshape(-1, 16, 16)
     dd = d.unsqueeze(-1) * (sc & 0xF).to(torch.float32)
     dm = dmin.unsqueeze(-1) * (sc >> 4).to(torch.float32)
     L = torch.clamp(torch.round((xs + dm.unsqueeze(-1)) / dd.unsqueeze(-1)), 0, 3)
-    L = torch.where((dd == 0).unsqueeze(-1), torch.zeros_like(L), L).reshape(-1, QK_K)
+    L = torch.where((dd == 0).unsqueeze(-1), _search_levels(x, lk, 16, 3), L).reshape(-1, QK_K)
     return torch.cat([sc.to(torch.uint8), _pack_2bit(L), _fp16_bytes(d), _fp16_bytes(dmin)], 1)
 
 
-def _tail_q2_ref(x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def _tail_q2_ref(x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, lk: torch.Tensor) -> torch.Tensor:
     scales, mins = scales.reshape(-1, 16), mins.reshape(-1, 16)
-    max_scale = scales.amax(-1).clamp(min=0.0)
-    max_min = mins.amax(-1).clamp(min=0.0)
+    max_scale = _pos_max(scales)
+    max_min = _pos_max(mins)
     has_s, has_m = max_scale > 0, max_min > 0
     ls = torch.round(_rdiv(15, max_scale).unsqueeze(-1) * scales)
     lm = torch.round(_rdiv(15, max_min).unsqueeze(-1) * mins)
@@ -443,33 +465,33 @@ def _tail_q2_ref(x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> t
     lm = torch.where(has_m.unsqueeze(-1), lm, torch.zeros_like(lm)).to(torch.int32)
     d = torch.where(has_s, _fp16(max_scale / 15.0), torch.zeros_like(max_scale))
     dmin = torch.where(has_m, _fp16(max_min / 15.0), torch.zeros_like(max_min))
-    return _requant_q2(x, (ls & 0xFF) | ((lm << 4) & 0xFF), d, dmin)
+    return _requant_q2(x, (ls & 0xFF) | ((lm << 4) & 0xFF), d, dmin, lk)
 
 
-def _tail_q2_imp(x: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, dm: torch.Tensor, mm: torch.Tensor
-                 ) -> torch.Tensor:
-    return _requant_q2(x, (ls.to(torch.int32) | (lm.to(torch.int32) << 4)) & 0xFF, _fp16(dm), _fp16(mm))
+def _tail_q2_imp(x: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, dm: torch.Tensor, mm: torch.Tensor,
+                 lk: torch.Tensor) -> torch.Tensor:
+    return _requant_q2(x, (ls.to(torch.int32) | (lm.to(torch.int32) << 4)) & 0xFF, _fp16(dm), _fp16(mm), lk)
 
 
 def _encode_q2_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     nb = x.shape[0]
     if w is None:        # quantize_row_q2_K_ref
         xt = _groups(x, 16)
-        scales, mins = _qkx_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, True)
-        return _call(_tail_q2_ref, x, scales, mins)
+        scales, mins, lk = _qkx_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, True)
+        return _call(_tail_q2_ref, x, scales, mins, lk)
     # quantize_row_q2_K_impl
     xt, wt, sw = _importance_groups(x, w, 16, 1.0)
-    scales, mins = _qkx_quants(xt, wt, 3, -0.9, 0.05, 36, False)
+    scales, mins, lk = _qkx_quants(xt, wt, 3, -0.9, 0.05, 36, False)
     dm, ls = _qp_quants(scales.reshape(nb, 16), sw, 15)
     mm, lm = _qp_quants(mins.reshape(nb, 16), sw, 15)
-    return _call(_tail_q2_imp, x, ls, lm, dm, mm)
+    return _call(_tail_q2_imp, x, ls, lm, dm, mm, lk)
 
 
-def _requant_q3(x: torch.Tensor, l6: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def _requant_q3(x: torch.Tensor, l6: torch.Tensor, d: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     nb = x.shape[0]
     dd = d.unsqueeze(-1) * (l6 - 32)
     L = torch.clamp(torch.round(x.reshape(nb, 16, 16) / dd.unsqueeze(-1)), -4, 3) + 4
-    L = torch.where((dd == 0).unsqueeze(-1), torch.full_like(L, 4), L).reshape(nb, QK_K).to(torch.uint8)
+    L = torch.where((dd == 0).unsqueeze(-1), fallback, L).reshape(nb, QK_K).to(torch.uint8)
     hbit = (L >> 2).reshape(nb, 8, 32)                                # bit b of hmask[m] is L[32b + m] > 3
     hmask = hbit[:, 0]
     for b in range(1, 8):
@@ -477,41 +499,49 @@ def _requant_q3(x: torch.Tensor, l6: torch.Tensor, d: torch.Tensor) -> torch.Ten
     return torch.cat([hmask, _pack_2bit(L & 3), _pack_scales_q3(l6), _fp16_bytes(d)], 1)
 
 
-def _tail_q3_ref(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _tail_q3_ref(x: torch.Tensor, scales: torch.Tensor, Lt: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    # make_q3_quants' levels, kept where a sub-block's scale is 0; an all-zero sub-block has levels 0
+    fallback = torch.where((amax < GROUP_MAX_EPS).reshape(nb, 16, 1), torch.zeros_like(x.reshape(nb, 16, 16)),
+                           Lt.t().reshape(nb, 16, 16) + 4)
     scales = scales.reshape(-1, 16)
     max_scale, _ = _first_absmax(scales)
     nz = max_scale != 0
     iscale = _rdiv(-32, max_scale)
     l6 = torch.clamp(torch.round(iscale.unsqueeze(-1) * scales), -32, 31) + 32
     l6 = torch.where(nz.unsqueeze(-1), l6, torch.zeros_like(l6))
-    return _requant_q3(x, l6, torch.where(nz, _fp16(_rdiv(1, iscale)), torch.zeros_like(max_scale)))
+    return _requant_q3(x, l6, torch.where(nz, _fp16(_rdiv(1, iscale)), torch.zeros_like(max_scale)), fallback)
 
 
-def _tail_q3_imp(x: torch.Tensor, l6: torch.Tensor, d_block: torch.Tensor) -> torch.Tensor:
-    return _requant_q3(x, l6, _fp16(d_block))
+def _tail_q3_imp(x: torch.Tensor, ib: torch.Tensor, d_block: torch.Tensor, ib_block: torch.Tensor,
+                 scales: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    l6 = _qx_levels(scales.reshape(nb, 16), ib_block.unsqueeze(-1), 32)
+    fallback = _qx_levels(x.reshape(nb, 16, 16), ib.reshape(nb, 16, 1), 4)
+    return _requant_q3(x, l6, _fp16(d_block), fallback)
 
 
 def _encode_q3_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     nb = x.shape[0]
     if w is None:        # quantize_row_q3_K_ref
-        return _call(_tail_q3_ref, x, _q3_quants(_groups(x, 16), 4))
+        return _call(_tail_q3_ref, x, *_q3_quants(_groups(x, 16), 4))
     # quantize_row_q3_K_impl
     xt, wt, sw = _importance_groups(x, w, 16, 2.0)
-    scales, _ = _qx_quants(xt, wt, 4)
-    d_block, l6 = _qx_quants(scales.reshape(nb, 16).t().contiguous(), sw.t().contiguous(), 32, want_l=True)
-    return _call(_tail_q3_imp, x, l6, d_block)
+    scales, ib = _qx_quants(xt, wt, 4)
+    d_block, ib_block = _qx_quants(scales.reshape(nb, 16).t().contiguous(), sw.t().contiguous(), 32)
+    return _call(_tail_q3_imp, x, ib, d_block, ib_block, scales)
 
 
 @functools.lru_cache(maxsize=None)
 def _tail_q45(nmax: int, ref: bool) -> Callable:
     """Q4_K/Q5_K: 6-bit sub-block scales and mins (ref: against their maxima; impl: given by make_qp_quants),
     requantisation against them, packing."""
-    def tail(x, scales, mins, d_block, m_block):
+    def tail(x, scales, mins, d_block, m_block, lk):
         nb = x.shape[0]
         if ref:
             scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-            max_scale = scales.amax(-1).clamp(min=0.0)
-            max_min = mins.amax(-1).clamp(min=0.0)
+            max_scale = _pos_max(scales)
+            max_min = _pos_max(mins)
             inv_s = torch.where(max_scale > 0, _rdiv(63, max_scale), torch.zeros_like(max_scale))
             inv_m = torch.where(max_min > 0, _rdiv(63, max_min), torch.zeros_like(max_min))
             # uint8_t ls = nearest_int(...): the int wraps modulo 256 before MIN(63, ·)
@@ -524,7 +554,8 @@ def _tail_q45(nmax: int, ref: bool) -> Callable:
         dd = d.unsqueeze(-1) * ls.to(torch.float32)
         dm = dmin.unsqueeze(-1) * lm.to(torch.float32)
         L = torch.clamp(torch.round((x.reshape(nb, 8, 32) + dm.unsqueeze(-1)) / dd.unsqueeze(-1)), 0, nmax)
-        L = torch.where((dd == 0).unsqueeze(-1), torch.zeros_like(L), L).reshape(nb, QK_K).to(torch.uint8)
+        L = torch.where((dd == 0).unsqueeze(-1), _search_levels(x, lk, 32, nmax), L)
+        L = L.reshape(nb, QK_K).to(torch.uint8)
         head = [_fp16_bytes(d), _fp16_bytes(dmin), _pack_scales_k4(ls, lm)]
         if nmax == 15:
             return torch.cat(head + [_pack_nibbles(L)], 1)
@@ -542,14 +573,14 @@ def _encode_q45_k(x: torch.Tensor, w: torch.Tensor | None, nmax: int, rmin: floa
     nb = x.shape[0]
     if w is None:        # quantize_row_q{4,5}_K_ref
         xt = _groups(x, 32)
-        scales, mins = _qkx_quants(xt, _call(_head_q45_ref, xt), nmax, rmin, rdelta, nstep, False)
-        return _call(_tail_q45(nmax, True), x, scales, mins, scales, mins)
+        scales, mins, lk = _qkx_quants(xt, _call(_head_q45_ref, xt), nmax, rmin, rdelta, nstep, False)
+        return _call(_tail_q45(nmax, True), x, scales, mins, scales, mins, lk)
     # quantize_row_q{4,5}_K_impl
     xt, wt, sw = _importance_groups(x, w, 32, 2.0)
-    scales, mins = _qkx_quants(xt, wt, nmax, -0.9, 0.05, 36, False)
+    scales, mins, lk = _qkx_quants(xt, wt, nmax, -0.9, 0.05, 36, False)
     d_block, ls = _qp_quants(scales.reshape(nb, 8), sw, 63)
     m_block, lm = _qp_quants(mins.reshape(nb, 8), sw, 63)
-    return _call(_tail_q45(nmax, False), x, ls, lm, d_block, m_block)
+    return _call(_tail_q45(nmax, False), x, ls, lm, d_block, m_block, lk)
 
 
 def _encode_q4_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -560,7 +591,7 @@ def _encode_q5_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return _encode_q45_k(x, w, 31, -0.5, 0.1, 15)
 
 
-def _tail_q6(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _tail_q6(x: torch.Tensor, scales: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
     nb = x.shape[0]
     scales = scales.reshape(nb, 16)
     max_scale, max_abs = _first_absmax(scales)
@@ -571,7 +602,7 @@ def _tail_q6(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     sc = torch.where(zero.unsqueeze(-1), torch.zeros_like(sc), sc)
     dd = d.unsqueeze(-1) * sc
     L = torch.clamp(torch.round(x.reshape(nb, 16, 16) / dd.unsqueeze(-1)), -32, 31) + 32
-    L = torch.where((dd == 0).unsqueeze(-1), torch.full_like(L, 32), L)
+    L = torch.where((dd == 0).unsqueeze(-1), _qx_levels(x.reshape(nb, 16, 16), ib.reshape(nb, 16, 1), 32), L)
     L = torch.where(zero[:, None, None], torch.zeros_like(L), L).reshape(nb, 2, 4, 32).to(torch.uint8)
     lo = L & 0xF
     ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], 2).reshape(nb, 128)
@@ -583,8 +614,8 @@ def _tail_q6(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def _encode_q6_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     # quantize_row_q6_K_ref weights by x² (make_qx_quants with no weights); _impl by the importance alone
     xt = _groups(x, 16)
-    scales, _ = _qx_quants(xt, xt * xt if w is None else _groups(w, 16), 32)
-    return _call(_tail_q6, x, scales)
+    scales, ib = _qx_quants(xt, xt * xt if w is None else _groups(w, 16), 32)
+    return _call(_tail_q6, x, scales, ib)
 
 
 # ------------------------------------------------------------------------------------------ running encoders
