@@ -1,0 +1,240 @@
+// CPU dot products of the non-linear block types against Q8_K / Q8_0 activations: AVX2 where available, a
+// scalar path everywhere. A block's indices are looked up in its int8 codebook and multiplied with the int8
+// activations exactly (int32 sums per 32 weights), then scaled in float, as the IQ4_NL / IQ4_XS kernels do.
+
+#define GGML_COMMON_DECL_C
+#include "ggml-common.h"
+
+#include "ggml-impl.h"
+#include "ggml-cpu-impl.h"
+#include "simd-mappings.h"
+#include "nl-cpu.h"
+
+#include <assert.h>
+#include <string.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static_assert(QK_NL == QK8_0, "NL block-32 types pair with Q8_0");
+static_assert(QK_NL_XS == QK_K, "NL super-block types pair with Q8_K");
+
+static inline const int8_t * nl_values(int bits) {
+    return bits == 2 ? ggml_nl_values_2 : bits == 3 ? ggml_nl_values_3 : bits == 5 ? ggml_nl_values_5
+                                                                           : ggml_nl_values_6;
+}
+static inline int nl_klo(int bits) { return bits <= 3 ? 2 : 4; }
+static inline int nl_khi(int bits) { return bits == 2 ? 0 : bits == 6 ? 2 : 1; }
+
+// ------------------------------------------------------------------------------------------------ scalar
+// the 32 indices of sub-block ib of a block of n weights (n = 256: _XS planes, n = 32: _32 planes)
+static inline void nl_indices(int bits, const uint8_t * qs, int n, int ib, uint8_t * L) {
+    const int klo = nl_klo(bits), khi = nl_khi(bits);
+    for (int p = 0; p < (khi ? 2 : 1); ++p) {
+        const int k = p ? khi : klo;
+        const uint8_t * q = p ? qs + n * klo / 8 : qs;
+        const int gb = n == QK_NL ? QK_NL * k / 8 : 32;      // bytes per group
+        const uint8_t mask = (uint8_t) ((1 << k) - 1);
+        for (int j = 0; j < QK_NL; ++j) {
+            const int e = QK_NL * ib + j;                      // weight within the block
+            const int group_len = gb * 8 / k;
+            const int g = e / group_len, r = e % group_len;
+            const uint8_t v = (uint8_t) ((q[g * gb + r % gb] >> (k * (r / gb))) & mask);
+            L[j] = p ? (uint8_t) (L[j] | (v << klo)) : v;
+        }
+    }
+}
+
+static inline int nl_dot32(const int8_t * values, const uint8_t * L, const int8_t * q8) {
+    int sumi = 0;
+    for (int j = 0; j < QK_NL; ++j) {
+        sumi += values[L[j]] * q8[j];
+    }
+    return sumi;
+}
+
+// ------------------------------------------------------------------------------------------------ AVX2
+#if defined(__AVX2__)
+// k-bit plane → 32 indices: _XS: the 32 bytes of the plane's group, shifted; _32: the block's 4k bytes spread
+static inline __m256i nl_plane_xs(const uint8_t * q, int k, int ib) {
+    const int per = 8 / k;
+    const __m256i v = _mm256_loadu_si256((const __m256i *) (q + 32 * (ib / per)));
+    return _mm256_and_si256(_mm256_srli_epi16(v, k * (ib % per)), _mm256_set1_epi8((char) ((1 << k) - 1)));
+}
+
+static inline __m256i nl_plane_32(const uint8_t * q, int k) {
+    if (k == 4) {  // 16 bytes: weights j (low nibble) and j + 16 (high nibble)
+        const __m128i v = _mm_loadu_si128((const __m128i *) q);
+        const __m128i m = _mm_set1_epi8(0x0f);
+        return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+    }
+    if (k == 2) {  // 8 bytes: weight j + 8m at bits 2m of byte j
+        int64_t w; memcpy(&w, q, 8);
+        const __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_set_epi64x(6, 4, 2, 0));
+        return _mm256_and_si256(v, _mm256_set1_epi8(3));
+    }
+    // k == 1, 4 bytes: weight j + 4m at bit m of byte j
+    int32_t w; memcpy(&w, q, 4);
+    const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(w), _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0));
+    return _mm256_and_si256(v, _mm256_set1_epi8(1));
+}
+
+// codebook lookup of indices < 2^bits (16 levels per shuffle table)
+static inline __m256i nl_lookup(int bits, __m256i idx, const __m256i * tbl) {
+    const __m256i lo = _mm256_shuffle_epi8(tbl[0], idx);
+    if (bits <= 4) {
+        return lo;
+    }
+    const __m256i s16 = _mm256_cmpeq_epi8(_mm256_and_si256(idx, _mm256_set1_epi8(16)), _mm256_set1_epi8(16));
+    const __m256i a = _mm256_blendv_epi8(lo, _mm256_shuffle_epi8(tbl[1], idx), s16);
+    if (bits == 5) {
+        return a;
+    }
+    const __m256i b = _mm256_blendv_epi8(_mm256_shuffle_epi8(tbl[2], idx), _mm256_shuffle_epi8(tbl[3], idx), s16);
+    const __m256i s32 = _mm256_cmpeq_epi8(_mm256_and_si256(idx, _mm256_set1_epi8(32)), _mm256_set1_epi8(32));
+    return _mm256_blendv_epi8(a, b, s32);
+}
+
+static inline void nl_tables(int bits, __m256i * tbl) {
+    const int8_t * v = nl_values(bits);
+    const int n = 1 << bits;
+    for (int t = 0; t < (n + 15) / 16; ++t) {
+        int8_t b[16] = {0};
+        for (int i = 0; i < 16 && 16 * t + i < n; ++i) b[i] = v[16 * t + i];
+        const __m128i x = _mm_loadu_si128((const __m128i *) b);
+        tbl[t] = _mm256_set_m128i(x, x);
+    }
+}
+
+// Σ over 32 int8 pairs, as 8 int32 lanes (|w| <= 127 keeps maddubs from saturating)
+static inline __m256i nl_dot_i8(__m256i w, __m256i q8) {
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q8, w));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+static inline float nl_hsum(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+#endif
+
+// ------------------------------------------------------------------------------------------------ the kernels
+// scalar kernels, compiled on every target (exported as *_generic so tests can check them on SIMD machines too)
+static void nl_vec_dot_xs_generic(int bits, size_t type_size, int n, float * GGML_RESTRICT s,
+                                  const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
+    assert(n % QK_K == 0);
+    const uint8_t    * x = (const uint8_t *) vx;
+    const block_q8_K * y = (const block_q8_K *) vy;
+    const int8_t * values = nl_values(bits);
+    float sumf = 0;
+    uint8_t L[QK_NL];
+    for (int ibl = 0; ibl < n / QK_K; ++ibl) {
+        const uint8_t * b = x + ibl * type_size;
+        uint16_t dh; memcpy(&dh, b, 2);
+        const float d4d8 = GGML_CPU_FP16_TO_FP32(dh) * y[ibl].d;
+        for (int ib = 0; ib < QK_K / 32; ++ib) {
+            nl_indices(bits, b + 8, QK_K, ib, L);
+            const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | (((b[2 + ib / 4] >> (2 * (ib % 4))) & 3) << 4);
+            sumf += d4d8 * (ls - 32) * nl_dot32(values, L, y[ibl].qs + 32 * ib);
+        }
+    }
+    *s = sumf;
+}
+
+static void nl_vec_dot_32_generic(int bits, size_t type_size, int n, float * GGML_RESTRICT s,
+                                  const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
+    assert(n % QK8_0 == 0);
+    const uint8_t    * x = (const uint8_t *) vx;
+    const block_q8_0 * y = (const block_q8_0 *) vy;
+    const int8_t * values = nl_values(bits);
+    float sumf = 0;
+    uint8_t L[QK_NL];
+    for (int ib = 0; ib < n / QK8_0; ++ib) {
+        const uint8_t * b = x + ib * type_size;
+        uint16_t dh; memcpy(&dh, b, 2);
+        nl_indices(bits, b + 2, QK_NL, 0, L);
+        sumf += GGML_CPU_FP16_TO_FP32(dh) * GGML_CPU_FP16_TO_FP32(y[ib].d) * nl_dot32(values, L, y[ib].qs);
+    }
+    *s = sumf;
+}
+
+static inline void nl_vec_dot_xs(int bits, size_t type_size, int n, float * GGML_RESTRICT s,
+                                 const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
+#if defined(__AVX2__)
+    assert(n % QK_K == 0);
+    const uint8_t    * x = (const uint8_t *) vx;
+    const block_q8_K * y = (const block_q8_K *) vy;
+    const int klo = nl_klo(bits), khi = nl_khi(bits);
+    __m256i tbl[4];
+    nl_tables(bits, tbl);
+    __m256 acc = _mm256_setzero_ps();
+    for (int ibl = 0; ibl < n / QK_K; ++ibl) {
+        const uint8_t * b = x + ibl * type_size;
+        uint16_t dh; memcpy(&dh, b, 2);
+        const float d4d8 = GGML_CPU_FP16_TO_FP32(dh) * y[ibl].d;
+        const uint8_t * qlo = b + 8, * qhi = b + 8 + 32 * klo;
+        for (int ib = 0; ib < QK_K / 32; ++ib) {
+            __m256i idx = nl_plane_xs(qlo, klo, ib);
+            if (khi) {
+                idx = _mm256_or_si256(idx, _mm256_slli_epi16(nl_plane_xs(qhi, khi, ib), klo));
+            }
+            const __m256i w  = nl_lookup(bits, idx, tbl);
+            const __m256i q8 = _mm256_loadu_si256((const __m256i *) (y[ibl].qs + 32 * ib));
+            const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | (((b[2 + ib / 4] >> (2 * (ib % 4))) & 3) << 4);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d4d8 * (ls - 32)), _mm256_cvtepi32_ps(nl_dot_i8(w, q8)), acc);
+        }
+    }
+    *s = nl_hsum(acc);
+#else
+    nl_vec_dot_xs_generic(bits, type_size, n, s, vx, vy);
+#endif
+}
+
+static inline void nl_vec_dot_32(int bits, size_t type_size, int n, float * GGML_RESTRICT s,
+                                 const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
+#if defined(__AVX2__)
+    assert(n % QK8_0 == 0);
+    const uint8_t    * x = (const uint8_t *) vx;
+    const block_q8_0 * y = (const block_q8_0 *) vy;
+    const int klo = nl_klo(bits), khi = nl_khi(bits);
+    __m256i tbl[4];
+    nl_tables(bits, tbl);
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < n / QK8_0; ++ib) {
+        const uint8_t * b = x + ib * type_size;
+        uint16_t dh; memcpy(&dh, b, 2);
+        __m256i idx = nl_plane_32(b + 2, klo);
+        if (khi) {
+            idx = _mm256_or_si256(idx, _mm256_slli_epi16(nl_plane_32(b + 2 + 4 * klo, khi), klo));
+        }
+        const __m256i w  = nl_lookup(bits, idx, tbl);
+        const __m256i q8 = _mm256_loadu_si256((const __m256i *) y[ib].qs);
+        const float d = GGML_CPU_FP16_TO_FP32(dh) * GGML_CPU_FP16_TO_FP32(y[ib].d);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(nl_dot_i8(w, q8)), acc);
+    }
+    *s = nl_hsum(acc);
+#else
+    nl_vec_dot_32_generic(bits, type_size, n, s, vx, vy);
+#endif
+}
+
+#define NL_CPU_IMPL(B, L, A) \
+void quantize_row_nl##B##_##L(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
+    quantize_row_nl##B##_##L##_ref(x, y, k); \
+} \
+void ggml_vec_dot_nl##B##_##L##_##A(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
+                                     size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) { \
+    assert(nrc == 1); \
+    GGML_UNUSED(nrc); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(bs); \
+    nl_vec_dot_##L(B, sizeof(block_nl##B##_##L), n, s, vx, vy); \
+} \
+void ggml_vec_dot_nl##B##_##L##_##A##_generic(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, \
+                                               const void * GGML_RESTRICT vy) { \
+    nl_vec_dot_##L##_generic(B, sizeof(block_nl##B##_##L), n, s, vx, vy); \
+}
+
+NL_CPU_IMPL(2, xs, q8_K) NL_CPU_IMPL(3, xs, q8_K) NL_CPU_IMPL(5, xs, q8_K) NL_CPU_IMPL(6, xs, q8_K)
+NL_CPU_IMPL(2, 32, q8_0) NL_CPU_IMPL(3, 32, q8_0) NL_CPU_IMPL(5, 32, q8_0) NL_CPU_IMPL(6, 32, q8_0)

@@ -1,0 +1,266 @@
+// Non-linear block types (NL*): reference quantiser (importance-weighted) and dequantiser. See ggml-nl.h.
+//
+// The quantiser is written float operation for float operation like qgguf's vectorised one
+// (qgguf/formats/nl.py): sums run in index order from 0, the scale search visits the candidates in the same order
+// and keeps a candidate only when strictly better, so both give the same bytes.
+
+#include "ggml-nl.h"
+#include "ggml-impl.h"
+
+#include <assert.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#define NL_GROUP_MAX_EPS 1e-15f
+
+static_assert(sizeof(block_nl2_xs) == 2 + 2 + 4 + 64,  "wrong nl2_xs block size");
+static_assert(sizeof(block_nl3_xs) == 2 + 2 + 4 + 96,  "wrong nl3_xs block size");
+static_assert(sizeof(block_nl5_xs) == 2 + 2 + 4 + 160, "wrong nl5_xs block size");
+static_assert(sizeof(block_nl6_xs) == 2 + 2 + 4 + 192, "wrong nl6_xs block size");
+static_assert(sizeof(block_nl2_32) == 2 + 8,  "wrong nl2_32 block size");
+static_assert(sizeof(block_nl3_32) == 2 + 12, "wrong nl3_32 block size");
+static_assert(sizeof(block_nl5_32) == 2 + 20, "wrong nl5_32 block size");
+static_assert(sizeof(block_nl6_32) == 2 + 24, "wrong nl6_32 block size");
+
+// one bit-width's constants (the candidates are qgguf.formats.nl's CANDIDATES)
+typedef struct {
+    int bits, klo, khi;             // index bits, low and high plane widths
+    const int8_t * values;          // 2^bits sorted levels
+    ggml_nl_candidates cand;
+} nl_spec;
+
+static const nl_spec nl_specs[7] = {
+    [2] = { 2, 2, 0, ggml_nl_values_2, { 96, 16, 4 } },
+    [3] = { 3, 2, 1, ggml_nl_values_3, { 48,  8, 2 } },
+    [5] = { 5, 4, 1, ggml_nl_values_5, { 16,  8, 1 } },
+    [6] = { 6, 4, 2, ggml_nl_values_6, {  8,  4, 1 } },
+};
+
+// index of the nearest level; ties go to the upper level unless x is strictly nearer the lower one
+static inline int nl_best_index(int n, const int8_t * val, float x) {
+    if (x <= val[0]) return 0;
+    if (x >= val[n - 1]) return n - 1;
+    int lo = 0, hi = n - 1;  // val[lo] <= x < val[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (x < val[mid]) hi = mid; else lo = mid;
+    }
+    return x - val[hi - 1] < val[hi] - x ? hi - 1 : hi;
+}
+
+// ------------------------------------------------------------------------------------------------ bit planes
+// group size of a k-bit plane: 256/k in a super-block, 32 in a block-32 layout
+static inline int nl_group(int k, int n) { return n == QK_NL ? QK_NL : QK_NL_XS / k; }
+
+static void nl_pack_plane(const uint8_t * L, int shift, int k, int n, uint8_t * q) {
+    const int group = nl_group(k, n);
+    const int per   = 8 / k;
+    const int gb    = group / per;  // bytes per group
+    const uint8_t mask = (uint8_t) ((1 << k) - 1);
+    memset(q, 0, n * k / 8);
+    for (int i = 0; i < n; ++i) {
+        const int g = i / group, e = i % group;
+        q[g * gb + e % gb] |= (uint8_t) (((L[i] >> shift) & mask) << (k * (e / gb)));
+    }
+}
+
+static void nl_unpack_plane(const uint8_t * q, int shift, int k, int n, uint8_t * L) {
+    const int group = nl_group(k, n);
+    const int per   = 8 / k;
+    const int gb    = group / per;
+    const uint8_t mask = (uint8_t) ((1 << k) - 1);
+    for (int i = 0; i < n; ++i) {
+        const int g = i / group, e = i % group;
+        L[i] |= (uint8_t) (((q[g * gb + e % gb] >> (k * (e / gb))) & mask) << shift);
+    }
+}
+
+// the indices of one block (n = 256 or 32), planes starting at q
+static void nl_unpack(const nl_spec * s, const uint8_t * q, int n, uint8_t * L) {
+    memset(L, 0, n);
+    nl_unpack_plane(q, 0, s->klo, n, L);
+    if (s->khi) {
+        nl_unpack_plane(q + n * s->klo / 8, s->klo, s->khi, n, L);
+    }
+}
+
+static void nl_pack(const nl_spec * s, const uint8_t * L, int n, uint8_t * q) {
+    nl_pack_plane(L, 0, s->klo, n, q);
+    if (s->khi) {
+        nl_pack_plane(L, s->klo, s->khi, n, q + n * s->klo / 8);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ encoder
+// least-squares scale of one 32-weight block, searched over the candidate inverse scales num/max
+static float nl_block_scale(const nl_spec * s, const float * x, const float * qw) {
+    const int n = 1 << s->bits;
+    float amax = 0, max = 0;
+    for (int j = 0; j < QK_NL; ++j) {
+        const float ax = fabsf(x[j]);
+        if (ax > amax) { amax = ax; max = x[j]; }
+    }
+    if (amax < NL_GROUP_MAX_EPS) {
+        return 0.f;
+    }
+    float d = 0, best = 0;
+    for (int num = -127 - s->cand.lo; num <= -127 + s->cand.hi; num += s->cand.step) {
+        const float id = (float) num / max;
+        float sumqx = 0, sumq2 = 0;
+        for (int j = 0; j < QK_NL; ++j) {
+            const float q  = s->values[nl_best_index(n, s->values, id * x[j])];
+            const float wq = (qw ? qw[j] : 1.0f) * q;
+            sumqx += wq * x[j];
+            sumq2 += wq * q;
+        }
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            d = sumqx / sumq2;
+            best = d * sumqx;
+        }
+    }
+    return d;
+}
+
+static inline int nl_nearest_int(float v) {
+    return (int) lrintf(v);  // round half to even, as torch.round
+}
+
+static void nl_quantize_xs(const nl_spec * s, const float * x, const float * qw, uint16_t * dh, uint8_t * scales_h,
+                           uint8_t * scales_l, uint8_t * qs) {
+    const int n = 1 << s->bits;
+    float scales[QK_NL_XS / QK_NL];
+    float max_scale = 0, amax_scale = 0;
+    for (int ib = 0; ib < QK_NL_XS / QK_NL; ++ib) {
+        scales[ib] = nl_block_scale(s, x + QK_NL * ib, qw ? qw + QK_NL * ib : NULL);
+        if (fabsf(scales[ib]) > amax_scale) { amax_scale = fabsf(scales[ib]); max_scale = scales[ib]; }
+    }
+    const ggml_fp16_t dfp = GGML_FP32_TO_FP16(-max_scale / 32);
+    const float d  = GGML_FP16_TO_FP32(dfp);
+    const float id = d != 0 ? 1 / d : 0.f;
+    *dh = dfp;
+    memset(scales_h, 0, 2);
+    memset(scales_l, 0, 4);
+    uint8_t L[QK_NL_XS];
+    for (int ib = 0; ib < QK_NL_XS / QK_NL; ++ib) {
+        int l = nl_nearest_int(id * scales[ib]);
+        l = l < -32 ? -32 : l > 31 ? 31 : l;
+        const float dl  = d * l;
+        const float idl = dl != 0 ? 1 / dl : 0.f;
+        for (int j = 0; j < QK_NL; ++j) {
+            L[QK_NL * ib + j] = (uint8_t) nl_best_index(n, s->values, idl * x[QK_NL * ib + j]);
+        }
+        const int u = l + 32;
+        scales_l[ib / 2] |= (uint8_t) ((u & 0xf) << (4 * (ib % 2)));
+        scales_h[ib / 4] |= (uint8_t) ((u >> 4) << (2 * (ib % 4)));
+    }
+    nl_pack(s, L, QK_NL_XS, qs);
+}
+
+static void nl_quantize_32(const nl_spec * s, const float * x, const float * qw, uint16_t * dh, uint8_t * qs) {
+    const int n = 1 << s->bits;
+    const ggml_fp16_t dfp = GGML_FP32_TO_FP16(nl_block_scale(s, x, qw));
+    const float d  = GGML_FP16_TO_FP32(dfp);
+    const float id = d != 0 ? 1 / d : 0.f;
+    *dh = dfp;
+    uint8_t L[QK_NL];
+    for (int j = 0; j < QK_NL; ++j) {
+        L[j] = (uint8_t) nl_best_index(n, s->values, id * x[j]);
+    }
+    nl_pack(s, L, QK_NL, qs);
+}
+
+// ------------------------------------------------------------------------------------------------ decoder
+static void nl_dequantize_xs(const nl_spec * s, const uint16_t * dh, const uint8_t * scales_h,
+                             const uint8_t * scales_l, const uint8_t * qs, float * y) {
+    uint8_t L[QK_NL_XS];
+    nl_unpack(s, qs, QK_NL_XS, L);
+    const float d = GGML_FP16_TO_FP32(*dh);
+    for (int ib = 0; ib < QK_NL_XS / QK_NL; ++ib) {
+        const int ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf) | (((scales_h[ib / 4] >> (2 * (ib % 4))) & 3) << 4);
+        const float dl = d * (ls - 32);
+        for (int j = 0; j < QK_NL; ++j) {
+            y[QK_NL * ib + j] = dl * s->values[L[QK_NL * ib + j]];
+        }
+    }
+}
+
+static void nl_dequantize_32(const nl_spec * s, const uint16_t * dh, const uint8_t * qs, float * y) {
+    uint8_t L[QK_NL];
+    nl_unpack(s, qs, QK_NL, L);
+    const float d = GGML_FP16_TO_FP32(*dh);
+    for (int j = 0; j < QK_NL; ++j) {
+        y[j] = d * s->values[L[j]];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ the types
+#define NL_IMPL_XS(B) \
+void dequantize_row_nl##B##_xs(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t k) { \
+    GGML_ASSERT(k % QK_NL_XS == 0); \
+    const block_nl##B##_xs * x = (const block_nl##B##_xs *) vx; \
+    for (int64_t i = 0; i < k / QK_NL_XS; ++i) { \
+        nl_dequantize_xs(&nl_specs[B], &x[i].d, x[i].scales_h, x[i].scales_l, x[i].qs, y + QK_NL_XS * i); \
+    } \
+} \
+size_t quantize_nl##B##_xs(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
+                          int64_t n_per_row, const float * imatrix) { \
+    GGML_ASSERT(n_per_row % QK_NL_XS == 0); \
+    const int64_t nb = n_per_row / QK_NL_XS; \
+    block_nl##B##_xs * y = (block_nl##B##_xs *) dst; \
+    for (int64_t row = 0; row < nrows; ++row) { \
+        for (int64_t i = 0; i < nb; ++i) { \
+            block_nl##B##_xs * b = y + row * nb + i; \
+            nl_quantize_xs(&nl_specs[B], src + row * n_per_row + QK_NL_XS * i, \
+                           imatrix ? imatrix + QK_NL_XS * i : NULL, &b->d, b->scales_h, b->scales_l, b->qs); \
+        } \
+    } \
+    return (size_t) nrows * nb * sizeof(block_nl##B##_xs); \
+} \
+void quantize_row_nl##B##_xs_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
+    quantize_nl##B##_xs(x, y, 1, k, NULL); \
+}
+
+#define NL_IMPL_32(B) \
+void dequantize_row_nl##B##_32(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t k) { \
+    GGML_ASSERT(k % QK_NL == 0); \
+    const block_nl##B##_32 * x = (const block_nl##B##_32 *) vx; \
+    for (int64_t i = 0; i < k / QK_NL; ++i) { \
+        nl_dequantize_32(&nl_specs[B], &x[i].d, x[i].qs, y + QK_NL * i); \
+    } \
+} \
+size_t quantize_nl##B##_32(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
+                          int64_t n_per_row, const float * imatrix) { \
+    GGML_ASSERT(n_per_row % QK_NL == 0); \
+    const int64_t nb = n_per_row / QK_NL; \
+    block_nl##B##_32 * y = (block_nl##B##_32 *) dst; \
+    for (int64_t row = 0; row < nrows; ++row) { \
+        for (int64_t i = 0; i < nb; ++i) { \
+            block_nl##B##_32 * b = y + row * nb + i; \
+            nl_quantize_32(&nl_specs[B], src + row * n_per_row + QK_NL * i, \
+                           imatrix ? imatrix + QK_NL * i : NULL, &b->d, b->qs); \
+        } \
+    } \
+    return (size_t) nrows * nb * sizeof(block_nl##B##_32); \
+} \
+void quantize_row_nl##B##_32_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
+    quantize_nl##B##_32(x, y, 1, k, NULL); \
+}
+
+NL_IMPL_XS(2) NL_IMPL_XS(3) NL_IMPL_XS(5) NL_IMPL_XS(6)
+NL_IMPL_32(2) NL_IMPL_32(3) NL_IMPL_32(5) NL_IMPL_32(6)
+
+// ------------------------------------------------------------------------------------------------ validation
+bool ggml_nl_validate_row_data(enum ggml_type type, const void * data, size_t nbytes) {
+    const size_t bs = ggml_type_size(type);
+    const uint8_t * p = (const uint8_t *) data;
+    for (size_t i = 0; i < nbytes / bs; ++i) {
+        uint16_t d;
+        memcpy(&d, p + i * bs, sizeof(d));  // every NL block starts with its fp16 scale
+        if ((d & 0x7c00) == 0x7c00) {
+            fprintf(stderr, "ggml_validate_row_data: found %s scale at block %zu\n", (d & 0x3ff) ? "nan" : "inf", i);
+            return false;
+        }
+    }
+    return true;
+}

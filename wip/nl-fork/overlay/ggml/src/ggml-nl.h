@@ -1,0 +1,101 @@
+#pragma once
+
+// Non-linear block types (NL*): 2^b int8 codebook levels, scaled per 32 weights.
+//
+//   NLb_XS  256-weight super-block: fp16 d, signed 6-bit scales per 32 (stored +32, as IQ4_XS), b-bit indices
+//   NLb_32  32-weight block: fp16 d, b-bit indices
+//
+// A weight decodes as scale * values[index]. Indices are stored in bit planes, low plane first (2 -> 2,
+// 3 -> 2+1, 5 -> 4+1, 6 -> 4+2 bits): in a group of G weights, byte j of a k-bit plane holds weight
+// j + m*G*k/8 at bit m*k, with G = 256/k in the _XS layouts (one 32-byte load and one shift give 32
+// consecutive indices) and G = 32 in the _32 layouts.
+//
+// The codebooks and the encoder's candidate scales come from qgguf's design study (qgguf/formats/nl.py
+// holds the same tables; the Python encoder and this one give the same bytes).
+
+#include "ggml.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QK_NL    32   // weights per scale
+#define QK_NL_XS 256  // weights per super-block of the _XS layouts
+
+#define GGML_NL_XS_BLOCK(B) \
+    typedef struct { uint16_t d; uint8_t scales_h[2]; uint8_t scales_l[4]; uint8_t qs[QK_NL_XS*(B)/8]; } block_nl##B##_xs;
+#define GGML_NL_32_BLOCK(B) \
+    typedef struct { uint16_t d; uint8_t qs[QK_NL*(B)/8]; } block_nl##B##_32;
+
+GGML_NL_XS_BLOCK(2) GGML_NL_XS_BLOCK(3) GGML_NL_XS_BLOCK(5) GGML_NL_XS_BLOCK(6)
+GGML_NL_32_BLOCK(2) GGML_NL_32_BLOCK(3) GGML_NL_32_BLOCK(5) GGML_NL_32_BLOCK(6)
+
+// the codebooks (sorted int8, -127 first: the encoder maps each block's signed maximum there)
+static const int8_t ggml_nl_values_2[4] = {
+    -127, -66, 0, 66,
+};
+static const int8_t ggml_nl_values_3[8] = {
+    -127, -96, -54, -24, 0, 24, 54, 96,
+};
+static const int8_t ggml_nl_values_5[32] = {
+    -127, -116, -104, -94, -84, -75, -67, -59, -52, -45, -39, -33, -27, -21, -16, -10,
+    -5, 0, 5, 10, 16, 21, 27, 33, 39, 45, 52, 59, 67, 75, 84, 94,
+};
+static const int8_t ggml_nl_values_6[64] = {
+    -127, -121, -115, -109, -104, -98, -93, -88, -84, -79, -75, -70, -66, -62, -58, -55,
+    -51, -47, -44, -40, -37, -34, -31, -28, -25, -22, -19, -16, -13, -10, -7, -4,
+    -1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 42, 45,
+    49, 52, 56, 60, 64, 68, 72, 77, 81, 86, 91, 96, 101, 107, 113, 120,
+};
+
+// the encoder's candidate inverse scales num/max: num = -127 - lo, ..., -127 + hi in steps of step
+typedef struct { int lo, hi, step; } ggml_nl_candidates;
+
+#define GGML_NL_DECL(B, L) \
+    GGML_API void   dequantize_row_nl##B##_##L(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k); \
+    GGML_API void   quantize_row_nl##B##_##L##_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k); \
+    GGML_API size_t quantize_nl##B##_##L(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
+                                         int64_t n_per_row, const float * imatrix);
+
+GGML_NL_DECL(2, xs) GGML_NL_DECL(3, xs) GGML_NL_DECL(5, xs) GGML_NL_DECL(6, xs)
+GGML_NL_DECL(2, 32) GGML_NL_DECL(3, 32) GGML_NL_DECL(5, 32) GGML_NL_DECL(6, 32)
+
+// every block's fp16 scale is finite
+GGML_API bool ggml_nl_validate_row_data(enum ggml_type type, const void * data, size_t nbytes);
+
+// the NL types, for the type switches of the backends (ops that treat every quantised type alike)
+#define GGML_NL_TYPE_CASES \
+    case GGML_TYPE_NL2_XS: case GGML_TYPE_NL3_XS: case GGML_TYPE_NL5_XS: case GGML_TYPE_NL6_XS: \
+    case GGML_TYPE_NL2_32: case GGML_TYPE_NL3_32: case GGML_TYPE_NL5_32: case GGML_TYPE_NL6_32:
+
+// ggml type_traits entries (ggml.c)
+#define GGML_NL_TRAITS(B, L, U, QK) \
+    [GGML_TYPE_NL##B##_##U] = { \
+        .type_name      = "nl" #B "_" #L, \
+        .blck_size      = QK, \
+        .type_size      = sizeof(block_nl##B##_##L), \
+        .is_quantized   = true, \
+        .to_float       = (ggml_to_float_t) dequantize_row_nl##B##_##L, \
+        .from_float_ref = (ggml_from_float_t) quantize_row_nl##B##_##L##_ref, \
+    },
+#define GGML_NL_TYPE_TRAITS \
+    GGML_NL_TRAITS(2, xs, XS, QK_NL_XS) GGML_NL_TRAITS(3, xs, XS, QK_NL_XS) \
+    GGML_NL_TRAITS(5, xs, XS, QK_NL_XS) GGML_NL_TRAITS(6, xs, XS, QK_NL_XS) \
+    GGML_NL_TRAITS(2, 32, 32, QK_NL) GGML_NL_TRAITS(3, 32, 32, QK_NL) \
+    GGML_NL_TRAITS(5, 32, 32, QK_NL) GGML_NL_TRAITS(6, 32, 32, QK_NL)
+
+// ggml_quantize_chunk cases (ggml.c)
+#define GGML_NL_QUANT(B, L, U) \
+    case GGML_TYPE_NL##B##_##U: result = quantize_nl##B##_##L(src + start, (char *) dst + start_row * row_size, \
+                                                             nrows, n_per_row, imatrix); break;
+#define GGML_NL_QUANTIZE_CHUNK_CASES \
+    GGML_NL_QUANT(2, xs, XS) GGML_NL_QUANT(3, xs, XS) GGML_NL_QUANT(5, xs, XS) GGML_NL_QUANT(6, xs, XS) \
+    GGML_NL_QUANT(2, 32, 32) GGML_NL_QUANT(3, 32, 32) GGML_NL_QUANT(5, 32, 32) GGML_NL_QUANT(6, 32, 32)
+
+#ifdef __cplusplus
+}
+#endif
