@@ -44,7 +44,7 @@ from tqdm import tqdm
 from . import __version__
 from .errors import QggufError
 from .files import atomic_output, cache_dir, require_file, sha256_file
-from .llama import LLAMA_CPP_COMMIT, find_build, repo_root, tool_env, tool_path
+from .llama import LLAMA_CPP_COMMIT, repo_root, tool_env, tool_path
 from .benchreport import compute_savings, plot_results, print_summary, report_markdown, update_docs
 from .pareto import rate_gap
 from .toolout import (ToolOutputIncomplete, kld_chunk_rows, parse_kl_divergence, parse_llama_bench_json,
@@ -224,6 +224,7 @@ class BenchConfig:
 
 
 TOOL_TIME = {"wall": 0.0, "cpu": 0.0}  # totals over every tool run of this process (for the timing report)
+LAST_RUN: dict[str, float] = {}  # the last tool run: wall and CPU seconds, peak resident memory (MiB)
 
 
 def _children_cpu() -> float:
@@ -260,7 +261,9 @@ def run_tool(cmd: list[str], log: Path, desc: str, *, total: int | None = None,
                     if timeout is not None and time.monotonic() - t0 > timeout:
                         raise QggufError(f"{desc} ran longer than {timeout:.0f} s and was stopped; raise --timeout "
                                          "or lower --chunks")
-            rc = proc.wait()
+            # wait4 rather than wait: the tool's own rusage gives its peak resident memory (KiB on Linux)
+            _, status, usage = os.wait4(proc.pid, 0)
+            rc = proc.returncode = os.waitstatus_to_exitcode(status)
         except BaseException:
             proc.kill()
             proc.wait()
@@ -269,6 +272,8 @@ def run_tool(cmd: list[str], log: Path, desc: str, *, total: int | None = None,
         text = err.read().decode("utf-8", "replace") + "\n" + out.decode("utf-8", "replace")
     TOOL_TIME["wall"] += time.monotonic() - t0
     TOOL_TIME["cpu"] += _children_cpu() - cpu0
+    LAST_RUN.update(wall_s=round(time.monotonic() - t0, 1), cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+                    peak_rss_mib=round(usage.ru_maxrss / 1024.0, 1))
     with atomic_output(log) as tmp:
         tmp.write_text("$ " + shlex.join(str(c) for c in cmd) + "\n" + text)
     if rc != 0:
@@ -300,10 +305,13 @@ class Tools:
     threads: int
 
     def __post_init__(self) -> None:
-        find_build(self.cuda)  # a clear error now rather than at the first row
+        # One build for the whole bench (a clear error now rather than at the first row), even if cpp_ext/
+        # changes while it runs.
+        self._paths = {name: tool_path(name, cuda=self.cuda)
+                       for name in ("llama-perplexity", "llama-imatrix", "llama-quantize", "llama-bench")}
 
     def path(self, name: str) -> Path:
-        return tool_path(name, cuda=self.cuda)
+        return self._paths[name]
 
     @property
     def common(self) -> list[str]:
@@ -504,7 +512,8 @@ def run_row(row: Row, cfg: BenchConfig, ref: Reference, tools: Tools) -> tuple[d
     record = {"id": row.id, "version": ROW_VERSION, "kind": row.kind, "label": row.label, "series": row.series,
               "spec": row.spec, **facts, **result,
               "seconds": {"make": round(t1 - t0, 1), "measure": round(t2 - t1, 1)},
-              "cpu_seconds": {"make": round(c1 - c0, 1), "measure": round(c2 - c1, 1)}}
+              "cpu_seconds": {"make": round(c1 - c0, 1), "measure": round(c2 - c1, 1)},
+              "load_avg": [round(x, 2) for x in os.getloadavg()]}  # the machine's load while it ran (shared?)
     save_row(cfg.out, record)
     return record, False
 
@@ -612,7 +621,7 @@ def qgguf_rows(cfg: BenchConfig, stock_done: dict[str, dict], common: dict, help
                 cmd += list(cfg.convert_args)
                 run_tool(cmd, cfg.out / "logs" / f"{rid}.convert.log", f"{rid}: qgguf convert",
                          timeout=cfg.timeout)
-                facts: dict = {"target": {"flag": flag, "value": value}}
+                facts: dict = {"target": {"flag": flag, "value": value}, "convert_run": dict(LAST_RUN)}
                 plan = out.with_suffix(".plan.json")
                 for extra, field_name in CONVERT_SIDE_FILES.items():
                     side = out.with_suffix(extra)
@@ -648,6 +657,10 @@ def write_report(cfg: BenchConfig, ref: Reference, records: list[dict], skipped:
         ppl_base = found[0] if found else None
     f32_row = {"id": "f32", "kind": "reference", "label": "F32", "series": "reference", **f32_sizes,
                "kld": None, "ppl": ppl_base}
+    for r in records:  # from the kept plan, so a reused row follows the current definition of the gap
+        plan = cfg.out / r["plan"] if r.get("plan") else None
+        if plan is not None and plan.is_file():
+            r["rate_gap"] = rate_gap(json.loads(plan.read_text()))
     order = {"llama-quantize + imatrix": 0, "llama-quantize": 1}
     records = sorted(records, key=lambda r: (order.get(r["series"], 2), r["series"], r["bpw"], r["id"]))
     sv = compute_savings(records)

@@ -137,6 +137,10 @@ def _timing_lines(results: dict) -> list[str]:
         return []
     line = (f"- time: measuring the {len(rows)} rows took {t.get('rows_wall_s', 0) / 60:.1f} min "
             f"({t.get('rows_cpu_s', 0) / 60:.1f} CPU-min in the tools)")
+    loads = [r["load_avg"][1] for r in rows if r.get("load_avg")]
+    if loads:
+        line += (f"; machine load (5-min load average at the end of each row) {min(loads):.1f}–{max(loads):.1f}"
+                 f" over {len(loads)} of the {len(rows)} rows")
     steps = t.get("steps_this_run") or {}
     if steps:
         line += "; one-off steps of this run: " + ", ".join(

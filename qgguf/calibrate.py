@@ -12,7 +12,7 @@ diagonal Fisher F (normalised by the N calibration tokens):
             (default). With independently sampled labels, E[G²] = Σ_t E[(∂ log p(y_t)/∂W)²]: exactly the
             trace the KL model ½·Σ F δ² needs, including the terms between positions that attention couples
             (a token's value/key vector moves the predictions at every later position). The token estimator
-            drops those, and under-predicts KL for attn_v/attn_k and the embedding (docs/notes/calibrate.md).
+            drops those and mispredicts KL, e.g. attn_v by 1.7–3.4× on SmolLM2 (docs/design.md, "Calibration").
             Per sequence, Σ_rows G² comes from G itself or from the T × T Gram matrix g gᵀ, whichever is cheaper;
             the output head's own term stays per token (logits at t depend on x_t alone, so the cross terms
             vanish in expectation and the per-token sum is the same estimate with less noise).

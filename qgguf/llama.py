@@ -176,7 +176,9 @@ def extract_tree(sdist: Path, dest: Path) -> None:
             if not m.name.startswith(TREE_PREFIX):
                 continue
             rel = m.name[len(TREE_PREFIX):]
-            if not rel or any(rel.startswith(s) for s in SKIP_DIRS):
+            # .git is the sdist's submodule pointer to a repository that is not there: `git apply` refuses to
+            # run inside a tree that has it
+            if not rel or rel == ".git" or any(rel.startswith(s) for s in SKIP_DIRS):
                 continue
             m.name = rel
             members.append(m)

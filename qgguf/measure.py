@@ -10,7 +10,7 @@ kept, each a mean per weight:
     fisher_mse   Σ F_ij·δ_ij² / Σ F_ij, when the per-element Fisher is given
 
 and the predicted KL cost of the type is ΔKL = ½·ΣF·err, err the most detailed of the three available
-(docs/notes/plan.md derives it). Large tensors are measured on a seeded subset of rows (every GGUF type encodes
+(docs/design.md, "Measure and plan" derives it). Large tensors are measured on a seeded subset of rows (every GGUF type encodes
 rows independently, so a row's error does not depend on which other rows are encoded), drawn with probability
 proportional to each row's Fisher-weighted energy, and the sums over the sample are scaled to the whole tensor
 by the ratio of error to block-scale energy, which is known exactly for every row (sample_rows, _ratio).
@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -143,11 +144,14 @@ def sample_rows(sizes: np.ndarray | int, max_rows: int | None, seed: int = 0) ->
 
 
 # ------------------------------------------------------------------------------------------------ cache
-@lru_cache(maxsize=1)
-def _formats_source_hash() -> str:
-    """Hash of qgguf/formats/*.py: measurements of an older encoder are not reused."""
+@lru_cache(maxsize=None)
+def _format_source_hash(type_name: str) -> str:
+    """Hash of the sources the type's encoder runs (its own module and the shared base.py and common.py):
+    measurements of an older encoder are not reused, and editing another type's module keeps these."""
+    folder = Path(formats.__file__).parent
+    module = Path(sys.modules[type(formats.get(type_name)).__module__].__file__)
     h = hashlib.blake2b(digest_size=16)
-    for p in sorted(Path(formats.__file__).parent.glob("*.py")):
+    for p in sorted({folder / "base.py", folder / "common.py", module}):
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()
@@ -164,7 +168,7 @@ def _hash_array(h, a) -> None:
 
 
 def _cache_file(key: str, type_name: str) -> Path:
-    h = hashlib.blake2b(f"{key}|{type_name}|{_formats_source_hash()}|v{CACHE_VERSION}".encode(), digest_size=20)
+    h = hashlib.blake2b(f"{key}|{type_name}|{_format_source_hash(type_name)}|v{CACHE_VERSION}".encode(), digest_size=20)
     d = h.hexdigest()
     return cache_dir("measure", d[:2]) / f"{d}.json"
 

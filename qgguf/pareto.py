@@ -101,14 +101,19 @@ def rate_gap(plan: dict) -> dict:
     """Mean gap to the Gaussian distortion–rate bound: Σ n_t·(bpw_t − max(0, ½·log2(σ_t²/MSE_t))) / Σ n_t.
 
     Needs each tensor's measured MSE ("mse") and variance ("variance"; the RMS² stands in when only "rms" is
-    there, which equals the variance for zero-mean weights). Tensors without them are left out and counted.
+    there, which equals the variance for zero-mean weights). A plan that gives the chosen type's predicted ΔKL
+    ("dkl") and the tensor's ΣF ("fisher_sum") instead gives the Fisher-weighted MSE, 2·ΔKL/ΣF: the error the
+    plan optimises, below the plain MSE where the encoder spends its accuracy on the important weights.
+    Tensors without either are left out and counted.
     """
     num = den = 0.0
     used = missing = 0
-    variance_from = set()
+    variance_from, mse_from = set(), set()
     for t in plan.get("tensors", []):
         n = float(math.prod(t.get("shape") or [0]))
-        mse = t.get("mse")
+        mse, mse_src = t.get("mse"), "mse"
+        if mse is None and t.get("dkl") is not None and t.get("fisher_sum"):
+            mse, mse_src = 2.0 * float(t["dkl"]) / float(t["fisher_sum"]), "2·ΔKL/ΣF"
         var = t.get("variance")
         if var is None and t.get("rms") is not None:
             var, src = float(t["rms"]) ** 2, "rms²"
@@ -125,6 +130,7 @@ def rate_gap(plan: dict) -> dict:
         den += n
         used += 1
         variance_from.add(src)
+        mse_from.add(mse_src)
     if not used:
         tensors = plan.get("tensors", [])
         lacking = [k for k in ("mse", "variance") if not any(t.get(k) is not None for t in tensors)]
@@ -133,7 +139,7 @@ def rate_gap(plan: dict) -> dict:
         return {"mean_gap_bits": None, "tensors": 0, "missing": missing,
                 "reason": "the plan JSON has no per-tensor " + " or ".join(f"'{k}'" for k in lacking or ["bpw"])}
     return {"mean_gap_bits": num / den, "tensors": used, "missing": missing,
-            "variance_from": "+".join(sorted(variance_from))}
+            "variance_from": "+".join(sorted(variance_from)), "mse_from": "+".join(sorted(mse_from))}
 
 
 # ------------------------------------------------------------------------------------------------ the plot

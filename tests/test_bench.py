@@ -172,7 +172,11 @@ def test_bench_results(first_run, tiny_llama):
         plan = json.loads((out / qr["plan"]).read_text())  # the plan JSON is kept, and describes the file
         assert plan["totals"]["file_bytes"] <= q4["file_bytes"]
         assert plan["totals"]["bpw"] == pytest.approx(qr["bpw"], abs=0.01)
-        assert "mean_gap_bits" in qr["rate_gap"]
+        # convert's plan JSON gives ΔKL and ΣF per tensor: the gap uses the Fisher-weighted MSE 2·ΔKL/ΣF
+        assert qr["rate_gap"]["mean_gap_bits"] is not None and qr["rate_gap"]["mse_from"] == "2·ΔKL/ΣF"
+        run = qr["convert_run"]  # convert's own rusage: its peak memory holds at least the F32 model's tensors
+        assert run["peak_rss_mib"] > 0 and run["cpu_s"] > 0 and run["wall_s"] > 0
+        assert all(len(r["load_avg"]) == 3 for r in res["rows"] if r["kind"] != "reference")
         (sv,) = [x for x in res["savings"] if x["preset"] == "Q4_K_M"]
         assert sv["curve"] == "qgguf (stock palette)"
 
@@ -275,6 +279,10 @@ def test_rate_gap_from_plan():
     assert g["tensors"] == 2 and g["missing"] == 1 and g["variance_from"] == "rms²+variance"
     g = rate_gap({"tensors": [{"name": "a", "shape": [4, 4], "bpw": 4, "rms": 0.1}]})
     assert g["mean_gap_bits"] is None and g["reason"] == "the plan JSON has no per-tensor 'mse'"
+    # convert's plan: no 'mse', but ΔKL = ½·ΣF·err gives the Fisher-weighted err = 2·ΔKL/ΣF
+    g = rate_gap({"tensors": [{"name": "a", "shape": [16, 32], "bpw": 5.0, "rms": 0.1, "fisher_sum": 8.0,
+                               "dkl": 0.5 * 8.0 * 0.01 * 4 ** -4}]})
+    assert g["mean_gap_bits"] == pytest.approx(1.0) and g["mse_from"] == "2·ΔKL/ΣF"
 
 
 def test_qgguf_rows_say_why_they_cannot_run(tmp_path):

@@ -39,8 +39,8 @@ def machine() -> str:
 
 def one_run(model_dir: Path, label: str, text: Path | None, tokens: int, seq_len: int, seed: int, estimator: str,
             out_dir: Path) -> dict:
-    base = out_dir / f"{label}-{estimator}-{tokens}-s{seed}"
-    stats_path, info_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    base = f"{label}-{estimator}-{tokens}-s{seed}"
+    stats_path, info_path = out_dir / f"{base}.safetensors", out_dir / f"{base}.json"
     if stats_path.is_file() and info_path.is_file():
         return json.loads(info_path.read_text())
     stats = calibrate(model_dir, stats_path, text=text, tokens=tokens, seq_len=seq_len, seed=seed,

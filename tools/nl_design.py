@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Design study for the non-linear (NL) block types: codebooks, layouts, and MSE against the stock types.
 
-    python tools/nl_design.py --out /tmp/nl-study                      # synthetic data + both assets if fetched
-    python tools/nl_design.py --out DIR --rows 16 --update-docs         # also rewrite docs/benchmarks.md's section
+    python tools/nl_design.py --out /tmp/nl-study              # synthetic data + both assets if fetched
+    python tools/nl_design.py --out DIR --rows 16 --bits 3 5   # more rows, fewer bit-widths
 
-Steps (docs/notes/nl.md has the reasoning):
+Steps (docs/design.md, "Formats: the new non-linear types" has the reasoning):
  1. Fit Normal, Laplace and Student-t to each asset's weights (each tensor divided by its RMS, then pooled).
  2. For each fit, the density of block-absmax-normalised values (block 32): the block's signed maximum goes to -1
     (a point mass of 1/32), the other 31 values have density p(y) on (-1, 1) (derived in the notes).
@@ -39,7 +39,6 @@ from qgguf import ggml_ref  # noqa: E402
 from qgguf.formats import nl  # noqa: E402
 
 BLOCK = 32
-DOCS_SECTION = "## Non-linear types: design study"
 
 # Stock types compared against: ggml type id, name. "palette" = the types qgguf's stock planner chooses from.
 STOCK = {

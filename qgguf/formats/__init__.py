@@ -13,3 +13,4 @@ from .base import Format, all_formats, by_id, get, names, register  # noqa: F401
 from . import floats  # noqa: F401,E402
 from . import iq4, legacy  # noqa: F401,E402
 from . import kquants  # noqa: F401,E402
+from . import nl  # noqa: F401,E402  (the non-linear types: need the fork, cpp_ext/)

@@ -38,6 +38,7 @@ COMPILE_MIN_BLOCKS = 1024
 # working set of the fused kernels in cache (compiled).
 PIECE_BLOCKS_EAGER = 1024
 PIECE_BLOCKS_COMPILED = 2048
+PIECE_BLOCKS_TAIL = 256        # the compiled path's second piece size, for the rest of a tensor
 
 
 def _f32(v: float) -> float:
@@ -111,14 +112,33 @@ def _seq_sum0(t: torch.Tensor) -> torch.Tensor:
 _use_compiled: contextvars.ContextVar[bool] = contextvars.ContextVar("qgguf_kquant_compiled", default=False)
 
 
+# Inductor settings that keep ggml's float semantics: the fp16 round trips of d and dmin (otherwise fused away;
+# this also turns off Triton's mul+add → FMA fusion), IEEE division in Triton, no FMA contraction and no unsafe
+# math in the C++ kernels (the defaults, pinned against environment overrides).
+_EXACT = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
+          "cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False}
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable) -> Callable:
-    # emulate_precision_casts keeps the fp16 round trips of d and dmin (otherwise fused away)
-    return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+    # static shapes: the pieces are padded to one size, so one compile each (and static shapes trace faster)
+    return torch.compile(fn, dynamic=False, options=_EXACT)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_dynamic(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=True, options=_EXACT)
 
 
 def _call(fn: Callable, *args: torch.Tensor):
     return (_compiled(fn) if _use_compiled.get() else fn)(*args)
+
+
+def _call_any_size(fn: Callable, *args: torch.Tensor):
+    """_call for batches of varying size: one dynamic-shape compile (sizes 0 and 1 would specialise: eager)."""
+    if _use_compiled.get() and args[-1].shape[0] > 1:
+        return _compiled_dynamic(fn)(*args)
+    return fn(*args)
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,26 +294,11 @@ def _greedy(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor, lo: float | No
             break
         args = (xt.index_select(1, idx), wt.index_select(1, idx), Lt.index_select(1, idx),
                 sumlx.index_select(0, idx), suml2.index_select(0, idx))
-        # a batch of one would make the dynamic-shape kernel specialise and recompile
-        new_l, new_sx, new_s2, changed = _call(run, *args) if idx.numel() > 1 else run(*args)
+        new_l, new_sx, new_s2, changed = _call_any_size(run, *args)
         Lt.index_copy_(1, idx, new_l)
         sumlx.index_copy_(0, idx, new_sx)
         suml2.index_copy_(0, idx, new_s2)
         idx = idx[changed]
-    return Lt, sumlx, suml2
-    S = torch.stack([xt, wt, wxt], 0)                                 # one gather per pass for the constants
-    for _ in range(4):
-        sub = S.index_select(2, idx)
-        args = (sub[0], sub[1], sub[2], Lt.index_select(1, idx), sumlx.index_select(0, idx),
-                suml2.index_select(0, idx))
-        # a batch of one would make the dynamic-shape kernel specialise and recompile
-        new_l, new_sx, new_s2, changed = _call(run, *args) if idx.numel() > 1 else run(*args)
-        Lt.index_copy_(1, idx, new_l)
-        sumlx.index_copy_(0, idx, new_sx)
-        suml2.index_copy_(0, idx, new_s2)
-        idx = idx[changed]
-        if idx.numel() == 0:
-            break
     return Lt, sumlx, suml2
 
 
@@ -634,19 +639,42 @@ def _run_encoder(fn: Callable, x: torch.Tensor, w: torch.Tensor | None) -> torch
     if not _compile_broken and mode != "off" and (mode == "on" or x.shape[0] >= COMPILE_MIN_BLOCKS):
         token = _use_compiled.set(True)
         try:
-            return _in_pieces(fn, x, w, PIECE_BLOCKS_COMPILED)
-        except Exception as e:  # no C++ compiler / Triton: the eager path gives the same answer, slower
+            return _in_pieces(fn, x, w, PIECE_BLOCKS_COMPILED, pad=True)
+        except Exception as e:  # no C++ compiler / Triton: the eager path gives the same bytes, slower
             _compile_broken = True
-            warnings.warn(f"qgguf: torch.compile failed ({type(e).__name__}: {e}); K-quant encoding falls back "
-                          "to eager PyTorch (slower). Set QGGUF_COMPILE=0 to skip the attempt.")
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"qgguf: torch.compile failed ({type(e).__name__}: {first}); K-quant encoding falls "
+                          "back to eager PyTorch (slower). Set QGGUF_COMPILE=0 to skip the attempt.")
         finally:
             _use_compiled.reset(token)
     return _in_pieces(fn, x, w, PIECE_BLOCKS_EAGER)
 
 
-def _in_pieces(fn: Callable, x: torch.Tensor, w: torch.Tensor | None, piece: int) -> torch.Tensor:
-    return torch.cat([fn(x[b:b + piece], None if w is None else w[b:b + piece])
-                      for b in range(0, x.shape[0], piece)], 0)
+def _piece_bounds(nb: int, piece: int, pad: bool) -> list[tuple[int, int, int]]:
+    """(start, blocks, padded size) of each piece. With `pad`, full pieces of `piece` blocks and then pieces of
+    PIECE_BLOCKS_TAIL for the rest, the last one padded: compiled kernels see two shapes only (one compile
+    each; static shapes trace several times faster) and padding wastes < PIECE_BLOCKS_TAIL blocks."""
+    bounds, b = [], 0
+    while b < nb:
+        size = piece if (not pad or nb - b >= piece) else min(piece, PIECE_BLOCKS_TAIL)
+        k = min(size, nb - b)
+        bounds.append((b, k, size if pad else k))
+        b += k
+    return bounds
+
+
+def _in_pieces(fn: Callable, x: torch.Tensor, w: torch.Tensor | None, piece: int, pad: bool = False
+               ) -> torch.Tensor:
+    """fn over pieces of at most `piece` blocks (see _piece_bounds), so memory stays bounded."""
+    outs = []
+    for b, k, size in _piece_bounds(x.shape[0], piece, pad):
+        xp = x[b:b + k]
+        wp = None if w is None else w[b:b + k]
+        if size > k:
+            xp = torch.cat([xp, xp.new_zeros(size - k, QK_K)])
+            wp = None if wp is None else torch.cat([wp, wp.new_zeros(size - k, QK_K)])
+        outs.append(fn(xp, wp)[:k])
+    return torch.cat(outs, 0)
 
 
 # ------------------------------------------------------------------------------------------ formats

@@ -5,9 +5,10 @@ and, per block, a scale: either an fp16 scale per 32 (the `_32` layouts, like IQ
 with signed 6-bit sub-block scales in a 256-weight super-block (the `_XS` layouts, like IQ4_XS). A weight decodes
 as `scale · codebook[index]`.
 
-The codebooks come from tools/nl_design.py (docs/notes/nl.md): levels spaced by the cube root of the density of
-block-absmax-normalised weights, refined by Lloyd-Max on real normalised weights, with -127 kept as a level because
-the encoder maps each block's signed maximum there (the point mass at ±1 of absmax-normalised data).
+The codebooks come from tools/nl_design.py (docs/design.md, "Formats: the new non-linear types"): levels spaced
+by the cube root of the density of block-absmax-normalised weights, refined by Lloyd-Max on real normalised weights,
+with -127 kept as a level because the encoder maps each block's signed maximum there (the point mass at ±1 of
+absmax-normalised data).
 
 Encoder (importance-weighted, the same algorithm as the C quantiser in cpp_ext, float op for float op so both give
 the same bytes): per 32-weight block, try the inverse scales `num/max` for a fixed list of numerators around -127
@@ -31,7 +32,8 @@ from .base import Format, register
 from .common import GROUP_MAX_EPS, fp16_bytes, fp16_from_bytes, fp16_round, nearest_int, seq_sum
 
 # Type ids: far above upstream's (42 is the highest at the pinned commit) so that a file with an NL type can never be
-# read as a future upstream type: 100 + bits for the _XS layouts, 110 + bits for the _32 ones (docs/notes/nl.md).
+# read as a future upstream type: 100 + bits for the _XS layouts, 110 + bits for the _32 ones (docs/design.md,
+# "Formats: the new non-linear types").
 TYPE_ID_XS = 100
 TYPE_ID_32 = 110
 
@@ -227,14 +229,14 @@ def nl_class(name: str, bits: int, layout: str, values, candidates, type_id: int
 # ------------------------------------------------------------------------------------------------ the family
 # Codebooks (tools/nl_design.py; the same tables are in cpp_ext's ggml-nl.h and the fork's gguf-py).
 VALUES: dict[int, tuple[int, ...]] = {
-    2: (-127, -66, 0, 66),
-    3: (-127, -96, -54, -24, 0, 24, 54, 96),
-    5: (-127, -116, -104, -94, -84, -75, -67, -59, -52, -45, -39, -33, -27, -21, -16, -10,
-        -5, 0, 5, 10, 16, 21, 27, 33, 39, 45, 52, 59, 67, 75, 84, 94),
-    6: (-127, -121, -115, -109, -104, -98, -93, -88, -84, -79, -75, -70, -66, -62, -58, -55,
-        -51, -47, -44, -40, -37, -34, -31, -28, -25, -22, -19, -16, -13, -10, -7, -4,
-        -1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 42, 45,
-        49, 52, 56, 60, 64, 68, 72, 77, 81, 86, 91, 96, 101, 107, 113, 120),
+    2: (-127, -45, 14, 84),
+    3: (-127, -78, -46, -19, 5, 30, 59, 99),
+    5: (-127, -117, -101, -90, -81, -72, -64, -57, -50, -43, -36, -30, -24, -18, -12, -6,
+        0, 6, 12, 17, 24, 30, 36, 43, 50, 58, 66, 74, 83, 93, 104, 117),
+    6: (-127, -123, -114, -107, -101, -96, -91, -86, -81, -77, -72, -68, -64, -60, -56, -53,
+        -49, -46, -42, -39, -36, -32, -29, -26, -23, -20, -17, -14, -11, -9, -6, -3,
+        0, 3, 6, 9, 11, 14, 17, 20, 23, 26, 29, 32, 36, 39, 42, 46,
+        49, 53, 57, 60, 64, 68, 73, 77, 82, 87, 92, 97, 103, 109, 115, 122),
 }
 
 # Candidate inverse-scale numerators -127 - lo ... -127 + hi in steps of `step`: wide and coarse at 2 bits, where
