@@ -160,9 +160,9 @@ def update_docs(results: dict, plot: Path, docs: Path) -> Path:
     begin, end = f"<!-- qgguf-bench:{slug}:begin -->", f"<!-- qgguf-bench:{slug}:end -->"
     section = f"{begin}\n{report_markdown(results, img_rel.as_posix(), heading='##')}{end}\n"
     current = docs.read_text() if docs.is_file() else "# Benchmarks\n"
-    if begin in current and end in current:
-        a = current.index(begin)
-        b = current.index(end) + len(end)
+    a = current.find(begin)
+    if a >= 0 and current.find(end, a) >= 0:
+        b = current.index(end, a) + len(end)
         b += 1 if current[b:b + 1] == "\n" else 0
         new = current[:a] + section + current[b:]
     else:
