@@ -148,6 +148,17 @@ def _timing_lines(results: dict) -> list[str]:
     return [line]
 
 
+def replace_marked_section(text: str, begin: str, end: str, section: str) -> str | None:
+    """text with the span from `begin` to the first `end` after it (and one newline) replaced by `section`;
+    None when the pair is not there (an `end` before its `begin` does not count)."""
+    a = text.find(begin)
+    if a < 0 or text.find(end, a) < 0:
+        return None
+    b = text.index(end, a) + len(end)
+    b += 1 if text[b:b + 1] == "\n" else 0
+    return text[:a] + section + text[b:]
+
+
 def update_docs(results: dict, plot: Path, docs: Path) -> Path:
     """Put this bench's section (between its own markers) and its plot into `docs`; other sections stay as they are."""
     slug = re.sub(r"[^a-z0-9.]+", "-", f"{results['model']['name']}-{results['text']['name']}-{results['backend']}"
@@ -160,12 +171,8 @@ def update_docs(results: dict, plot: Path, docs: Path) -> Path:
     begin, end = f"<!-- qgguf-bench:{slug}:begin -->", f"<!-- qgguf-bench:{slug}:end -->"
     section = f"{begin}\n{report_markdown(results, img_rel.as_posix(), heading='##')}{end}\n"
     current = docs.read_text() if docs.is_file() else "# Benchmarks\n"
-    a = current.find(begin)
-    if a >= 0 and current.find(end, a) >= 0:
-        b = current.index(end, a) + len(end)
-        b += 1 if current[b:b + 1] == "\n" else 0
-        new = current[:a] + section + current[b:]
-    else:
+    new = replace_marked_section(current, begin, end, section)
+    if new is None:
         new = current.rstrip("\n") + "\n\n" + section
     with atomic_output(docs) as tmp:
         tmp.write_text(new)

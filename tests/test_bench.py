@@ -300,3 +300,11 @@ def test_qgguf_rows_say_why_they_cannot_run(tmp_path):
     assert bench.auto_targets({}) == ()
     ext = rows["qgguf-extended-bpw-4.00"].skip
     assert ext == "" if bench.extended_palette_exists() else ext.startswith("the extended palette does not exist")
+
+
+def test_docs_section_replaced_between_its_own_markers():
+    """An `end` marker left before its `begin` (a hand-edited docs file) must not duplicate the section."""
+    from qgguf.benchreport import replace_marked_section
+    text = "head\n<e>\nmiddle\n<b>\nold\n<e>\ntail\n"
+    assert replace_marked_section(text, "<b>", "<e>", "<b>\nnew\n<e>\n") == "head\n<e>\nmiddle\n<b>\nnew\n<e>\ntail\n"
+    assert replace_marked_section("only <e> here", "<b>", "<e>", "x") is None

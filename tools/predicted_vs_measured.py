@@ -26,15 +26,21 @@ from scipy import stats as sps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qgguf.benchreport import replace_marked_section  # noqa: E402
 from qgguf.files import atomic_output  # noqa: E402
 
 
 def collect(bench: Path) -> tuple[dict, list[dict]]:
+    if not (bench / "results.json").is_file():
+        raise SystemExit(f"{bench}: no results.json; give the output folder of a finished `qgguf bench` run")
     results = json.loads((bench / "results.json").read_text())
     plans = []
     for r in results["rows"]:
         if r["kind"] != "qgguf" or not r.get("plan") or not r.get("kld"):
             continue
+        if not (bench / r["plan"]).is_file():
+            raise SystemExit(f"{bench / r['plan']}: the plan of row {r['id']} is missing; rerun `qgguf bench` with "
+                             f"the same -o folder (or `--redo '{r['id']}'`) to remake it")
         plan = json.loads((bench / r["plan"]).read_text())
         plans.append({"id": r["id"], "label": r["label"], "series": r["series"], "bpw": r["bpw"],
                       "predicted": float(plan["totals"]["predicted_kl"]), "measured": r["kld"]["kld_mean"],
@@ -116,11 +122,8 @@ def update_docs(docs: Path, slug: str, body: str, title: str) -> None:
     begin, end = f"<!-- qgguf-pvm:{slug}:begin -->", f"<!-- qgguf-pvm:{slug}:end -->"
     section = f"{begin}\n### {title}\n\n{body}{end}\n"
     current = docs.read_text()
-    if begin in current and end in current:
-        a, b = current.index(begin), current.index(end) + len(end)
-        b += 1 if current[b:b + 1] == "\n" else 0
-        new = current[:a] + section + current[b:]
-    else:
+    new = replace_marked_section(current, begin, end, section)
+    if new is None:
         head = "## Predicted against measured KL of whole-model plans"
         if head not in current:
             current = current.rstrip("\n") + f"\n\n{head}\n\n"
