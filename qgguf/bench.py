@@ -64,6 +64,7 @@ DEFAULT_CALIB = "wiki"
 ROW_VERSION = 1           # bump when a row's measurement changes meaning
 # What qgguf convert writes beside OUT.gguf, and the row field naming the copy kept in DIR/plans/.
 CONVERT_SIDE_FILES = {".plan.json": "plan", ".tensor-types.txt": "tensor_type_file", ".heatmap.png": "heatmap"}
+ENCODE_CACHE = "encoded"  # DIR/encoded: `qgguf convert --encode-cache` for the qgguf rows, removed when all finish
 KLD_ATTEMPTS = 5          # llama-perplexity's asynchronous log can lose its last lines at exit: run it again
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -618,6 +619,8 @@ def qgguf_rows(cfg: BenchConfig, stock_done: dict[str, dict], common: dict, help
                     cmd += ["--threads", str(cfg.threads)]
                 if help_text and "--device" in help_text:
                     cmd += ["--device", "cuda" if cfg.gpu else "cpu"]
+                if help_text and "--encode-cache" in help_text:  # rows share most (tensor, type) encodings
+                    cmd += ["--encode-cache", str(cfg.out / ENCODE_CACHE)]
                 cmd += list(cfg.convert_args)
                 run_tool(cmd, cfg.out / "logs" / f"{rid}.convert.log", f"{rid}: qgguf convert",
                          timeout=cfg.timeout)
@@ -738,6 +741,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                 help_text, why_not = None, f"qgguf calibrate failed: {str(e).splitlines()[0]}"
                 failed.append({"id": "calibrate", "error": str(e)})
         run_all(qgguf_rows(cfg, by_preset, common, help_text, why_not, stats), "qgguf")
+        if not failed:  # kept while rows are left to resume; the finished files are all that is needed now
+            shutil.rmtree(cfg.out / ENCODE_CACHE, ignore_errors=True)
     timing = {"this_run_wall_s": round(time.time() - t_start, 1),
               "this_run_tool_cpu_s": round(TOOL_TIME["cpu"], 1),
               "rows_wall_s": round(sum(sum(r["seconds"].values()) for r in records), 1),

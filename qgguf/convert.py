@@ -116,7 +116,8 @@ def run(args) -> int:
     importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
     meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
             "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
-    export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device)
+    export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device, reader=reader,
+                encode_cache=Path(args.encode_cache) if args.encode_cache else None)
 
     size = out.stat().st_size
     if budget.kind == "size" and size > budget.value:
@@ -159,4 +160,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-type", help="no tensor above this type's bits per weight")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
                    help=f"rows measured per tensor (default {DEFAULT_MAX_ROWS}; 0 = all)")
+    p.add_argument("--encode-cache", metavar="DIR",
+                   help="keep encoded tensors in DIR and reuse them: for converting one model at several budgets "
+                        "(costs about one file's size per new tensor/type pair)")
     p.set_defaults(func=run)

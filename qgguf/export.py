@@ -3,10 +3,15 @@
 The converter's F32 (or F16/BF16) GGUF carries the metadata, tokenizer, tensor names, order and the Q/K
 permutation; we copy all of it and only re-encode tensor data with qgguf.formats, one tensor at a time
 (memory-mapped in, streamed out), so memory does not grow with the model.
+
+With an encode cache (a folder), each encoded tensor is kept under a key of its weights, importance, type and
+that type's encoder sources: runs that export the same model at several budgets (`qgguf bench`) encode each
+(tensor, type) pair once.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
@@ -18,6 +23,7 @@ from tqdm import tqdm
 from . import __version__, formats
 from .errors import QggufError
 from .files import atomic_output, require_file
+from .measure import hash_array
 
 # llama_ftype values for general.file_type: llama.cpp only displays it; we name the type holding most weights.
 _FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
@@ -44,18 +50,51 @@ def tensor_f32(reader_tensor, device: str | torch.device = "cpu") -> torch.Tenso
                       tensor=reader_tensor.name)
 
 
+ENCODE_CACHE_VERSION = 1
+
+
+class EncodeCache:
+    """Encoded tensor bytes in a folder, one file per (weights, importance, type, encoder sources)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, w: torch.Tensor, importance: torch.Tensor | None, fmt: formats.Format) -> Path:
+        h = hashlib.blake2b(f"{fmt.name}|{formats.encoder_hash(fmt.name)}|v{ENCODE_CACHE_VERSION}".encode(),
+                            digest_size=20)
+        hash_array(h, w)
+        hash_array(h, importance)
+        d = h.hexdigest()
+        return self.folder / d[:2] / f"{d}.bin"
+
+    def encode(self, fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor | None, name: str,
+               device: str) -> np.ndarray:
+        path = self.path(w, importance, fmt)
+        nbytes = fmt.nbytes(tuple(w.shape))
+        if path.is_file() and path.stat().st_size == nbytes:  # a damaged entry is encoded again
+            return np.fromfile(path, dtype=np.uint8)
+        raw = np.ascontiguousarray(fmt.encode(w, importance, tensor=name, device=device)).reshape(-1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as tmp:
+            raw.tofile(tmp)
+        return raw
+
+
 def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                 importance: Mapping[str, torch.Tensor] | None = None, *,
                 extra_metadata: Mapping[str, str] | None = None, device: str = "cpu",
-                progress: bool = True) -> Path:
+                progress: bool = True, reader=None, encode_cache: Path | None = None) -> Path:
     """Write `out`: `src` with every tensor named in `types` encoded in that type (others copied as they are).
 
     `importance` maps tensor names to per-input-channel vectors for the importance-weighted encoders.
+    `reader`: `src` already opened with open_gguf (reading a GGUF's metadata takes seconds on a large
+    vocabulary). `encode_cache`: a folder that keeps encoded tensors for later exports (see the module docstring).
     """
     import gguf
 
     src, out = Path(src), Path(out)
-    reader = open_gguf(src)
+    reader = reader if reader is not None else open_gguf(src)
+    cache = EncodeCache(encode_cache) if encode_cache is not None else None
     by_name = {t.name: t for t in reader.tensors}
     unknown = sorted(set(types) - set(by_name))
     if unknown:
@@ -104,7 +143,8 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                 if t.name in types:
                     w = tensor_f32(t, device)
                     imp = importance.get(t.name)
-                    raw = fmt.encode(w, imp, tensor=t.name, device=device)
+                    raw = (cache.encode(fmt, w, imp, t.name, device) if cache is not None
+                           else fmt.encode(w, imp, tensor=t.name, device=device))
                 else:  # not planned: copy the bytes unchanged
                     raw = np.asarray(t.data).view(np.uint8)
                 writer.write_tensor_data(np.ascontiguousarray(raw).reshape(-1))

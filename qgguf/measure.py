@@ -24,10 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -144,20 +142,8 @@ def sample_rows(sizes: np.ndarray | int, max_rows: int | None, seed: int = 0) ->
 
 
 # ------------------------------------------------------------------------------------------------ cache
-@lru_cache(maxsize=None)
-def _format_source_hash(type_name: str) -> str:
-    """Hash of the sources the type's encoder runs (its own module and the shared base.py and common.py):
-    measurements of an older encoder are not reused, and editing another type's module keeps these."""
-    folder = Path(formats.__file__).parent
-    module = Path(sys.modules[type(formats.get(type_name)).__module__].__file__)
-    h = hashlib.blake2b(digest_size=16)
-    for p in sorted({folder / "base.py", folder / "common.py", module}):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def _hash_array(h, a) -> None:
+def hash_array(h, a) -> None:
+    """Feed an array's shape and float32 bytes (or a marker for None) to hash `h`."""
     if a is None:
         h.update(b"none")
         return
@@ -168,7 +154,7 @@ def _hash_array(h, a) -> None:
 
 
 def _cache_file(key: str, type_name: str) -> Path:
-    h = hashlib.blake2b(f"{key}|{type_name}|{_format_source_hash(type_name)}|v{CACHE_VERSION}".encode(), digest_size=20)
+    h = hashlib.blake2b(f"{key}|{type_name}|{formats.encoder_hash(type_name)}|v{CACHE_VERSION}".encode(), digest_size=20)
     d = h.hexdigest()
     return cache_dir("measure", d[:2]) / f"{d}.json"
 
@@ -227,7 +213,7 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
     if cache:
         h = hashlib.blake2b(digest_size=20)
         for a in (w, t.importance, t.channel_fisher, t.fisher):
-            _hash_array(h, a)
+            hash_array(h, a)
         h.update(f"rows={max_rows}|seed={seed}".encode())
         key = h.hexdigest()
 

@@ -91,6 +91,30 @@ def test_byte_identical_on_rerun(converted, setup):
     assert again.read_bytes() == out.read_bytes()
 
 
+def test_encode_cache_gives_the_same_bytes(converted, setup):
+    """--encode-cache: the first run fills the cache, the second reads it; both files equal the uncached one,
+    and a damaged entry is encoded again rather than served."""
+    model, stats, d = setup
+    out, _ = converted
+    cache = d / "encoded"
+    args = ["--target-bpw", "4.5", "--stats", str(stats), "--encode-cache", str(cache)]
+    first = d / "cached1.gguf"
+    assert qgguf("convert", str(model), "-o", str(first), *args).returncode == 0
+    entries = sorted(cache.rglob("*.bin"))
+    assert entries, "the cache was not filled"
+    assert first.read_bytes() == out.read_bytes()
+    stamps = {p: p.stat().st_mtime_ns for p in entries}
+    good = entries[0].read_bytes()
+    entries[0].write_bytes(good[:-1])  # damaged: one byte short
+    second = d / "cached2.gguf"
+    assert qgguf("convert", str(model), "-o", str(second), *args).returncode == 0
+    assert second.read_bytes() == out.read_bytes()
+    assert sorted(cache.rglob("*.bin")) == entries
+    assert entries[0].read_bytes() == good, "the damaged entry should be encoded again"
+    rewritten = [p for p in entries if p.stat().st_mtime_ns != stamps[p]]
+    assert rewritten == [entries[0]], "intact entries should be read, not encoded again"
+
+
 def test_stock_llama_quantize_reproduces_plan(converted, setup):
     import gguf
 

@@ -7,7 +7,7 @@
     w_hat = q4k.decode(raw, w.shape)     # float32, bit-exact with ggml's to_float
 """
 
-from .base import Format, all_formats, by_id, get, names, register  # noqa: F401
+from .base import Format, all_formats, by_id, encoder_hash, get, names, register  # noqa: F401
 
 # Importing the type modules registers their formats.
 from . import floats  # noqa: F401,E402

@@ -12,6 +12,10 @@ The base class does everything else: checks (NaN/Inf, row length, importance siz
 
 from __future__ import annotations
 
+import hashlib
+import sys
+from functools import lru_cache
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -180,3 +184,18 @@ def by_id(type_id: int) -> Format:
 
 def all_formats() -> list[Format]:
     return [_BY_NAME[n] for n in names()]
+
+
+@lru_cache(maxsize=None)
+def encoder_hash(name: str) -> str:
+    """Hash of the sources a type's encoder runs (its own module and the shared base.py and common.py).
+
+    Caches of measurements and encoded bytes key on it: an edited encoder is never served stale results, and
+    editing another type's module keeps them."""
+    folder = Path(__file__).parent
+    module = Path(sys.modules[type(get(name)).__module__].__file__)
+    h = hashlib.blake2b(digest_size=16)
+    for p in sorted({folder / "base.py", folder / "common.py", module}):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()

@@ -45,11 +45,27 @@ QK_K = 256
 SCALE_BITS = 6
 
 
-def nearest_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+# floor(x) is clamped to this range before the table lookup: every int8 codebook value lies well inside it.
+_TABLE_LO, _TABLE_HI = -256, 255
+
+
+def index_table(values: torch.Tensor) -> torch.Tensor:
+    """For integer-valued sorted `values`: T[k - _TABLE_LO] = #(values <= k). Since v <= x exactly when
+    v <= floor(x) for integer v, T[floor(x)] is searchsorted(values, x, right=True), at a gather's cost."""
+    k = torch.arange(_TABLE_LO, _TABLE_HI + 1, dtype=torch.float32, device=values.device)
+    return torch.searchsorted(values, k, right=True)
+
+
+def nearest_index(values: torch.Tensor, x: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the nearest of the sorted float32 `values` for each x, ties as ggml's best_index_int8 (the upper
-    one unless x is strictly nearer the lower); ~10x fewer passes than a clamp-and-select form."""
+    one unless x is strictly nearer the lower); ~10x fewer passes than a clamp-and-select form. `table`
+    (index_table, integer-valued codebooks only) replaces the binary search."""
     n = values.numel()
-    mu = torch.searchsorted(values, x.contiguous(), right=True).clamp_(1, n - 1)
+    if table is None:
+        mu = torch.searchsorted(values, x.contiguous(), right=True)
+    else:
+        mu = table[(torch.floor(x).clamp_(_TABLE_LO, _TABLE_HI) - _TABLE_LO).long()]
+    mu = mu.clamp_(1, n - 1)
     # below values[0]: x - lo <= 0 < hi - x picks 0; above values[n-1]: x - lo > 0 >= hi - x picks n-1
     return mu - ((x - values[mu - 1]) < (values[mu] - x)).long()
 
@@ -140,8 +156,10 @@ class NLFormat(Format):
         """Least-squares scale of each 32-weight block (position-major xt, wt [32, nb]), searched over candidates.
 
         `vals` (float32, sorted) replaces the codebook: the design study trains codebooks through this search."""
+        table = None
         if vals is None:
             vals = torch.tensor(self.values, dtype=torch.float32, device=xt.device)
+            table = index_table(vals)
         amax = xt.abs().max(dim=0).values
         idx = xt.abs().argmax(dim=0)  # the first largest |x|, as C's strict `>`
         mx = xt.gather(0, idx.unsqueeze(0)).squeeze(0)
@@ -151,7 +169,7 @@ class NLFormat(Format):
         best = torch.zeros_like(amax)
         for num in self.candidates:
             iscale = torch.tensor(float(num), dtype=torch.float32, device=xt.device) / mx
-            q = vals[nearest_index(vals, iscale * xt)]
+            q = vals[nearest_index(vals, iscale * xt, table)]
             wq = wt * q
             sumqx = seq_sum(wq * xt)
             sumq2 = seq_sum(wq * q)
@@ -186,7 +204,7 @@ class NLFormat(Format):
             head = torch.cat((fp16_bytes(d), sh, sl), dim=1)
         dls = torch.where(dl != 0, dl, torch.ones_like(dl))
         idl = torch.where(dl != 0, 1 / dls, torch.zeros_like(dl))
-        L = nearest_index(vals, idl.unsqueeze(0) * xt).t().reshape(nb, self.block_size)
+        L = nearest_index(vals, idl.unsqueeze(0) * xt, index_table(vals)).t().reshape(nb, self.block_size)
         parts = [head]
         shift = 0
         for k in self._planes:
