@@ -273,10 +273,9 @@ def _activations(type_id: int, raw: np.ndarray, n: int) -> np.ndarray:
     return (d * blocks[:, 4:260].view(np.int8).astype(np.float64)).reshape(-1)
 
 
-@pytest.mark.parametrize("name", NL_TYPES)
-def test_cpu_dot_products(name, fork):
-    """The CPU backend's dot product (SIMD where the machine has it) and the scalar one against the exact dot
-    product of the decoded weights with the decoded int8 activations."""
+def _check_dot(name: str, dots: dict) -> None:
+    """Each dot product (ggml's vec_dot signature) against the exact dot product of the decoded weights with the
+    decoded int8 activations, on Student-t weights and Gaussian activations."""
     so = _cpu_lib()
     so.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TraitsCPU)
     f = formats.get(name)
@@ -289,14 +288,75 @@ def test_cpu_dot_products(name, fork):
     aq = np.zeros(ggml_ref.row_size(tr.vec_dot_type, n), np.uint8)
     _FROM_FLOAT(act.from_float)(a.ctypes.data, aq.ctypes.data, n)
     exact = float(f.decode(wq, (1, n)).numpy().astype(np.float64).reshape(-1) @ _activations(tr.vec_dot_type, aq, n))
-    out = ctypes.c_float()
-    _VEC_DOT(tr.vec_dot)(n, ctypes.byref(out), 0, wq.ctypes.data, 0, aq.ctypes.data, 0, 1)
-    generic = getattr(so, f"ggml_vec_dot_{name.lower()}_{'q8_K' if name.endswith('_XS') else 'q8_0'}_generic")
-    out_scalar = ctypes.c_float()
-    generic(n, ctypes.byref(out_scalar), ctypes.c_void_p(wq.ctypes.data), ctypes.c_void_p(aq.ctypes.data))
     scale = float(np.abs(f.decode(wq, (1, n)).numpy()).sum() * np.abs(a).max())
-    for got in (out.value, out_scalar.value):
-        assert abs(got - exact) <= 1e-5 * scale, (got, exact)
+    for what, dot in dots.items():
+        out = ctypes.c_float()
+        dot(n, ctypes.byref(out), 0, wq.ctypes.data, 0, aq.ctypes.data, 0, 1)
+        assert abs(out.value - exact) <= 1e-5 * scale, (what, out.value, exact)
+
+
+def _dot_symbol(name: str) -> str:
+    return f"ggml_vec_dot_{name.lower()}_{'q8_K' if name.endswith('_XS') else 'q8_0'}"
+
+
+@pytest.mark.parametrize("name", NL_TYPES)
+def test_cpu_dot_products(name, fork):
+    """The CPU backend's dot product (SIMD where the machine has it) and the scalar one."""
+    so = _cpu_lib()
+    so.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TraitsCPU)
+    tr = so.ggml_get_type_traits_cpu(formats.get(name).type_id).contents
+    generic = getattr(so, _dot_symbol(name) + "_generic")
+
+    def scalar(n, s, bs, x, bx, y, by, nrc):
+        generic(n, s, ctypes.c_void_p(x), ctypes.c_void_p(y))
+
+    _check_dot(name, {"backend": _VEC_DOT(tr.vec_dot), "scalar": scalar})
+
+
+# Instruction sets the NL kernels have paths for, beyond the one the build's -march=native picks: each is compiled
+# from cpp_ext's nl-cpu.c on its own and checked where this CPU can run it.
+_ISAS = {"avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+         "avx512vbmi": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi"],
+                        {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vbmi"})}
+
+
+@pytest.fixture(scope="module")
+def isa_kernels(fork, tmp_path_factory) -> dict[str, ctypes.CDLL]:
+    import platform
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64") or not shutil.which("cc"):
+        pytest.skip("the SIMD kernel variants are x86 ones and need a C compiler")
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    tree = Path(json.loads((tool_path("libggml-base.so").parent.parent / "qgguf-build.json").read_text())["tree"])
+    src = repo_root() / "cpp_ext" / "overlay" / "ggml" / "src" / "ggml-cpu" / "nl-cpu.c"
+    lib_dir = tool_path("libggml-base.so").parent
+    out = {}
+    for isa, (cflags, needs) in _ISAS.items():
+        if not needs <= flags:
+            continue
+        so = tmp_path_factory.mktemp("isa") / f"nl-{isa}.so"
+        cmd = ["cc", "-O2", "-shared", "-fPIC", "-std=gnu11", *cflags, f"-I{tree / 'ggml/include'}",
+               f"-I{tree / 'ggml/src'}", f"-I{tree / 'ggml/src/ggml-cpu'}", str(src), f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
+               f"-Wl,-rpath,{lib_dir}", "-o", str(so)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[isa] = ctypes.CDLL(str(so))
+    if not out:
+        pytest.skip("this CPU has none of the SIMD extensions the NL kernels have paths for")
+    return out
+
+
+@pytest.mark.parametrize("name", NL_TYPES)
+def test_cpu_dot_products_each_isa(name, isa_kernels):
+    """Every SIMD path of the kernels this CPU can run (AVX2 alone, AVX2 with AVX512-VBMI), not only the one the
+    build selected."""
+    _check_dot(name, {isa: _VEC_DOT(ctypes.cast(getattr(so, _dot_symbol(name)), ctypes.c_void_p).value)
+                      for isa, so in isa_kernels.items()})
 
 
 def test_test_quantize_fns_passes(fork):

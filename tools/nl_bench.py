@@ -115,6 +115,7 @@ def cmd_speed(args) -> dict:
             for rep in range(args.reps):
                 order = (nl_type, stock) if rep % 2 == 0 else (stock, nl_type)
                 for t in order:
+                    results.setdefault("load_1min", []).append(round(os.getloadavg()[0], 2))
                     runs[t].append(llama_bench(files[t], args.threads, not args.no_warmup))
                     print(asset, t, rep, runs[t][-1], file=sys.stderr, flush=True)
             row = {"model": asset, "nl": nl_type, "stock": stock,
@@ -128,11 +129,18 @@ def cmd_speed(args) -> dict:
     return results
 
 
+def load_text(res: dict) -> str:
+    loads = res.get("load_1min")
+    if not loads:
+        return "machine load not recorded"
+    return f"1-minute load average before each llama-bench run {min(loads):.1f}–{max(loads):.1f}"
+
+
 def speed_markdown(res: dict) -> str:
     lines = [
         "## Non-linear types: CPU speed",
         "",
-        f"Command: `{res['command']}` ({res['date']}), {res['machine']} (shared with other jobs), llama-bench of the "
+        f"Command: `{res['command']}` ({res['date']}), {res['machine']} ({load_text(res)}), llama-bench of the "
         f"fork at {LLAMA_CPP_COMMIT}, {res['threads']} threads, {res['reps']} repetition(s) per file"
         f"{', no warm-up run' if res.get('no_warmup') else ''}, each NL file and "
         "its stock partner run back to back (alternating first). Every weight of the model in the one type "

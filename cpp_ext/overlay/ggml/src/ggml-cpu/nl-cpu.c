@@ -1,6 +1,8 @@
-// CPU dot products of the non-linear block types against Q8_K / Q8_0 activations: AVX2 where available, a
-// scalar path everywhere. A block's indices are looked up in its int8 codebook and multiplied with the int8
-// activations exactly (int32 sums per 32 weights), then scaled in float, as the IQ4_NL / IQ4_XS kernels do.
+// CPU dot products of the non-linear block types against Q8_K / Q8_0 activations: AVX2 where available (with
+// AVX512-VBMI, where compiled for, doing the 5/6-bit codebook lookup), a scalar path everywhere. A block's indices
+// are looked up in its int8 codebook and multiplied with the int8 activations exactly (int32 sums; the _XS
+// kernels weight them by the 6-bit sub-block scales in int32 too), then scaled in float, as the IQ4_NL / IQ4_XS
+// kernels do.
 
 #define GGML_COMMON_DECL_C
 #include "ggml-common.h"
@@ -80,7 +82,34 @@ static inline __m256i nl_plane_32(const uint8_t * q, int k) {
     return _mm256_and_si256(v, _mm256_set1_epi8(1));
 }
 
-// codebook lookup of indices < 2^bits (16 levels per shuffle table)
+// codebook lookup of indices < 2^bits. With AVX512-VBMI (and VL) one byte permute reads 32 levels (vpermb) or
+// 64 (vpermi2b); with AVX2 alone a pshufb reads 16, and 5/6-bit indices blend two/four of them on bits 4 and 5.
+#if defined(__AVX512VBMI__) && defined(__AVX512VL__)
+static inline __m256i nl_lookup(int bits, __m256i idx, const __m256i * tbl) {
+    if (bits <= 4) {
+        return _mm256_shuffle_epi8(tbl[0], idx);
+    }
+    if (bits == 5) {
+        return _mm256_permutexvar_epi8(idx, tbl[0]);
+    }
+    return _mm256_permutex2var_epi8(tbl[0], idx, tbl[1]);
+}
+
+static inline void nl_tables(int bits, __m256i * tbl) {
+    const int8_t * v = nl_values(bits);
+    const int n = 1 << bits;
+    if (n <= 16) {
+        int8_t b[16] = {0};
+        memcpy(b, v, (size_t) n);
+        const __m128i x = _mm_loadu_si128((const __m128i *) b);
+        tbl[0] = _mm256_set_m128i(x, x);
+        return;
+    }
+    for (int t = 0; t < n / 32; ++t) {  // 32 levels per register: idx selects across both lanes
+        tbl[t] = _mm256_loadu_si256((const __m256i *) (v + 32 * t));
+    }
+}
+#else
 static inline __m256i nl_lookup(int bits, __m256i idx, const __m256i * tbl) {
     const __m256i lo = _mm256_shuffle_epi8(tbl[0], idx);
     if (bits <= 4) {
@@ -106,11 +135,13 @@ static inline void nl_tables(int bits, __m256i * tbl) {
         tbl[t] = _mm256_set_m128i(x, x);
     }
 }
+#endif
 
-// Σ over 32 int8 pairs, as 8 int32 lanes (|w| <= 127 keeps maddubs from saturating)
-static inline __m256i nl_dot_i8(__m256i w, __m256i q8) {
+// Σ over 32 int8 pairs, as 8 int32 lanes, each pair sum times the int16 `scale` (|w| <= 127 keeps maddubs from
+// saturating: 2·127·128 < 2^15)
+static inline __m256i nl_dot_i8(__m256i w, __m256i q8, __m256i scale) {
     const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q8, w));
-    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    return _mm256_madd_epi16(p16, scale);
 }
 
 static inline float nl_hsum(__m256 v) {
@@ -173,19 +204,30 @@ static inline void nl_vec_dot_xs(int bits, size_t type_size, int n, float * GGML
     __m256 acc = _mm256_setzero_ps();
     for (int ibl = 0; ibl < n / QK_K; ++ibl) {
         const uint8_t * b = x + ibl * type_size;
-        uint16_t dh; memcpy(&dh, b, 2);
-        const float d4d8 = GGML_CPU_FP16_TO_FP32(dh) * y[ibl].d;
+        uint16_t dh, sh; memcpy(&dh, b, 2); memcpy(&sh, b + 2, 2);
+        uint32_t sl; memcpy(&sl, b + 4, 4);
         const uint8_t * qlo = b + 8, * qhi = b + 8 + 32 * klo;
-        for (int ib = 0; ib < QK_K / 32; ++ib) {
-            __m256i idx = nl_plane_xs(qlo, klo, ib);
+        const int8_t  * q8 = y[ibl].qs;
+        // the 8 sub-block scales weight int32 sums; one float multiply per super-block (|sum| < 2^31: 8 blocks of
+        // 32 · 127 · 128 · 32)
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        for (int ib = 0; ib < QK_K / 32; ib += 2) {
+            __m256i i0 = nl_plane_xs(qlo, klo, ib), i1 = nl_plane_xs(qlo, klo, ib + 1);
             if (khi) {
-                idx = _mm256_or_si256(idx, _mm256_slli_epi16(nl_plane_xs(qhi, khi, ib), klo));
+                i0 = _mm256_or_si256(i0, _mm256_slli_epi16(nl_plane_xs(qhi, khi, ib), klo));
+                i1 = _mm256_or_si256(i1, _mm256_slli_epi16(nl_plane_xs(qhi, khi, ib + 1), klo));
             }
-            const __m256i w  = nl_lookup(bits, idx, tbl);
-            const __m256i q8 = _mm256_loadu_si256((const __m256i *) (y[ibl].qs + 32 * ib));
-            const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | (((b[2 + ib / 4] >> (2 * (ib % 4))) & 3) << 4);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d4d8 * (ls - 32)), _mm256_cvtepi32_ps(nl_dot_i8(w, q8)), acc);
+            const int ls0 = (int) (((sl >> (4 * ib)) & 0xf) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
+            const int ls1 = (int) (((sl >> (4 * ib + 4)) & 0xf) | (((sh >> (2 * ib + 2)) & 3) << 4)) - 32;
+            sum0 = _mm256_add_epi32(sum0, nl_dot_i8(nl_lookup(bits, i0, tbl),
+                                                    _mm256_loadu_si256((const __m256i *) (q8 + 32 * ib)),
+                                                    _mm256_set1_epi16((int16_t) ls0)));
+            sum1 = _mm256_add_epi32(sum1, nl_dot_i8(nl_lookup(bits, i1, tbl),
+                                                    _mm256_loadu_si256((const __m256i *) (q8 + 32 * ib + 32)),
+                                                    _mm256_set1_epi16((int16_t) ls1)));
         }
+        const float d = GGML_CPU_FP16_TO_FP32(dh) * y[ibl].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
     *s = nl_hsum(acc);
 #else
@@ -213,7 +255,7 @@ static inline void nl_vec_dot_32(int bits, size_t type_size, int n, float * GGML
         const __m256i w  = nl_lookup(bits, idx, tbl);
         const __m256i q8 = _mm256_loadu_si256((const __m256i *) y[ib].qs);
         const float d = GGML_CPU_FP16_TO_FP32(dh) * GGML_CPU_FP16_TO_FP32(y[ib].d);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(nl_dot_i8(w, q8)), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(nl_dot_i8(w, q8, _mm256_set1_epi16(1))), acc);
     }
     *s = nl_hsum(acc);
 #else
