@@ -263,6 +263,40 @@ static inline void nl_vec_dot_32(int bits, size_t type_size, int n, float * GGML
 #endif
 }
 
+void ggml_nl_unpack_xs(int bits, const void * GGML_RESTRICT vx, uint8_t * GGML_RESTRICT q, float * GGML_RESTRICT d,
+                       int32_t * GGML_RESTRICT scales) {
+    const uint8_t * b = (const uint8_t *) vx;
+    uint16_t dh; memcpy(&dh, b, 2);
+    *d = GGML_CPU_FP16_TO_FP32(dh);
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+        scales[ib] = (((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | (((b[2 + ib / 4] >> (2 * (ib % 4))) & 3) << 4)) - 32;
+    }
+#if defined(__AVX2__)
+    const int klo = nl_klo(bits), khi = nl_khi(bits);
+    __m256i tbl[4];
+    nl_tables(bits, tbl);
+    const uint8_t * qlo = b + 8, * qhi = b + 8 + 32 * klo;
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+        __m256i idx = nl_plane_xs(qlo, klo, ib);
+        if (khi) {
+            idx = _mm256_or_si256(idx, _mm256_slli_epi16(nl_plane_xs(qhi, khi, ib), klo));
+        }
+        // value + 128 as a byte is value ^ 0x80
+        _mm256_storeu_si256((__m256i *) (q + 32 * ib), _mm256_xor_si256(nl_lookup(bits, idx, tbl),
+                                                                         _mm256_set1_epi8((char) 0x80)));
+    }
+#else
+    const int8_t * values = nl_values(bits);
+    uint8_t L[QK_NL];
+    for (int ib = 0; ib < QK_K / 32; ++ib) {
+        nl_indices(bits, b + 8, QK_K, ib, L);
+        for (int j = 0; j < QK_NL; ++j) {
+            q[32 * ib + j] = (uint8_t) (values[L[j]] + 128);
+        }
+    }
+#endif
+}
+
 #define NL_CPU_IMPL(B, L, A) \
 void quantize_row_nl##B##_##L(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
     quantize_row_nl##B##_##L##_ref(x, y, k); \
