@@ -27,6 +27,10 @@ static inline const int8_t * nl_values(int bits) {
                                                                            : ggml_nl_values_6;
 }
 static inline int nl_klo(int bits) { return bits <= 3 ? 2 : 4; }
+// signed scale of sub-block ib of an _XS super-block b: 4 low bits from scales_l, 2 high from scales_h, minus 32
+static inline int nl_sub_scale(const uint8_t * b, int ib) {
+    return (((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | (((b[2 + ib / 4] >> (2 * (ib % 4))) & 3) << 4)) - 32;
+}
 static inline int nl_khi(int bits) { return bits == 2 ? 0 : bits == 6 ? 2 : 1; }
 
 // ------------------------------------------------------------------------------------------------ scalar
@@ -63,6 +67,12 @@ static inline __m256i nl_plane_xs(const uint8_t * q, int k, int ib) {
     const int per = 8 / k;
     const __m256i v = _mm256_loadu_si256((const __m256i *) (q + 32 * (ib / per)));
     return _mm256_and_si256(_mm256_srli_epi16(v, k * (ib % per)), _mm256_set1_epi8((char) ((1 << k) - 1)));
+}
+
+// the 32 indices of sub-block ib of an _XS super-block whose planes start at qs
+static inline __m256i nl_indices_xs(const uint8_t * qs, int klo, int khi, int ib) {
+    const __m256i idx = nl_plane_xs(qs, klo, ib);
+    return khi ? _mm256_or_si256(idx, _mm256_slli_epi16(nl_plane_xs(qs + 32 * klo, khi, ib), klo)) : idx;
 }
 
 static inline __m256i nl_plane_32(const uint8_t * q, int k) {
@@ -168,8 +178,7 @@ static void nl_vec_dot_xs_generic(int bits, size_t type_size, int n, float * GGM
         const float d4d8 = GGML_CPU_FP16_TO_FP32(dh) * y[ibl].d;
         for (int ib = 0; ib < QK_K / 32; ++ib) {
             nl_indices(bits, b + 8, QK_K, ib, L);
-            const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | (((b[2 + ib / 4] >> (2 * (ib % 4))) & 3) << 4);
-            sumf += d4d8 * (ls - 32) * nl_dot32(values, L, y[ibl].qs + 32 * ib);
+            sumf += d4d8 * nl_sub_scale(b, ib) * nl_dot32(values, L, y[ibl].qs + 32 * ib);
         }
     }
     *s = sumf;
@@ -204,27 +213,18 @@ static inline void nl_vec_dot_xs(int bits, size_t type_size, int n, float * GGML
     __m256 acc = _mm256_setzero_ps();
     for (int ibl = 0; ibl < n / QK_K; ++ibl) {
         const uint8_t * b = x + ibl * type_size;
-        uint16_t dh, sh; memcpy(&dh, b, 2); memcpy(&sh, b + 2, 2);
-        uint32_t sl; memcpy(&sl, b + 4, 4);
-        const uint8_t * qlo = b + 8, * qhi = b + 8 + 32 * klo;
-        const int8_t  * q8 = y[ibl].qs;
+        uint16_t dh; memcpy(&dh, b, 2);
+        const int8_t * q8 = y[ibl].qs;
         // the 8 sub-block scales weight int32 sums; one float multiply per super-block (|sum| < 2^31: 8 blocks of
         // 32 · 127 · 128 · 32)
         __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
         for (int ib = 0; ib < QK_K / 32; ib += 2) {
-            __m256i i0 = nl_plane_xs(qlo, klo, ib), i1 = nl_plane_xs(qlo, klo, ib + 1);
-            if (khi) {
-                i0 = _mm256_or_si256(i0, _mm256_slli_epi16(nl_plane_xs(qhi, khi, ib), klo));
-                i1 = _mm256_or_si256(i1, _mm256_slli_epi16(nl_plane_xs(qhi, khi, ib + 1), klo));
-            }
-            const int ls0 = (int) (((sl >> (4 * ib)) & 0xf) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
-            const int ls1 = (int) (((sl >> (4 * ib + 4)) & 0xf) | (((sh >> (2 * ib + 2)) & 3) << 4)) - 32;
-            sum0 = _mm256_add_epi32(sum0, nl_dot_i8(nl_lookup(bits, i0, tbl),
+            sum0 = _mm256_add_epi32(sum0, nl_dot_i8(nl_lookup(bits, nl_indices_xs(b + 8, klo, khi, ib), tbl),
                                                     _mm256_loadu_si256((const __m256i *) (q8 + 32 * ib)),
-                                                    _mm256_set1_epi16((int16_t) ls0)));
-            sum1 = _mm256_add_epi32(sum1, nl_dot_i8(nl_lookup(bits, i1, tbl),
+                                                    _mm256_set1_epi16((int16_t) nl_sub_scale(b, ib))));
+            sum1 = _mm256_add_epi32(sum1, nl_dot_i8(nl_lookup(bits, nl_indices_xs(b + 8, klo, khi, ib + 1), tbl),
                                                     _mm256_loadu_si256((const __m256i *) (q8 + 32 * ib + 32)),
-                                                    _mm256_set1_epi16((int16_t) ls1)));
+                                                    _mm256_set1_epi16((int16_t) nl_sub_scale(b, ib + 1))));
         }
         const float d = GGML_CPU_FP16_TO_FP32(dh) * y[ibl].d;
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
@@ -269,21 +269,16 @@ void ggml_nl_unpack_xs(int bits, const void * GGML_RESTRICT vx, uint8_t * GGML_R
     uint16_t dh; memcpy(&dh, b, 2);
     *d = GGML_CPU_FP16_TO_FP32(dh);
     for (int ib = 0; ib < QK_K / 32; ++ib) {
-        scales[ib] = (((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | (((b[2 + ib / 4] >> (2 * (ib % 4))) & 3) << 4)) - 32;
+        scales[ib] = nl_sub_scale(b, ib);
     }
 #if defined(__AVX2__)
     const int klo = nl_klo(bits), khi = nl_khi(bits);
     __m256i tbl[4];
     nl_tables(bits, tbl);
-    const uint8_t * qlo = b + 8, * qhi = b + 8 + 32 * klo;
     for (int ib = 0; ib < QK_K / 32; ++ib) {
-        __m256i idx = nl_plane_xs(qlo, klo, ib);
-        if (khi) {
-            idx = _mm256_or_si256(idx, _mm256_slli_epi16(nl_plane_xs(qhi, khi, ib), klo));
-        }
         // value + 128 as a byte is value ^ 0x80
-        _mm256_storeu_si256((__m256i *) (q + 32 * ib), _mm256_xor_si256(nl_lookup(bits, idx, tbl),
-                                                                         _mm256_set1_epi8((char) 0x80)));
+        const __m256i w = nl_lookup(bits, nl_indices_xs(b + 8, klo, khi, ib), tbl);
+        _mm256_storeu_si256((__m256i *) (q + 32 * ib), _mm256_xor_si256(w, _mm256_set1_epi8((char) 0x80)));
     }
 #else
     const int8_t * values = nl_values(bits);
