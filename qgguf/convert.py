@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from . import __version__
@@ -59,6 +60,17 @@ def stats_for(model_dir: Path, model_hash: str, args) -> Path:
     return out
 
 
+def writable_folder(folder: Path, option: str) -> Path:
+    """`folder`, created if missing; checked before any work so a bad path fails at once."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise QggufError(f"{option} {folder}: not a writable folder ({e.strerror or e}); give a folder you can "
+                         "write to, or drop the option") from None
+    return folder
+
+
 def run(args) -> int:
     import torch
 
@@ -77,6 +89,7 @@ def run(args) -> int:
         raise QggufError("give a budget: --target-bpw B (e.g. 4.5) or --target-size SIZE (e.g. 1.2GiB)")
     budget = (planmod.Budget.target_size(parse_size(args.target_size)) if args.target_size is not None
               else planmod.Budget.target_bpw(args.target_bpw))
+    encode_cache = writable_folder(Path(args.encode_cache), "--encode-cache") if args.encode_cache else None
     overrides = planmod.parse_overrides(args.tensor_type or [])
     if args.tensor_type_file:
         overrides += planmod.read_tensor_type_file(Path(args.tensor_type_file))
@@ -117,7 +130,7 @@ def run(args) -> int:
     meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
             "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
     export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device, reader=reader,
-                encode_cache=Path(args.encode_cache) if args.encode_cache else None)
+                encode_cache=encode_cache)
 
     size = out.stat().st_size
     if budget.kind == "size" and size > budget.value:

@@ -165,3 +165,15 @@ def test_output_equal_to_input(setup):
                 "--stats", str(stats))
     assert res.returncode != 0 and "is the input" in res.stderr and "Traceback" not in res.stderr
     assert (model / "model.safetensors").stat().st_size > 1000
+
+
+def test_encode_cache_not_a_folder(setup, tmp_path):
+    """A --encode-cache that cannot be a folder fails before any work, with one message and no output file."""
+    model, stats, _ = setup
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = tmp_path / "x.gguf"
+    res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "5", "--stats", str(stats),
+                "--encode-cache", str(blocker / "cache"))
+    assert res.returncode != 0 and "--encode-cache" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists() and blocker.read_text() == "not a folder"
