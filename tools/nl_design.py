@@ -189,7 +189,7 @@ def lloyd_encoder(x: torch.Tensor, fmt: nl.NLFormat, init: torch.Tensor, iters: 
     ones = torch.ones_like(xt)
     for _ in range(iters):
         vals = (c * 127).float()
-        d = fmt.block_scales(xt, ones, vals)
+        d = fmt.block_scales(xt, ones, vals, unbiased=False)  # Lloyd-Max wants the LS scale
         ok = d != 0
         y = (xt[:, ok] / d[ok]).reshape(-1).double() / 127
         idx = torch.bucketize(y, (c[1:] + c[:-1]) / 2)

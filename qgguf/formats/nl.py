@@ -13,7 +13,9 @@ absmax-normalised data).
 Encoder (importance-weighted, the same algorithm as the C quantiser in cpp_ext, float op for float op so both give
 the same bytes): per 32-weight block, try the inverse scales `num/max` for a fixed list of numerators around -127
 (max = the block's signed absmax; numerators below -127 clip the largest weights), assign each weight its nearest
-codebook value, and keep the least-squares scale Σw·q·x / Σw·q² of the candidate with the lowest weighted error.
+codebook value, and keep the candidate with the lowest weighted error under its least-squares scale; the block
+stores the gain-unbiased scale Σw·x² / Σw·q·x of that candidate (Σw·x̂·x = Σw·x², so a block's reconstruction is
+not shrunk towards zero, as a least-squares one is by its relative error).
 The `_XS` layouts then quantise the 8 block scales to 6 bits against the super-block's largest one (as IQ4_XS) and
 re-assign the indices with the stored scales.
 
@@ -152,8 +154,15 @@ class NLFormat(Format):
         return SUB if self.layout == "32" else QK_K // k
 
     # -------------------------------------------------------------- encoder
-    def block_scales(self, xt: torch.Tensor, wt: torch.Tensor, vals: torch.Tensor | None = None) -> torch.Tensor:
-        """Least-squares scale of each 32-weight block (position-major xt, wt [32, nb]), searched over candidates.
+    def block_scales(self, xt: torch.Tensor, wt: torch.Tensor, vals: torch.Tensor | None = None, *,
+                     unbiased: bool = True) -> torch.Tensor:
+        """Scale of each 32-weight block (position-major xt, wt [32, nb]): the candidate with the lowest weighted
+        error under its least-squares scale Σw·q·x / Σw·q², stored as the gain-unbiased scale Σw·x² / Σw·q·x
+        (`unbiased`, the encoder's choice) or as the least-squares one (the design study's Lloyd-Max loop).
+
+        Why unbiased: with a centroid codebook the least-squares reconstruction is the weights shrunk by their
+        relative error (Σw·x̂·x = Σw·x̂²), in every block the same way; such shrinkage adds up across tensors and
+        layers, which the planner's per-weight ½·ΣF·err cannot see (docs/design.md, "Gain-unbiased NL scales").
 
         `vals` (float32, sorted) replaces the codebook: the design study trains codebooks through this search."""
         table = None
@@ -167,6 +176,7 @@ class NLFormat(Format):
         mx = torch.where(zero, torch.ones_like(mx), mx)
         d = torch.zeros_like(amax)
         best = torch.zeros_like(amax)
+        best_qx = torch.zeros_like(amax)
         for num in self.candidates:
             iscale = torch.tensor(float(num), dtype=torch.float32, device=xt.device) / mx
             q = vals[nearest_index(vals, iscale * xt, table)]
@@ -176,6 +186,11 @@ class NLFormat(Format):
             better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
             d = torch.where(better, sumqx / torch.where(better, sumq2, torch.ones_like(sumq2)), d)
             best = torch.where(better, d * sumqx, best)
+            best_qx = torch.where(better, sumqx, best_qx)
+        if unbiased:
+            found = d != 0
+            sumxx = seq_sum(wt * xt * xt)
+            d = torch.where(found, sumxx / torch.where(found, best_qx, torch.ones_like(best_qx)), d)
         return torch.where(zero, torch.zeros_like(d), d)
 
     def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:

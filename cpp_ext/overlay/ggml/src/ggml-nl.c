@@ -93,7 +93,10 @@ static void nl_pack(const nl_spec * s, const uint8_t * L, int n, uint8_t * q) {
 }
 
 // ------------------------------------------------------------------------------------------------ encoder
-// least-squares scale of one 32-weight block, searched over the candidate inverse scales num/max
+// scale of one 32-weight block: the candidate inverse scale num/max with the lowest weighted error under its
+// least-squares scale, returned as the gain-unbiased scale sum(w*x*x) / sum(w*q*x) of that candidate (a
+// least-squares scale shrinks every block's reconstruction by its relative error, and the shrinkage adds up across
+// tensors; docs/design.md, "Gain-unbiased NL scales")
 static float nl_block_scale(const nl_spec * s, const float * x, const float * qw) {
     const int n = 1 << s->bits;
     float amax = 0, max = 0;
@@ -104,7 +107,7 @@ static float nl_block_scale(const nl_spec * s, const float * x, const float * qw
     if (amax < NL_GROUP_MAX_EPS) {
         return 0.f;
     }
-    float d = 0, best = 0;
+    float d = 0, best = 0, best_qx = 0;
     for (int num = -127 - s->cand.lo; num <= -127 + s->cand.hi; num += s->cand.step) {
         const float id = (float) num / max;
         float sumqx = 0, sumq2 = 0;
@@ -117,9 +120,18 @@ static float nl_block_scale(const nl_spec * s, const float * x, const float * qw
         if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
             d = sumqx / sumq2;
             best = d * sumqx;
+            best_qx = sumqx;
         }
     }
-    return d;
+    if (d == 0) {
+        return 0.f;
+    }
+    float sumxx = 0;
+    for (int j = 0; j < QK_NL; ++j) {
+        const float wx = (qw ? qw[j] : 1.0f) * x[j];
+        sumxx += wx * x[j];
+    }
+    return sumxx / best_qx;
 }
 
 static inline int nl_nearest_int(float v) {
