@@ -57,6 +57,38 @@ def test_converted_file_generates_with_built_llama_cpp(tiny_f32):
     assert len(res.stdout.strip()) >= 4, f"no text generated: {res.stdout!r}"
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(line.startswith("flags") and f" {flag}" in line for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_quantised_model_runs_on_both_cpu_paths(tiny_f32, qtype, tmp_path):
+    """A llama-quantize file runs in llama-perplexity with the CPU backend's extra buffer types (AMX on CPUs that
+    have it, repacked layouts; on by default) and without them (-nr), to nearly the same perplexity. On an AMX CPU
+    the default path is the AMX one, which raised SIGILL before patch 0008."""
+    from tiny import tiny_text
+    from qgguf.toolout import parse_perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_text(4000, seed=3))
+    model = tmp_path / f"tiny-{qtype}.gguf"
+    res = subprocess.run([str(tool_path("llama-quantize")), str(tiny_f32), str(model), qtype, "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cmd = [str(tool_path("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "128", "--chunks", "3",
+           "-t", "2", "-b", "128"]
+    ppl = {}
+    for path, extra in (("default", []), ("no extra buffers", ["-nr"])):
+        res = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"{path} (exit {res.returncode}, AMX CPU: {_cpu_has('amx_int8')}):\n" \
+                                    + res.stderr[-2000:]
+        ppl[path] = parse_perplexity(res.stdout + res.stderr).ppl
+    assert abs(ppl["default"] / ppl["no extra buffers"] - 1) < 0.02, ppl
+
+
 def test_doctor_reports_the_build(llama_build):
     res = qgguf("doctor", "--json")
     rows = {r["what"]: r for r in json.loads(res.stdout)}
