@@ -37,16 +37,35 @@ static const nl_spec nl_specs[7] = {
     [6] = { 6, 4, 2, ggml_nl_values_6, {  8,  4, 1 } },
 };
 
-// index of the nearest level; ties go to the upper level unless x is strictly nearer the lower one
-static inline int nl_best_index(int n, const int8_t * val, float x) {
-    if (x <= val[0]) return 0;
-    if (x >= val[n - 1]) return n - 1;
-    int lo = 0, hi = n - 1;  // val[lo] <= x < val[hi]
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (x < val[mid]) hi = mid; else lo = mid;
+// #(levels <= k) for each integer k in [NL_TABLE_LO, NL_TABLE_HI]. The levels are integers, so
+// #(levels <= x) = #(levels <= floor(x)): one load replaces the binary search for the bracket of x (as
+// qgguf.formats.nl.index_table; every int8 level and every scaled weight the search tries lies inside the range).
+#define NL_TABLE_LO (-256)
+#define NL_TABLE_HI 255
+
+typedef struct {
+    uint8_t mu[NL_TABLE_HI - NL_TABLE_LO + 1];
+} nl_table;
+
+static void nl_table_init(const nl_spec * s, nl_table * t) {
+    const int n = 1 << s->bits;
+    int mu = 0;
+    for (int k = NL_TABLE_LO; k <= NL_TABLE_HI; ++k) {
+        while (mu < n && s->values[mu] <= k) ++mu;
+        t->mu[k - NL_TABLE_LO] = (uint8_t) mu;
     }
-    return x - val[hi - 1] < val[hi] - x ? hi - 1 : hi;
+}
+
+// index of the nearest level; ties go to the upper level unless x is strictly nearer the lower one (ggml's
+// best_index_int8 on the bracket found above)
+static inline int nl_best_index(const nl_spec * s, const nl_table * t, float x) {
+    const int n = 1 << s->bits;
+    const float c = !(x >= NL_TABLE_LO) ? NL_TABLE_LO : x > NL_TABLE_HI ? NL_TABLE_HI : x;
+    int k = (int) c;
+    k -= (float) k > c;  // floor, without libm
+    int mu = t->mu[k - NL_TABLE_LO];
+    mu = mu < 1 ? 1 : mu > n - 1 ? n - 1 : mu;
+    return x - s->values[mu - 1] < s->values[mu] - x ? mu - 1 : mu;
 }
 
 // ------------------------------------------------------------------------------------------------ bit planes
@@ -97,8 +116,7 @@ static void nl_pack(const nl_spec * s, const uint8_t * L, int n, uint8_t * q) {
 // least-squares scale, returned as the gain-unbiased scale sum(w*x*x) / sum(w*q*x) of that candidate (a
 // least-squares scale shrinks every block's reconstruction by its relative error, and the shrinkage adds up across
 // tensors; docs/design.md, "Gain-unbiased NL scales")
-static float nl_block_scale(const nl_spec * s, const float * x, const float * qw) {
-    const int n = 1 << s->bits;
+static float nl_block_scale(const nl_spec * s, const nl_table * t, const float * x, const float * qw) {
     float amax = 0, max = 0;
     for (int j = 0; j < QK_NL; ++j) {
         const float ax = fabsf(x[j]);
@@ -112,7 +130,7 @@ static float nl_block_scale(const nl_spec * s, const float * x, const float * qw
         const float id = (float) num / max;
         float sumqx = 0, sumq2 = 0;
         for (int j = 0; j < QK_NL; ++j) {
-            const float q  = s->values[nl_best_index(n, s->values, id * x[j])];
+            const float q  = s->values[nl_best_index(s, t, id * x[j])];
             const float wq = (qw ? qw[j] : 1.0f) * q;
             sumqx += wq * x[j];
             sumq2 += wq * q;
@@ -138,13 +156,12 @@ static inline int nl_nearest_int(float v) {
     return (int) lrintf(v);  // round half to even, as torch.round
 }
 
-static void nl_quantize_xs(const nl_spec * s, const float * x, const float * qw, uint16_t * dh, uint8_t * scales_h,
-                           uint8_t * scales_l, uint8_t * qs) {
-    const int n = 1 << s->bits;
+static void nl_quantize_xs(const nl_spec * s, const nl_table * t, const float * x, const float * qw, uint16_t * dh,
+                           uint8_t * scales_h, uint8_t * scales_l, uint8_t * qs) {
     float scales[QK_NL_XS / QK_NL];
     float max_scale = 0, amax_scale = 0;
     for (int ib = 0; ib < QK_NL_XS / QK_NL; ++ib) {
-        scales[ib] = nl_block_scale(s, x + QK_NL * ib, qw ? qw + QK_NL * ib : NULL);
+        scales[ib] = nl_block_scale(s, t, x + QK_NL * ib, qw ? qw + QK_NL * ib : NULL);
         if (fabsf(scales[ib]) > amax_scale) { amax_scale = fabsf(scales[ib]); max_scale = scales[ib]; }
     }
     const ggml_fp16_t dfp = GGML_FP32_TO_FP16(-max_scale / 32);
@@ -160,7 +177,7 @@ static void nl_quantize_xs(const nl_spec * s, const float * x, const float * qw,
         const float dl  = d * l;
         const float idl = dl != 0 ? 1 / dl : 0.f;
         for (int j = 0; j < QK_NL; ++j) {
-            L[QK_NL * ib + j] = (uint8_t) nl_best_index(n, s->values, idl * x[QK_NL * ib + j]);
+            L[QK_NL * ib + j] = (uint8_t) nl_best_index(s, t, idl * x[QK_NL * ib + j]);
         }
         const int u = l + 32;
         scales_l[ib / 2] |= (uint8_t) ((u & 0xf) << (4 * (ib % 2)));
@@ -169,15 +186,15 @@ static void nl_quantize_xs(const nl_spec * s, const float * x, const float * qw,
     nl_pack(s, L, QK_NL_XS, qs);
 }
 
-static void nl_quantize_32(const nl_spec * s, const float * x, const float * qw, uint16_t * dh, uint8_t * qs) {
-    const int n = 1 << s->bits;
-    const ggml_fp16_t dfp = GGML_FP32_TO_FP16(nl_block_scale(s, x, qw));
+static void nl_quantize_32(const nl_spec * s, const nl_table * t, const float * x, const float * qw, uint16_t * dh,
+                           uint8_t * qs) {
+    const ggml_fp16_t dfp = GGML_FP32_TO_FP16(nl_block_scale(s, t, x, qw));
     const float d  = GGML_FP16_TO_FP32(dfp);
     const float id = d != 0 ? 1 / d : 0.f;
     *dh = dfp;
     uint8_t L[QK_NL];
     for (int j = 0; j < QK_NL; ++j) {
-        L[j] = (uint8_t) nl_best_index(n, s->values, id * x[j]);
+        L[j] = (uint8_t) nl_best_index(s, t, id * x[j]);
     }
     nl_pack(s, L, QK_NL, qs);
 }
@@ -220,10 +237,12 @@ size_t quantize_nl##B##_xs(const float * GGML_RESTRICT src, void * GGML_RESTRICT
     GGML_ASSERT(n_per_row % QK_NL_XS == 0); \
     const int64_t nb = n_per_row / QK_NL_XS; \
     block_nl##B##_xs * y = (block_nl##B##_xs *) dst; \
+    nl_table t; \
+    nl_table_init(&nl_specs[B], &t); \
     for (int64_t row = 0; row < nrows; ++row) { \
         for (int64_t i = 0; i < nb; ++i) { \
             block_nl##B##_xs * b = y + row * nb + i; \
-            nl_quantize_xs(&nl_specs[B], src + row * n_per_row + QK_NL_XS * i, \
+            nl_quantize_xs(&nl_specs[B], &t, src + row * n_per_row + QK_NL_XS * i, \
                            imatrix ? imatrix + QK_NL_XS * i : NULL, &b->d, b->scales_h, b->scales_l, b->qs); \
         } \
     } \
@@ -246,10 +265,12 @@ size_t quantize_nl##B##_32(const float * GGML_RESTRICT src, void * GGML_RESTRICT
     GGML_ASSERT(n_per_row % QK_NL == 0); \
     const int64_t nb = n_per_row / QK_NL; \
     block_nl##B##_32 * y = (block_nl##B##_32 *) dst; \
+    nl_table t; \
+    nl_table_init(&nl_specs[B], &t); \
     for (int64_t row = 0; row < nrows; ++row) { \
         for (int64_t i = 0; i < nb; ++i) { \
             block_nl##B##_32 * b = y + row * nb + i; \
-            nl_quantize_32(&nl_specs[B], src + row * n_per_row + QK_NL * i, \
+            nl_quantize_32(&nl_specs[B], &t, src + row * n_per_row + QK_NL * i, \
                            imatrix ? imatrix + QK_NL * i : NULL, &b->d, b->qs); \
         } \
     } \
