@@ -2,10 +2,11 @@
 
 A format works on blocks. Subclasses implement two vectorised kernels over a batch of blocks:
 
-    encode_blocks(x[nb, block_size] float32, w[nb, block_size] float32 | None) -> uint8[nb, type_size]
+    encode_blocks(x[nb, block_size] float32, w[nb, block_size] float32 | None, row_len) -> uint8[nb, type_size]
     decode_blocks(q[nb, type_size] uint8) -> float32[nb, block_size]
 
-where `w` is the per-element importance of each weight (the per-input-channel importance tiled over rows).
+where `w` is the per-element importance of each weight (the per-input-channel importance tiled over rows) and the
+blocks are whole rows of `row_len` weights in row order (the legacy types' importance path needs each row's σ²).
 The base class does everything else: checks (NaN/Inf, row length, importance size, byte count), the reshape of a
 2-D (or N-D) tensor into blocks, chunking over rows so memory stays bounded, devices, and the numpy/torch faces.
 """
@@ -62,7 +63,9 @@ class Format:
                              f"this one has {row_len}; pick a type with a smaller block (e.g. Q8_0, Q4_0, IQ4_NL)")
 
     # ---------------------------------------------------------------- kernels (subclasses)
-    def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None, row_len: int) -> torch.Tensor:
+        """Blocks x [nb, block_size] (whole rows of `row_len` weights, in row order) and their importance w (same
+        shape, or None) to block bytes [nb, type_size]. `row_len` is for encoders that use row statistics."""
         raise NotImplementedError
 
     def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
@@ -106,7 +109,7 @@ class Format:
             n = xc.shape[0]
             xb = xc.reshape(n * nb_row, self.block_size)
             wc = None if wb is None else wb.expand(n, nb_row, self.block_size).reshape(n * nb_row, self.block_size)
-            out[r0:r0 + n] = self.encode_blocks(xb, wc).reshape(n, nb_row * self.type_size)
+            out[r0:r0 + n] = self.encode_blocks(xb, wc, row_len).reshape(n, nb_row * self.type_size)
         return out
 
     def decode(self, raw, shape, *, tensor: str = "tensor", device: str | torch.device | None = None

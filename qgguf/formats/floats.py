@@ -12,7 +12,7 @@ class _Float(Format):
     quantized = False
     dtype: torch.dtype
 
-    def encode_blocks(self, x, w):
+    def encode_blocks(self, x, w, row_len):
         return self._to(x).reshape(-1, 1).contiguous().view(torch.uint8).reshape(x.shape[0], self.type_size)
 
     def decode_blocks(self, q):

@@ -72,7 +72,7 @@ def _inv(d: torch.Tensor) -> torch.Tensor:
 class IQ4_NL(Format):
     name, type_id, block_size, type_size = "IQ4_NL", 20, 32, 18
 
-    def encode_blocks(self, x, w):
+    def encode_blocks(self, x, w, row_len):
         xt = x.t().contiguous()
         scale = _block_scales(xt, _search_weight(xt, w))
         # the indices are re-chosen for the float scale (not its fp16 rounding), as ggml does
@@ -90,7 +90,7 @@ class IQ4_XS(Format):
     name, type_id, block_size, type_size = "IQ4_XS", 23, 256, 136
     sub_block = SUB
 
-    def encode_blocks(self, x, w):
+    def encode_blocks(self, x, w, row_len):
         nsb = x.shape[0]
         nsub = self.block_size // SUB
         xt_super = x.t().contiguous()

@@ -682,7 +682,7 @@ class _KQuant(Format):
     block_size = QK_K
     _encoder: Callable
 
-    def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None, row_len: int) -> torch.Tensor:
         return _run_encoder(type(self)._encoder, x.contiguous(), None if w is None else w.contiguous())
 
 

@@ -16,9 +16,6 @@ none here: at 8 bits the round-to-nearest error is already far below every other
 
 from __future__ import annotations
 
-import threading
-
-import numpy as np
 import torch
 
 from .base import Format, register
@@ -28,31 +25,14 @@ from .common import (fdiv, fp16_bytes, fp16_from_bytes, make_qkx3_quants, make_q
 QK = 32
 
 
-class _RowLen(threading.local):
-    """The row length of the tensor being encoded: the importance paths need each row's mean square."""
-
-    value: int | None = None
-
-
-_ROW_LEN = _RowLen()
-
-
 class _Block32(Format):
     block_size = QK
 
-    def encode_torch(self, weights, importance=None, **kw):
-        shape = weights.shape if hasattr(weights, "shape") else np.shape(weights)
-        prev, _ROW_LEN.value = _ROW_LEN.value, int(shape[-1]) if len(shape) else None
-        try:
-            return super().encode_torch(weights, importance, **kw)
-        finally:
-            _ROW_LEN.value = prev
-
-    def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None, row_len: int) -> torch.Tensor:
         xt = x.t().contiguous()  # position-major [32, nb], see common.py
         if w is None:
             return self.encode_ref(xt)
-        weight = w.t() * sqrt_f32(_row_sigma2(x).unsqueeze(0) + xt * xt)
+        weight = w.t() * sqrt_f32(_row_sigma2(x, row_len).unsqueeze(0) + xt * xt)  # the importance path needs σ² of each row
         return self.encode_weighted(xt, weight)
 
     def encode_ref(self, xt: torch.Tensor) -> torch.Tensor:
@@ -62,9 +42,8 @@ class _Block32(Format):
         raise NotImplementedError
 
 
-def _row_sigma2(x: torch.Tensor) -> torch.Tensor:
+def _row_sigma2(x: torch.Tensor, row_len: int) -> torch.Tensor:
     """σ² = Σx²/n over each block's row (ggml's sum_x2/n_per_row, summed in row order), one value per block."""
-    row_len = _ROW_LEN.value or x.shape[1]  # blocks given without a row: each block is its own row
     rows = x.reshape(-1, row_len).t()
     sq = (rows * rows).contiguous()
     sigma2 = fdiv(seq_sum(sq), row_len)
@@ -179,7 +158,7 @@ class Q5_1(_Block32):
 class Q8_0(_Block32):
     name, type_id, type_size = "Q8_0", 8, 34
 
-    def encode_blocks(self, x, w):
+    def encode_blocks(self, x, w, row_len):
         # quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d); ggml ignores importance for Q8_0
         amax = x.abs().max(dim=1).values
         d = fdiv(amax, 127)

@@ -193,7 +193,7 @@ class NLFormat(Format):
             d = torch.where(found, sumxx / torch.where(found, best_qx, torch.ones_like(best_qx)), d)
         return torch.where(zero, torch.zeros_like(d), d)
 
-    def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None, row_len: int) -> torch.Tensor:
         nb = x.shape[0]
         dev = x.device
         vals = torch.tensor(self.values, dtype=torch.float32, device=dev)
