@@ -87,6 +87,30 @@ def test_compiled_bytes_equal_ggml(name, what, monkeypatch, llama_build):
     assert np.array_equal(ours, ggml_ref.quantize(f.type_id, x, imp))
 
 
+def test_one_process_compiles_every_type_without_eager_fallback():
+    """All five K-quants, plain and with importance, in one process (as `qgguf convert` does): the shared kernels
+    are compiled for every type's constants and both piece shapes, without dynamo's recompile limit sending any of
+    them back to eager (it warns "hit config.recompile_limit" on stderr when it does)."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from qgguf import formats
+        from qgguf.formats import kquants
+        kquants.PIECE_BLOCKS_COMPILED, kquants.PIECE_BLOCKS_TAIL = 32, 16
+        rng = np.random.default_rng(3)
+        x = rng.standard_t(5, size=(35, 1024)).astype(np.float32)  # 140 blocks: 4 pieces of 32, 12 padded to 16
+        imp = rng.gamma(1.0, 1.0, 1024).astype(np.float32)
+        for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+            for w in (None, imp):
+                formats.get(name).encode(x, w)
+        print("broken", kquants._compile_broken)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, QGGUF_COMPILE="1"), capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "broken False" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert "recompile_limit" not in res.stderr and "cache_size_limit" not in res.stderr, res.stderr[-3000:]
+
+
 def test_compile_failure_falls_back_to_eager(tmp_path, llama_build):
     """With no working C++ compiler, the encoder warns once and still returns ggml's bytes."""
     code = textwrap.dedent("""

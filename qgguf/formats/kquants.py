@@ -632,6 +632,17 @@ def _compile_mode() -> str:
     return {"0": "off", "false": "off", "no": "off", "off": "off", "1": "on", "true": "on", "on": "on"}.get(v, "auto")
 
 
+# Each kernel's code is shared by the types' constants (nmax, weighted or not) and two piece shapes, so one
+# process compiles it more than dynamo's default 8 times; past the limit dynamo warns and runs it eagerly.
+RECOMPILE_LIMIT = 64
+
+
+def _recompile_room():
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return cfg.patch({name: max(getattr(cfg, name), RECOMPILE_LIMIT)})
+
+
 def _run_encoder(fn: Callable, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """Run an encoder over x [nb, 256] in pieces, its kernels compiled for large batches."""
     global _compile_broken
@@ -639,7 +650,8 @@ def _run_encoder(fn: Callable, x: torch.Tensor, w: torch.Tensor | None) -> torch
     if not _compile_broken and mode != "off" and (mode == "on" or x.shape[0] >= COMPILE_MIN_BLOCKS):
         token = _use_compiled.set(True)
         try:
-            return _in_pieces(fn, x, w, PIECE_BLOCKS_COMPILED, pad=True)
+            with _recompile_room():
+                return _in_pieces(fn, x, w, PIECE_BLOCKS_COMPILED, pad=True)
         except Exception as e:  # no C++ compiler / Triton: the eager path gives the same bytes, slower
             _compile_broken = True
             first = (str(e).strip().splitlines() or [""])[0][:200]
