@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from qgguf import formats  # noqa: E402
 from qgguf.benchreport import replace_marked_section  # noqa: E402
-from qgguf.files import atomic_output  # noqa: E402
+from qgguf.errors import QggufError  # noqa: E402
+from qgguf.files import atomic_output, require_file  # noqa: E402
 from qgguf.formats import nl  # noqa: E402
 from qgguf.stats import load_stats  # noqa: E402
 
@@ -76,6 +77,12 @@ def main() -> None:
     from gguf import GGUFReader
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        require_file(args.gguf, "F32 GGUF", "give the F32 GGUF of a `qgguf bench` run (its cache folder) or of "
+                     "`qgguf convert-hf --outtype f32`")
+        require_file(args.stats, "statistics file", "make one with `qgguf calibrate MODEL -o STATS.safetensors`")
+    except QggufError as e:
+        raise SystemExit(f"gain_bias.py: {e}")
     reader = GGUFReader(str(args.gguf))
     by_name = {t.name: t for t in reader.tensors}
     stats = load_stats(args.stats)

@@ -32,7 +32,8 @@ class _Block32(Format):
         xt = x.t().contiguous()  # position-major [32, nb], see common.py
         if w is None:
             return self.encode_ref(xt)
-        weight = w.t() * sqrt_f32(_row_sigma2(x, row_len).unsqueeze(0) + xt * xt)  # the importance path needs σ² of each row
+        # the importance path weighs each weight by sqrt(σ² of its row + x²), as quantize_row_q*_impl
+        weight = w.t() * sqrt_f32(_row_sigma2(x, row_len).unsqueeze(0) + xt * xt)
         return self.encode_weighted(xt, weight)
 
     def encode_ref(self, xt: torch.Tensor) -> torch.Tensor:
