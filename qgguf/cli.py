@@ -6,18 +6,18 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
-from .errors import QggufError
+from qgguf import __version__
+from qgguf.errors import QggufError
 
 # Each module defines add_parser(subparsers) and sets `func` on its parsers.
 COMMAND_MODULES = (
-    "qgguf.llama",
-    "qgguf.hfconvert",
-    "qgguf.assets",
+    "qgguf.llamacpp.build",
+    "qgguf.llamacpp.converter",
+    "qgguf.assets.fetch",
     "qgguf.doctor",
-    "qgguf.calibrate", "qgguf.imatrix",
+    "qgguf.calibrate.cli", "qgguf.calibrate.imatrix",
     "qgguf.convert",
-    "qgguf.bench",
+    "qgguf.bench.cli",
 )
 
 

@@ -11,28 +11,18 @@ OUT.tensor-types.txt (stock palette: reproduces the plan with stock llama-quanti
 from __future__ import annotations
 
 import json
-import re
 import sys
-import tempfile
 from pathlib import Path
 
-from . import __version__
-from .errors import QggufError
-from .files import cache_dir, check_output_path
-from .hfconvert import check_model_dir, convert_hf, resolve_model
-
-SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
-              "G": 1000**3, "GB": 1000**3, "GIB": 1024**3}
-HEADER_SLACK = 512  # bytes for the metadata keys export adds to the converter's header (quantized_by, ...)
-
-
-def parse_size(text: str) -> int:
-    """'1.2GiB', '800MB', '123456789' → bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).upper() if m else None
-    if not m or unit not in SIZE_UNITS:
-        raise QggufError(f"--target-size {text!r} is not a size; write e.g. 1.2GiB, 800MB or 123456789")
-    return int(float(m.group(1)) * SIZE_UNITS[unit])
+from qgguf import __version__, formats
+from qgguf.errors import QggufError
+from qgguf.files import cache_dir, check_output_path, writable_folder
+from qgguf.llamacpp.converter import convert_hf
+from qgguf.models import check_model_dir, resolve_model
+from qgguf.plan.budget import HEADER_SLACK, Budget, FileLayout, parse_size
+from qgguf.plan.outputs import summary, write_heatmap, write_plan_json, write_tensor_type_file
+from qgguf.plan.planner import plan
+from qgguf.plan.rules import llama_quantizes, palette_types, parse_overrides, read_tensor_type_file
 
 
 def f32_gguf(model_dir: Path, model_hash: str) -> Path:
@@ -46,7 +36,7 @@ def f32_gguf(model_dir: Path, model_hash: str) -> Path:
 
 def stats_for(model_dir: Path, model_hash: str, args) -> Path:
     """The statistics file: --stats, else a cached calibration with the given settings."""
-    from .calibrate import calibrate
+    from qgguf.calibrate.runner import calibrate
 
     if args.stats:
         return Path(args.stats)
@@ -60,25 +50,13 @@ def stats_for(model_dir: Path, model_hash: str, args) -> Path:
     return out
 
 
-def writable_folder(folder: Path, option: str) -> Path:
-    """`folder`, created if missing; checked before any work so a bad path fails at once."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise QggufError(f"{option} {folder}: not a writable folder ({e.strerror or e}); give a folder you can "
-                         "write to, or drop the option") from None
-    return folder
-
-
 def run(args) -> int:
     import torch
 
-    from . import plan as planmod
-    from .calibrate import model_sha256
-    from .export import export_gguf, open_gguf, tensor_f32
-    from .measure import TensorInput, measure_tensors
-    from .stats import load_stats
+    from qgguf.calibrate.stats import load_stats
+    from qgguf.export.writer import export_gguf, open_gguf, tensor_f32
+    from qgguf.models import model_sha256
+    from qgguf.plan.measure import TensorInput, measure_tensors
 
     model_dir = resolve_model(args.model)
     check_model_dir(model_dir)
@@ -87,13 +65,13 @@ def run(args) -> int:
         raise QggufError(f"output {str(out)!r} should end in .gguf (the plan and heat map are written beside it)")
     if args.target_bpw is None and args.target_size is None:
         raise QggufError("give a budget: --target-bpw B (e.g. 4.5) or --target-size SIZE (e.g. 1.2GiB)")
-    budget = (planmod.Budget.target_size(parse_size(args.target_size)) if args.target_size is not None
-              else planmod.Budget.target_bpw(args.target_bpw))
+    budget = (Budget.target_size(parse_size(args.target_size)) if args.target_size is not None
+              else Budget.target_bpw(args.target_bpw))
     encode_cache = writable_folder(Path(args.encode_cache), "--encode-cache") if args.encode_cache else None
-    overrides = planmod.parse_overrides(args.tensor_type or [])
+    overrides = parse_overrides(args.tensor_type or [])
     if args.tensor_type_file:
-        overrides += planmod.read_tensor_type_file(Path(args.tensor_type_file))
-    types = planmod.palette_types(args.palette, min_type=args.min_type, max_type=args.max_type,
+        overrides += read_tensor_type_file(Path(args.tensor_type_file))
+    types = palette_types(args.palette, min_type=args.min_type, max_type=args.max_type,
                                   overrides=overrides)
 
     model_hash = model_sha256(model_dir)
@@ -106,13 +84,13 @@ def run(args) -> int:
     src = f32_gguf(model_dir, model_hash)
     reader = open_gguf(src)
 
-    planned = [t for t in reader.tensors if planmod.llama_quantizes(t.name, len(t.shape))]
+    planned = [t for t in reader.tensors if llama_quantizes(t.name, len(t.shape))]
     missing = [t.name for t in planned if t.name not in stats]
     if missing:
         raise QggufError(f"statistics {stats_path} have no entry for {', '.join(missing[:3])}"
                          f"{' …' if len(missing) > 3 else ''}; they belong to another model: recalibrate")
     planned_names = {t.name for t in planned}
-    layout = planmod.FileLayout.from_tensors(
+    layout = FileLayout.from_tensors(
         int(reader.data_offset) + HEADER_SLACK,
         [(int(t.n_bytes), int(t.n_elements)) for t in reader.tensors if t.name not in planned_names])
 
@@ -123,12 +101,12 @@ def run(args) -> int:
 
     measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device, total=len(planned))
     choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
-    the_plan = planmod.plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
+    the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
                             max_type=args.max_type)
 
     importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
     meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
-            "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
+            "qgguf.calibrate.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
     export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device, reader=reader,
                 encode_cache=encode_cache)
 
@@ -138,18 +116,18 @@ def run(args) -> int:
         raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
                          "this is a bug in qgguf's size accounting (nothing was kept)")
     base = out.with_suffix("")
-    the_plan.write_json(base.with_name(base.name + ".plan.json"))
-    if all(__import__("qgguf.formats", fromlist=["get"]).get(t).stock for t in the_plan.types.values()):
-        the_plan.write_tensor_type_file(base.with_name(base.name + ".tensor-types.txt"))
-    the_plan.write_heatmap(base.with_name(base.name + ".heatmap.png"))
-    print(the_plan.summary())
+    write_plan_json(the_plan, base.with_name(base.name + ".plan.json"))
+    if all(formats.get(t).stock for t in the_plan.types.values()):
+        write_tensor_type_file(the_plan, base.with_name(base.name + ".tensor-types.txt"))
+    write_heatmap(the_plan, base.with_name(base.name + ".heatmap.png"))
+    print(summary(the_plan))
     print(f"wrote {out} ({size:,} bytes)")
     return 0
 
 
 def add_parser(sub) -> None:
-    from .calibrate import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENS
-    from .measure import DEFAULT_MAX_ROWS
+    from qgguf.calibrate.runner import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENS
+    from qgguf.plan.measure import DEFAULT_MAX_ROWS
 
     p = sub.add_parser("convert", help="the main job: an HF model to the Fisher-optimal GGUF for a budget")
     p.add_argument("model", help="HF model folder, or an asset name from `qgguf fetch` (e.g. smollm2-135m)")

@@ -10,9 +10,9 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from . import __version__
-from .files import cache_dir
-from .llama import TOOLS, BuildSpec, LLAMA_CPP_COMMIT, SDIST_NAME, SDIST_VERSION, gguf_py_matches
+from qgguf import __version__
+from qgguf.files import cache_dir
+from qgguf.llamacpp.build import LLAMA_CPP_COMMIT, SDIST_NAME, SDIST_VERSION, TOOLS, BuildSpec, gguf_py_matches
 
 
 @dataclass
@@ -74,7 +74,7 @@ def checks() -> list[Check]:
 
     assets_dir = cache_dir("assets")
     try:
-        assets = importlib.import_module("qgguf.assets")
+        assets = importlib.import_module("qgguf.assets.fetch")
         for name, ready, where in assets.status():
             out.append(Check(f"asset {name}", ready, where, f"qgguf fetch {name}"))
     except (ImportError, AttributeError):

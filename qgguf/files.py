@@ -1,15 +1,14 @@
-"""File helpers shared by every stage: atomic outputs, input checks, hashing, the cache folder."""
+"""File helpers shared by every stage: atomic outputs, input and output checks, the cache folder."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import QggufError
+from qgguf.errors import QggufError
 
 
 def cache_dir(*parts: str) -> Path:
@@ -23,14 +22,6 @@ def cache_dir(*parts: str) -> Path:
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def require_dir(path: Path, what: str, fix: str) -> Path:
@@ -88,3 +79,14 @@ def atomic_output(out: Path, inputs: list[Path] = ()) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def writable_folder(folder: Path, option: str) -> Path:
+    """`folder`, created if missing; checked before any work so a bad path fails at once."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise QggufError(f"{option} {folder}: not a writable folder ({e.strerror or e}); give a folder you can "
+                         "write to, or drop the option") from None
+    return folder

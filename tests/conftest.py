@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny import make_tiny_llama  # noqa: E402
+from qgguf.assets.tiny import make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +16,6 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_build() -> Path:
     """The built llama.cpp fork (CPU). Built by `qgguf llama build` (the CI does it before the tests)."""
-    from qgguf.llama import BuildSpec, build
+    from qgguf.llamacpp.build import BuildSpec, build
 
     return build(BuildSpec.from_env(cuda=False))

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from qgguf import bench, toolout
-from qgguf.benchreport import update_docs
+from qgguf.assets.tiny import tiny_text
+from qgguf.bench.config import BenchConfig, Source
+from qgguf.bench.pareto import bpw_at_kld, kld_at_bpw, pareto_front, rate_gap, savings
+from qgguf.bench.reference import gguf_sizes
+from qgguf.bench.report import update_docs
+from qgguf.bench.rows import Row, auto_targets, convert_help, extended_palette_exists, load_row, qgguf_rows
 from qgguf.cli import main
-from qgguf.pareto import bpw_at_kld, kld_at_bpw, pareto_front, rate_gap, savings
-from tiny import tiny_text
+from qgguf.llamacpp import toolout
 
 CTX, CHUNKS = 128, 8
 
@@ -66,7 +69,7 @@ def _run(cmd: list) -> str:
 
 # ------------------------------------------------------------------------------------------ parsers, real output
 def test_kld_parser_on_real_output(first_run, llama_build):
-    from qgguf.llama import tool_path
+    from qgguf.llamacpp.build import tool_path
 
     f32, logits = _ref_files(first_run["cache"])
     q4 = first_run["out"] / "gguf" / "stock-imatrix-Q4_K_M.gguf"
@@ -92,7 +95,7 @@ def test_kld_parser_on_real_output(first_run, llama_build):
     assert row["kld"] == k.to_dict()
     # llama.cpp's own BPW (2 decimals) is what gguf_sizes computes from the tensors.
     info = toolout.parse_model_info(text)
-    sizes = bench.gguf_sizes(q4)
+    sizes = gguf_sizes(q4)
     assert info.bpw == pytest.approx(sizes["bpw"], abs=0.006)
     assert info.tensor_types == sizes["tensor_types"]
 
@@ -119,12 +122,12 @@ def test_cut_output_is_reported(first_run):
 
 
 def test_quantize_and_bench_parsers_on_real_output(first_run, llama_build, tmp_path):
-    from qgguf.llama import tool_path
+    from qgguf.llamacpp.build import tool_path
 
     f32, _ = _ref_files(first_run["cache"])
     log = (first_run["out"] / "logs" / "stock-imatrix-Q4_K_M.quantize.log").read_text()
     q = toolout.parse_quantize(log)
-    sizes = bench.gguf_sizes(first_run["out"] / "gguf" / "stock-imatrix-Q4_K_M.gguf")
+    sizes = gguf_sizes(first_run["out"] / "gguf" / "stock-imatrix-Q4_K_M.gguf")
     assert q.quant_bpw == pytest.approx(sizes["bpw"], abs=0.006)
     assert q.quant_mib == pytest.approx(sizes["tensor_bytes"] / 2**20, abs=0.006)
     assert q.model_bpw == 32.0
@@ -158,7 +161,7 @@ def test_bench_results(first_run, tiny_llama):
     assert res["machine"].endswith("CPU") and res["command"].startswith("qgguf bench ")
 
     # qgguf rows run when `qgguf convert` exists; until then they are skipped with the reason printed.
-    help_text, why_not = bench.convert_help()
+    help_text, why_not = convert_help()
     qrows = [r for r in res["rows"] if r["kind"] == "qgguf"]
     if help_text is None:
         assert not qrows and why_not == "qgguf convert not available"
@@ -215,10 +218,10 @@ def test_resume_after_interrupt(first_run, tiny_llama, texts, tmp_path):
 
     # A row whose spec differs is measured again; --redo re-measures and gets the same numbers.
     row = json.loads((out / "rows" / "stock-imatrix-Q6_K.json").read_text())
-    spec_row = bench.Row("stock-imatrix-Q6_K", "stock", "Q6_K", "llama-quantize + imatrix", row["spec"])
-    assert bench.load_row(out, spec_row) is not None
+    spec_row = Row("stock-imatrix-Q6_K", "stock", "Q6_K", "llama-quantize + imatrix", row["spec"])
+    assert load_row(out, spec_row) is not None
     spec_row.spec = {**row["spec"], "chunks": CHUNKS + 1}
-    assert bench.load_row(out, spec_row) is None
+    assert load_row(out, spec_row) is None
     assert main(args + ["--redo", "stock-*-Q6_K"]) == 0
     again = json.loads((out / "rows" / "stock-imatrix-Q6_K.json").read_text())
     assert again["kld"] == row["kld"] and again["file_bytes"] == row["file_bytes"]
@@ -286,25 +289,25 @@ def test_rate_gap_from_plan():
 
 
 def test_qgguf_rows_say_why_they_cannot_run(tmp_path):
-    src = bench.Source(tmp_path, "m", "0" * 64, "m")
-    cfg = bench.BenchConfig(model=src, text=src, calib=src, out=tmp_path, presets=("Q4_K_M", "Q6_K"),
+    src = Source(tmp_path, "m", "0" * 64, "m")
+    cfg = BenchConfig(model=src, text=src, calib=src, out=tmp_path, presets=("Q4_K_M", "Q6_K"),
                             targets=(4.0,), palettes=("stock", "extended"))
     stock = {"Q4_K_M": {"file_bytes": 123456}}
-    rows = bench.qgguf_rows(cfg, stock, {}, None, "qgguf convert not available")
+    rows = qgguf_rows(cfg, None, stock, {}, None, "qgguf convert not available")
     assert len(rows) == 6 and all(r.skip == "qgguf convert not available" for r in rows)
-    rows = {r.id: r for r in bench.qgguf_rows(cfg, stock, {}, "usage: convert --stats", "")}
+    rows = {r.id: r for r in qgguf_rows(cfg, None, stock, {}, "usage: convert --stats", "")}
     assert rows["qgguf-stock-size-Q4_K_M"].skip == "" and rows["qgguf-stock-size-Q4_K_M"].spec["value"] == 123456
     assert "Q6_K row did not finish" in rows["qgguf-stock-size-Q6_K"].skip
     assert rows["qgguf-stock-bpw-4.00"].skip == "" and rows["qgguf-stock-bpw-4.00"].spec["budget"] == "target-bpw"
-    assert bench.auto_targets({"Q2_K": {"bpw": 5.139}, "Q8_0": {"bpw": 8.506}}) == (4.5, 9.25)
-    assert bench.auto_targets({}) == ()
+    assert auto_targets({"Q2_K": {"bpw": 5.139}, "Q8_0": {"bpw": 8.506}}) == (4.5, 9.25)
+    assert auto_targets({}) == ()
     ext = rows["qgguf-extended-bpw-4.00"].skip
-    assert ext == "" if bench.extended_palette_exists() else ext.startswith("the extended palette does not exist")
+    assert ext == "" if extended_palette_exists() else ext.startswith("the extended palette does not exist")
 
 
 def test_docs_section_replaced_between_its_own_markers():
     """An `end` marker left before its `begin` (a hand-edited docs file) must not duplicate the section."""
-    from qgguf.benchreport import replace_marked_section
+    from qgguf.docs import replace_marked_section
     text = "head\n<e>\nmiddle\n<b>\nold\n<e>\ntail\n"
     assert replace_marked_section(text, "<b>", "<e>", "<b>\nnew\n<e>\n") == "head\n<e>\nmiddle\n<b>\nnew\n<e>\ntail\n"
     assert replace_marked_section("only <e> here", "<b>", "<e>", "x") is None

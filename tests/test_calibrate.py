@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from qgguf.calibrate import (FisherCollector, collect_weights, gaussian_cotangent, label_cotangent, load_model,
-                             sample_labels, token_chunks)
+from qgguf.assets.tiny import make_tiny_llama, tiny_text
+from qgguf.calibrate import klcheck
+from qgguf.calibrate.fisher import FisherCollector, gaussian_cotangent, label_cotangent, sample_labels
+from qgguf.calibrate.names import TensorNameMap
+from qgguf.calibrate.runner import collect_weights, load_model
+from qgguf.calibrate.stats import load_stats
+from qgguf.calibrate.text import token_chunks
 from qgguf.cli import main
-from qgguf.names import TensorNameMap
-from qgguf.stats import load_stats
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_llama, tiny_text  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_stats_line_up_with_the_converted_gguf(stats_file, tiny_llama, texts, tm
     import gguf
     from transformers import AutoTokenizer
 
-    from qgguf.hfconvert import convert_hf
+    from qgguf.llamacpp.converter import convert_hf
 
     stats = load_stats(stats_file)
     assert stats.meta["tokens"] == 1000 and stats.meta["seq_len"] == 128 and stats.meta["seed"] == 5
@@ -184,7 +184,7 @@ def test_stats_line_up_with_the_converted_gguf(stats_file, tiny_llama, texts, tm
         assert (t.act_sq is None) == (name == "token_embd.weight")
 
     # Per-element Fisher is in GGUF row order: find each GGUF row of attn_q/attn_k among the HF rows (from the
-    # converted file itself, not from qgguf.names) and compare with a fresh HF-order collection on the same data.
+    # converted file itself, not from qgguf.calibrate.names) and compare with a fresh HF-order collection on the same data.
     model = load_model(tiny_llama, torch.device("cpu"), "float32")
     weights, _ = collect_weights(model, TensorNameMap(tiny_llama))
     col = FisherCollector(model, weights, per_element=lambda n: True)
@@ -250,14 +250,11 @@ def test_cuda_matches_cpu(stats_file, tiny_llama, texts, tmp_path):
 
 
 def test_kl_model_holds_on_the_tiny_model(tiny_llama, texts, tmp_path):
-    """½·σ²·ΣF predicts the KL of Gaussian weight noise on held-out text (tools/kl_check.py, small)."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-    import kl_check
-
+    """½·σ²·ΣF predicts the KL of Gaussian weight noise on held-out text (qgguf.calibrate.klcheck, small)."""
     out = tmp_path / "s.safetensors"
     assert run_cli("calibrate", tiny_llama, "-o", out, "--text", texts["cal"], "--tokens", 2048,
                    "--seq-len", 256) == 0
-    res = kl_check.run(tiny_llama, out, texts["held"], tokens=512, seq_len=256, target=0.01, draws=2, seed=0,
+    res = klcheck.run(tiny_llama, out, texts["held"], tokens=512, seq_len=256, target=0.01, draws=2, seed=0,
                        patterns=["blk.1.attn_v.weight", "blk.0.ffn_down.weight", "output.weight",
                                  "token_embd.weight"], blocks=None)
     ratios = {r["tensor"]: r["ratio"] for r in res["rows"]}

@@ -4,16 +4,13 @@ gguf-py), runs in the built llama.cpp, is reproducible, and stock llama-quantize
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from qgguf.llama import tool_path
-from tiny import make_tiny_llama, tiny_text
+from qgguf.assets.tiny import make_tiny_llama, tiny_text
+from qgguf.llamacpp.build import tool_path
 
 
 def qgguf(*args: str) -> subprocess.CompletedProcess:

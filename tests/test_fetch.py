@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qgguf import assets
+from qgguf.assets import fetch as assets
 from qgguf.errors import QggufError
-from qgguf.files import sha256_file
+from qgguf.hashing import sha256_file
 
 
 def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
@@ -136,7 +136,7 @@ def test_level_spacing_simple_types(qtype):
     import gguf
     from gguf.quants import dequantize, quantize
 
-    from qgguf.degrid import level_spacing
+    from qgguf.assets.degrid import level_spacing
 
     t = gguf.GGMLQuantizationType[qtype]
     x = np.random.default_rng(1).normal(size=(64, 256)).astype(np.float32)
@@ -157,8 +157,8 @@ def test_level_spacing_simple_types(qtype):
 @pytest.fixture(scope="module")
 def tiny_q4km(tiny_llama, llama_build, tmp_path_factory) -> Path:
     """The tiny Llama as a Q4_K_M GGUF (Q4_K and Q6_K tensors, F32 norms), made by the built llama-quantize."""
-    from qgguf.hfconvert import convert_hf
-    from qgguf.llama import tool_path
+    from qgguf.llamacpp.build import tool_path
+    from qgguf.llamacpp.converter import convert_hf
 
     d = tmp_path_factory.mktemp("tiny-q4km")
     f32 = convert_hf(tiny_llama, d / "tiny-f32.gguf", "f32")
@@ -173,7 +173,7 @@ def test_degrid_k_quants_bounded_and_seeded(tiny_q4km):
     import gguf
     from gguf.quants import dequantize
 
-    from qgguf.degrid import degrid_tensor, level_spacing
+    from qgguf.assets.degrid import degrid_tensor, level_spacing
 
     reader = gguf.GGUFReader(tiny_q4km)
     seen = set()
@@ -203,8 +203,8 @@ def test_degrid_to_hf_round_trip(tiny_q4km, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qgguf.degrid import degrid_tensor, degrid_to_hf, tensor_digest
-    from qgguf.hfconvert import convert_hf
+    from qgguf.assets.degrid import degrid_tensor, degrid_to_hf, tensor_digest
+    from qgguf.llamacpp.converter import convert_hf
 
     out = degrid_to_hf(tiny_q4km, tmp_path / "tiny-degrid", seed=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-degrid"]  # the work folder is gone

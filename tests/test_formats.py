@@ -17,10 +17,11 @@ import pytest
 import torch
 from gguf.quants import dequantize as gguf_dequantize
 
-from qgguf import formats, ggml_ref
+from qgguf import formats
 from qgguf.errors import QggufError
 from qgguf.formats import base
 from qgguf.formats.common import KVALUES_IQ4NL, Codebook, best_index_int8, sqrt_f32
+from qgguf.llamacpp import ggml_ref
 
 ISSUE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ4_NL", "Q5_1",
                "Q5_0", "Q4_1", "Q4_0")
@@ -289,7 +290,7 @@ def test_sqrt_f32_is_correctly_rounded():
 # ------------------------------------------------------------------------------------------------ llama.cpp
 @pytest.fixture(scope="module")
 def tiny_f32_gguf(tiny_llama, tmp_path_factory) -> Path:
-    from qgguf.hfconvert import convert_hf
+    from qgguf.llamacpp.converter import convert_hf
 
     return convert_hf(tiny_llama, tmp_path_factory.mktemp("f32") / "tiny-f32.gguf", "f32")
 
@@ -358,7 +359,7 @@ def test_gguf_with_every_type_runs_in_llama_cpp(tiny_f32_gguf, tiny_model_weight
     """Every registered type, cycled over the tiny Llama's 2-D weights (more files if there are more types than
     tensors): gguf-py reads each tensor back in its type, llama.cpp's to_float of its bytes equals our decode, and
     the built llama.cpp loads the file and generates 8 tokens."""
-    from qgguf.llama import tool_path
+    from qgguf.llamacpp.build import tool_path
 
     names = sorted(tiny_model_weights)
     types = [formats.get(n) for n in ALL if n != "F32"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from qgguf.cli import main
-from qgguf.llama import tool_path
+from qgguf.llamacpp.build import tool_path
 
 
 def qgguf(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -69,8 +69,8 @@ def test_quantised_model_runs_on_both_cpu_paths(tiny_f32, qtype, tmp_path):
     """A llama-quantize file runs in llama-perplexity with the CPU backend's extra buffer types (AMX on CPUs that
     have it, repacked layouts; on by default) and without them (-nr), to nearly the same perplexity. On an AMX CPU
     the default path is the AMX one, which raised SIGILL before patch 0008."""
-    from tiny import tiny_text
-    from qgguf.toolout import parse_perplexity
+    from qgguf.assets.tiny import tiny_text
+    from qgguf.llamacpp.toolout import parse_perplexity
 
     text = tmp_path / "text.txt"
     text.write_text(tiny_text(4000, seed=3))
@@ -116,7 +116,7 @@ def test_patch_that_does_not_apply_names_the_patch(tmp_path, llama_build):
     (cache / "downloads").mkdir(parents=True)
     # Reuse the downloaded sdist instead of fetching it again.
     from qgguf.files import cache_dir
-    from qgguf.llama import SDIST_FILE
+    from qgguf.llamacpp.build import SDIST_FILE
     os.symlink(cache_dir("downloads") / SDIST_FILE, cache / "downloads" / SDIST_FILE)
     res = qgguf("llama", "build", env={"QGGUF_CPP_EXT": str(ext), "QGGUF_CACHE": str(cache)})
     assert res.returncode != 0

@@ -4,20 +4,17 @@ E[x²] from our own calibration on the same text; our imatrix is accepted and us
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from qgguf.assets.tiny import tiny_text
+from qgguf.calibrate.imatrix import imatrix_from_stats, read_imatrix, write_imatrix
+from qgguf.calibrate.stats import load_stats
 from qgguf.cli import main
 from qgguf.errors import QggufError
-from qgguf.imatrix import imatrix_from_stats, read_imatrix, write_imatrix
-from qgguf.llama import tool_path
-from qgguf.stats import load_stats
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_text  # noqa: E402
+from qgguf.llamacpp.build import tool_path
 
 CTX, CHUNKS = 128, 4
 
@@ -25,7 +22,7 @@ CTX, CHUNKS = 128, 4
 @pytest.fixture(scope="module")
 def work(tiny_llama, llama_build, tmp_path_factory) -> dict[str, Path]:
     """The tiny model's F32 GGUF, a text, our statistics + imatrix, and llama-imatrix's on the same text."""
-    from qgguf.hfconvert import convert_hf
+    from qgguf.llamacpp.converter import convert_hf
 
     d = tmp_path_factory.mktemp("imatrix")
     text = d / "cal.txt"

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from qgguf import formats, ggml_ref
+from qgguf import formats
 from qgguf.formats import kquants
+from qgguf.llamacpp import ggml_ref
 
 KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -116,7 +117,8 @@ def test_compile_failure_falls_back_to_eager(tmp_path, llama_build):
     code = textwrap.dedent("""
         import warnings
         import numpy as np
-        from qgguf import formats, ggml_ref
+        from qgguf import formats
+        from qgguf.llamacpp import ggml_ref
         x = (np.random.default_rng(5).standard_t(5, size=(4, 512)) * 0.02).astype(np.float32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -11,8 +11,14 @@ import torch
 
 from qgguf import formats
 from qgguf.errors import QggufError
-from qgguf.measure import (DEFAULT_MAX_ROWS, TensorInput, measure_tensor, measure_tensors, predicted_dkl,
-                           sample_rows)
+from qgguf.plan.measure import (
+    DEFAULT_MAX_ROWS,
+    TensorInput,
+    measure_tensor,
+    measure_tensors,
+    predicted_dkl,
+    sample_rows,
+)
 
 
 def weights(rows: int, row_len: int, seed: int = 0) -> np.ndarray:
@@ -23,7 +29,7 @@ def weights(rows: int, row_len: int, seed: int = 0) -> np.ndarray:
 
 
 def test_error_is_what_ggml_decodes_and_bytes_are_ggmls(llama_build):
-    from qgguf import ggml_ref
+    from qgguf.llamacpp import ggml_ref
 
     w = weights(8, 256)
     imp = np.random.default_rng(1).gamma(0.5, size=256).astype(np.float32)

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from qgguf import formats, ggml_ref
+from qgguf import formats
 from qgguf.errors import QggufError
 from qgguf.formats import nl
-from qgguf.llama import BuildSpec, prepare_tree, repo_root, tool_path
+from qgguf.llamacpp import ggml_ref
+from qgguf.llamacpp.build import BuildSpec, prepare_tree, repo_root, tool_path
 
 NL_TYPES = [f.name for f in formats.all_formats() if isinstance(f, nl.NLFormat)]
 XS_TYPES = [n for n in NL_TYPES if n.endswith("_XS")]
@@ -446,7 +447,7 @@ sys.exit(0 if lib.gguf_init_from_file(sys.argv[2].encode(), Params(True, None)) 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(fork, tiny_llama, tmp_path_factory) -> Path:
-    from qgguf.hfconvert import convert_hf
+    from qgguf.llamacpp.converter import convert_hf
 
     out = tmp_path_factory.mktemp("nl-f32") / "tiny-f32.gguf"
     return convert_hf(tiny_llama, out, "f32")
@@ -457,7 +458,7 @@ def mixed_gguf(tiny_gguf, tmp_path_factory) -> Path:
     """The tiny Llama with every NL type and some stock types, as qgguf's exporter writes it."""
     import gguf
 
-    from qgguf.export import export_gguf
+    from qgguf.export.writer import export_gguf
 
     names = [t.name for t in gguf.GGUFReader(tiny_gguf).tensors if len(t.shape) == 2]
     cycle = NL_TYPES + ["Q4_0", "Q8_0"]
@@ -473,14 +474,14 @@ def _perplexity(exe: Path, model: Path, text: Path) -> subprocess.CompletedProce
 
 def _final_ppl(res: subprocess.CompletedProcess) -> float:
     """The final estimate (the fork flushes the tools' log at exit, patch 0006: the line is always there)."""
-    from qgguf.toolout import parse_perplexity
+    from qgguf.llamacpp.toolout import parse_perplexity
 
     return parse_perplexity(res.stdout + res.stderr).ppl
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
-    from tiny import tiny_text
+    from qgguf.assets.tiny import tiny_text
 
     p = tmp_path_factory.mktemp("nl-text") / "text.txt"
     p.write_text(tiny_text(6000, seed=3))
@@ -542,14 +543,14 @@ def test_convert_extended_palette_runs(tiny_llama, text_file, tmp_path):
     with a KL divergence to the F32 model near the planner's prediction."""
     import gguf
 
-    from qgguf.toolout import parse_kl_divergence
+    from qgguf.llamacpp.toolout import parse_kl_divergence
 
     def qgguf(*args: str) -> subprocess.CompletedProcess:
         res = subprocess.run([sys.executable, "-m", "qgguf", *args], capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, (args[0], res.stderr[-3000:])
         return res
 
-    from tiny import tiny_text
+    from qgguf.assets.tiny import tiny_text
 
     calib = tmp_path / "calib.txt"
     calib.write_text(tiny_text(seed=1))

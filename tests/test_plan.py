@@ -13,8 +13,18 @@ import pytest
 
 from qgguf import formats
 from qgguf.errors import QggufError
-from qgguf.plan import (Budget, FileLayout, Plan, TensorChoices, continuous_allocation, llama_quantizes,
-                        palette_types, parse_overrides, plan, read_tensor_type_file, solve_mckp)
+from qgguf.plan.budget import Budget, FileLayout
+from qgguf.plan.outputs import (
+    read_plan_json,
+    summary,
+    tensor_type_lines,
+    write_heatmap,
+    write_plan_json,
+    write_tensor_type_file,
+)
+from qgguf.plan.planner import Plan, TensorChoices, continuous_allocation, plan
+from qgguf.plan.rules import llama_quantizes, palette_types, parse_overrides, read_tensor_type_file
+from qgguf.plan.solver import solve_mckp
 
 BPW = np.array([2.625, 3.4375, 4.5, 5.5, 6.5625, 8.5, 16.0, 32.0])
 
@@ -224,10 +234,10 @@ def test_plan_is_deterministic_and_round_trips_through_json(tmp_path):
     ts = choices()
     a = plan(ts, Budget.target_bpw(5.0), FileLayout(header_bytes=4096))
     b = plan(list(ts), Budget.target_bpw(5.0), FileLayout(header_bytes=4096))
-    a.write_json(tmp_path / "a.json")
-    b.write_json(tmp_path / "b.json")
+    write_plan_json(a, tmp_path / "a.json")
+    write_plan_json(b, tmp_path / "b.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-    back = Plan.read_json(tmp_path / "a.json")
+    back = read_plan_json(tmp_path / "a.json")
     assert back.to_dict() == a.to_dict()
     d = json.loads((tmp_path / "a.json").read_text())
     t0 = d["tensors"][0]
@@ -236,7 +246,7 @@ def test_plan_is_deterministic_and_round_trips_through_json(tmp_path):
     assert d["totals"]["predicted_kl"] == pytest.approx(sum(t["dkl"] for t in d["tensors"]))
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(QggufError, match="plan"):
-        Plan.read_json(tmp_path / "bad.json")
+        read_plan_json(tmp_path / "bad.json")
 
 
 def test_continuous_allocation_is_the_papers_formula():
@@ -258,11 +268,11 @@ def test_summary_and_heatmap(tmp_path):
     import matplotlib.image
 
     p = plan(choices(), Budget.target_bpw(5.0))
-    text = p.summary()
+    text = summary(p)
     for word in ("attn_q", "ffn_down", "token_embd", "output", "predicted KL", "file size", "BPW"):
         assert word in text
     assert len([ln for ln in text.splitlines() if ln[:1].isdigit()]) == 3  # one line per layer
-    png = p.write_heatmap(tmp_path / "bits.png")
+    png = write_heatmap(p, tmp_path / "bits.png")
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     assert not list(tmp_path.glob(".*partial"))
@@ -271,7 +281,7 @@ def test_summary_and_heatmap(tmp_path):
 # ------------------------------------------------------------------------------------------------ llama-quantize
 @pytest.fixture(scope="module")
 def tiny_f32(tiny_llama, llama_build, tmp_path_factory) -> Path:
-    from qgguf.hfconvert import convert_hf
+    from qgguf.llamacpp.converter import convert_hf
 
     return convert_hf(tiny_llama, tmp_path_factory.mktemp("plan") / "tiny-f32.gguf", "f32")
 
@@ -279,8 +289,8 @@ def tiny_f32(tiny_llama, llama_build, tmp_path_factory) -> Path:
 def test_tensor_type_file_reproduces_the_plan_in_stock_llama_quantize(tiny_f32, tmp_path):
     import gguf
 
-    from qgguf.llama import tool_path
-    from qgguf.measure import TensorInput, measure_tensors
+    from qgguf.llamacpp.build import tool_path
+    from qgguf.plan.measure import TensorInput, measure_tensors
 
     reader = gguf.GGUFReader(tiny_f32)
     planned = [t for t in reader.tensors if llama_quantizes(t.name, len(t.shape))]
@@ -297,9 +307,9 @@ def test_tensor_type_file_reproduces_the_plan_in_stock_llama_quantize(tiny_f32, 
     p = plan(ts, Budget.target_bpw(6.0), FileLayout.from_tensors(0, [(int(t.n_bytes), int(t.n_elements))
                                                                        for t in fixed]))
     assert len(set(p.types.values())) >= 2  # a real mix, not one type everywhere
-    ttf = p.write_tensor_type_file(tmp_path / "types.txt")
+    ttf = write_tensor_type_file(p, tmp_path / "types.txt")
     assert [(o.pattern, o.type) for o in read_tensor_type_file(ttf)] == \
-        [(ln.split("=")[0].lower(), ln.split("=")[1]) for ln in p.tensor_type_lines()]
+        [(ln.split("=")[0].lower(), ln.split("=")[1]) for ln in tensor_type_lines(p)]
 
     out = tmp_path / "tiny-planned.gguf"
     res = subprocess.run([str(tool_path("llama-quantize")), "--tensor-type-file", str(ttf), str(tiny_f32),

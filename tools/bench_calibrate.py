@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qgguf.calibrate import DEFAULT_SEQ_LEN, calibrate
+from qgguf.calibrate.runner import DEFAULT_SEQ_LEN, calibrate
+from qgguf.calibrate.stats import load_stats
 from qgguf.files import atomic_output
-from qgguf.stats import load_stats
 
 
 def resolve(x: str) -> Path:
     if Path(x).exists():
         return Path(x)
-    from qgguf.assets import asset_path
+    from qgguf.assets.fetch import asset_path
 
     return asset_path(x)
 

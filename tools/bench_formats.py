@@ -41,8 +41,10 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qgguf import formats, ggml_ref  # noqa: E402
+from qgguf import formats
+from qgguf.docs import write_heading_section
 from qgguf.files import atomic_output, cache_dir  # noqa: E402
+from qgguf.llamacpp import ggml_ref  # noqa: E402
 
 MACHINE = "2-core x86-64 CPU"
 ASSETS = ("smollm2-135m", "qwen2.5-coder-1.5b")
@@ -74,7 +76,7 @@ def activation_importance(model_dir: Path, tokens: int) -> dict[str, np.ndarray]
     """Per linear layer (HF name of its weight): mean of x² over the calibration tokens of each input channel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qgguf.assets import asset_path
+    from qgguf.assets.fetch import asset_path
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -108,7 +110,7 @@ def asset_tensors(name: str, rows: int, importance: str, tokens: int):
     """A block of `rows` rows of every 2-D weight of the asset, with its importance."""
     from safetensors import safe_open
 
-    from qgguf.assets import asset_path
+    from qgguf.assets.fetch import asset_path
 
     model_dir = asset_path(name)
     acts = activation_importance(model_dir, tokens) if importance == "act" else {}
@@ -240,7 +242,7 @@ def speed_tensors() -> list[tuple[str, np.ndarray, np.ndarray]]:
     try:
         from safetensors import safe_open
 
-        from qgguf.assets import asset_path
+        from qgguf.assets.fetch import asset_path
 
         path = next(asset_path("qwen2.5-coder-1.5b").glob("*.safetensors"))
         with safe_open(str(path), "np") as st:
@@ -336,20 +338,6 @@ def load_runs(prefix: str, order: tuple[str, ...]) -> list[dict]:
     return runs
 
 
-def write_section(doc: Path, section: str, body: str) -> None:
-    """Replace one `## ` section of docs/benchmarks.md (or append it); nothing else in the file changes."""
-    text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
-    start = text.find(section + "\n")
-    if start < 0:
-        before, after = text.rstrip("\n") + "\n\n", ""
-    else:
-        nxt = text.find("\n## ", start + len(section))
-        before, after = text[:start], ("" if nxt < 0 else text[nxt + 1:])
-    new = body.rstrip("\n") + "\n" + ("\n" if after else "")
-    with atomic_output(doc) as tmp:
-        tmp.write_text(before + new + after, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -369,10 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     doc = REPO / "docs" / "benchmarks.md"
     if args.what == "doc":
-        for section, text in ((PARITY_SECTION, parity_section(load_runs("parity", SOURCES))),
-                              (SPEED_SECTION, speed_section(load_runs("speed", ("cpu", "cuda"))))):
+        for text in (parity_section(load_runs("parity", SOURCES)), speed_section(load_runs("speed", ("cpu", "cuda")))):
             if "|" in text:  # some results saved
-                write_section(doc, section, text)
+                write_heading_section(doc, text)
         return 0
     torch.set_num_threads(args.threads)
     if args.what == "parity":
@@ -381,14 +368,14 @@ def main(argv: list[str] | None = None) -> int:
             save_json(run, f"parity-{source}.json")
             print(parity_section([run]))
         if args.write_doc:
-            write_section(doc, PARITY_SECTION, parity_section(load_runs("parity", SOURCES)))
+            write_heading_section(doc, parity_section(load_runs("parity", SOURCES)))
     else:
         for device in args.device:
             run = run_speed(args.types, device)
             save_json(run, f"speed-{device}.json")
             print(speed_section([run]))
         if args.write_doc:
-            write_section(doc, SPEED_SECTION, speed_section(load_runs("speed", ("cpu", "cuda"))))
+            write_heading_section(doc, speed_section(load_runs("speed", ("cpu", "cuda"))))
     return 0
 
 

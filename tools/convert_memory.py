@@ -71,9 +71,8 @@ def model_facts(model: str) -> dict:
     """F32 GGUF bytes, weights, the largest tensor (name, bytes in F32) of the model, from the convert cache."""
     import gguf
 
-    from qgguf.calibrate import model_sha256
     from qgguf.convert import f32_gguf
-    from qgguf.hfconvert import resolve_model
+    from qgguf.models import model_sha256, resolve_model
 
     model_dir = resolve_model(model)
     f32 = f32_gguf(model_dir, model_sha256(model_dir))

@@ -25,14 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qgguf import formats  # noqa: E402
-from qgguf.benchreport import replace_marked_section  # noqa: E402
+from qgguf.calibrate.stats import load_stats  # noqa: E402
+from qgguf.docs import write_section  # noqa: E402
 from qgguf.errors import QggufError  # noqa: E402
-from qgguf.files import atomic_output, require_file  # noqa: E402
+from qgguf.files import require_file  # noqa: E402
 from qgguf.formats import nl  # noqa: E402
-from qgguf.stats import load_stats  # noqa: E402
 
 TYPES = ("Q2_K", "NL2_XS", "Q3_K", "NL3_XS", "IQ4_XS", "Q4_K", "Q5_K", "NL5_XS", "Q6_K", "NL6_XS")
-BEGIN, END = "<!-- qgguf-gain-bias:begin -->", "<!-- qgguf-gain-bias:end -->"
 
 
 def gain_and_error(fmt: formats.Format, x: np.ndarray, imp: np.ndarray, *, least_squares: bool = False
@@ -101,13 +100,7 @@ def main() -> None:
             f"importance: the statistics' per-input-channel vectors\n\n" + "\n".join(lines) + "\n")
     if args.update_docs:
         docs = ROOT / "docs" / "benchmarks.md"
-        section = f"{BEGIN}\n{body}{END}\n"
-        current = docs.read_text()
-        new = replace_marked_section(current, BEGIN, END, section)
-        if new is None:
-            raise SystemExit(f"{docs}: add the markers {BEGIN} and {END} where the table goes")
-        with atomic_output(docs) as tmp:
-            tmp.write_text(new)
+        write_section(docs, "gain-bias", "", body, heading="## Which tensors the KL model misjudges")
 
 
 if __name__ == "__main__":

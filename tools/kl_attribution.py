@@ -31,10 +31,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qgguf.benchreport import replace_marked_section  # noqa: E402
+from qgguf.docs import write_section  # noqa: E402
 from qgguf.files import atomic_output  # noqa: E402
-from qgguf.llama import tool_path  # noqa: E402
-from qgguf.toolout import parse_kl_divergence  # noqa: E402
+from qgguf.llamacpp.build import tool_path  # noqa: E402
+from qgguf.llamacpp.toolout import parse_kl_divergence  # noqa: E402
 
 KINDS = ("token_embd", "output.weight", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 HEAD = "## Which tensors the KL model misjudges"
@@ -105,20 +105,7 @@ def markdown(res: dict) -> str:
 
 
 def update_docs(docs: Path, slug: str, body: str, title: str) -> None:
-    """Put `body` into docs between this comparison's markers (added under HEAD the first time)."""
-    begin, end = f"<!-- qgguf-attribution:{slug}:begin -->", f"<!-- qgguf-attribution:{slug}:end -->"
-    section = f"{begin}\n### {title}\n\n{body}\n{end}\n"
-    current = docs.read_text()
-    new = replace_marked_section(current, begin, end, section)
-    if new is None:
-        if HEAD not in current:
-            current = current.rstrip("\n") + f"\n\n{HEAD}\n\n"
-        a = current.index(HEAD) + len(HEAD)
-        nxt = re.search(r"^## ", current[a:], re.M)
-        at = a + nxt.start() if nxt else len(current)
-        new = current[:at].rstrip("\n") + "\n\n" + section + ("\n" + current[at:] if nxt else "")
-    with atomic_output(docs) as tmp:
-        tmp.write_text(new)
+    write_section(docs, "attribution", slug, body, heading=HEAD, title=title)
 
 
 def main() -> None:

@@ -25,14 +25,14 @@ import torch
 from safetensors import safe_open
 
 from qgguf.files import atomic_output
-from qgguf.measure import DEFAULT_MAX_ROWS, TensorInput, measure_tensor
+from qgguf.plan.measure import DEFAULT_MAX_ROWS, TensorInput, measure_tensor
 
 
 def model_dir(name: str) -> Path:
     p = Path(name)
     if p.is_dir():
         return p
-    from qgguf.assets import asset_path
+    from qgguf.assets.fetch import asset_path
 
     return asset_path(name)
 

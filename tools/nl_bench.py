@@ -30,8 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qgguf.bench.config import model_source
+from qgguf.docs import write_heading_section
 from qgguf.files import atomic_output, cache_dir  # noqa: E402
-from qgguf.llama import LLAMA_CPP_COMMIT, tool_env, tool_path  # noqa: E402
+from qgguf.llamacpp.build import LLAMA_CPP_COMMIT, tool_env, tool_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = "2-core x86-64 CPU"
@@ -52,15 +54,9 @@ def sh(cmd: list, timeout: int = 3600) -> str:
     return res.stdout + res.stderr
 
 
-def model_source(asset: str):
-    from qgguf.bench import resolve_model
-
-    return resolve_model(asset)
-
-
 def f32_gguf(asset: str) -> Path:
     """The bench cache's F32 GGUF of an asset (made with llama.cpp's converter if missing)."""
-    from qgguf.hfconvert import convert_hf
+    from qgguf.llamacpp.converter import convert_hf
 
     src = model_source(asset)
     f32 = cache_dir("bench") / src.key / f"f32-{LLAMA_CPP_COMMIT}.gguf"
@@ -162,7 +158,7 @@ def speed_markdown(res: dict) -> str:
 def cmd_kld(args) -> dict:
     if args.tiny:
         return kld_tiny(args)
-    from qgguf.toolout import parse_kl_divergence
+    from qgguf.llamacpp.toolout import parse_kl_divergence
 
     asset = "smollm2-135m"
     src = model_source(asset)
@@ -202,10 +198,8 @@ def kld_tiny(args) -> dict:
     text seed 3, 3 chunks of 128): a few minutes, for a quick check of the predicted-KL band."""
     import tempfile
 
-    from qgguf.toolout import parse_kl_divergence
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import make_tiny_llama, tiny_text
+    from qgguf.assets.tiny import make_tiny_llama, tiny_text
+    from qgguf.llamacpp.toolout import parse_kl_divergence
 
     d = Path(tempfile.mkdtemp(prefix="nl-kld-tiny-", dir=args.work if Path(args.work).is_dir() else None))
     model = make_tiny_llama(d / "model")
@@ -218,7 +212,7 @@ def kld_tiny(args) -> dict:
     ppl = [tool_path("llama-perplexity"), "-f", d / "eval.txt", "-c", "128", "--chunks", "3", "-t", "2", "-b", "128"]
     sh(ppl + ["-m", d / "f32.gguf", "--kl-divergence-base", d / "f32.kld"])
     results = {"command": " ".join(["python tools/nl_bench.py", *sys.argv[1:]]), "machine": MACHINE,
-               "date": time.strftime("%Y-%m-%d"), "model": "tiny random Llama (tests/tiny.py)",
+               "date": time.strftime("%Y-%m-%d"), "model": "tiny random Llama (qgguf/assets/tiny.py)",
                "text": "tiny_text(seed=3)", "chunks": 3, "ctx": 128, "rows": []}
     for target in args.target_bpw:
         for palette in ("extended", "stock"):
@@ -238,9 +232,8 @@ def kld_tiny(args) -> dict:
 
 
 def src_text(meta: dict) -> Path:
-    from qgguf.assets import asset_path
-
-    from qgguf.files import sha256_file
+    from qgguf.assets.fetch import asset_path
+    from qgguf.hashing import sha256_file
 
     p = asset_path(meta["text"])
     p = next(p.rglob("*.txt")) if p.is_dir() else p
@@ -309,21 +302,6 @@ def cmd_kernels(args) -> dict:
     return {"rows": rows}
 
 
-def write_section(markdown: str) -> None:
-    """Replace (or append) this section of docs/benchmarks.md: from its heading to the next `## `."""
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text()
-    head = markdown.splitlines()[0] + "\n"  # the whole heading line: one heading may be a prefix of another
-    if head in text:
-        a = text.index(head)
-        b = text.find("\n## ", a + len(head))
-        text = text[:a] + markdown + (text[b:] if b >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + markdown
-    with atomic_output(doc) as tmp:
-        tmp.write_text(text)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -348,7 +326,7 @@ def main(argv=None) -> int:
     if md is not None:
         print(md(res))
         if args.write_docs:
-            write_section(md(res))
+            write_heading_section(ROOT / "docs" / "benchmarks.md", md(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0

@@ -11,7 +11,7 @@ Steps (docs/design.md, "Formats: the new non-linear types" has the reasoning):
  3. Codebooks: -1 kept as a level, the other 2^b - 1 levels at the quantiles of p^(1/3) (high-resolution optimal
     companding); Lloyd-Max on real absmax-normalised weights; and Lloyd-Max with the encoder's scale search in
     the loop. All rounded to int8 (-127 ... 127).
- 4. Every candidate type (codebook × layout) and every stock type (ggml's own encoder, through qgguf.ggml_ref) on
+ 4. Every candidate type (codebook × layout) and every stock type (ggml's own encoder, through qgguf.llamacpp.ggml_ref) on
     Gaussian and Student-t data and on every 2-D tensor of the assets (a seeded sample of rows of each): relative
     MSE (MSE / mean square), the rate gap to the Gaussian D(R) bound, and the bits the stock frontier needs to
     reach the same error.
@@ -35,8 +35,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qgguf import ggml_ref  # noqa: E402
 from qgguf.formats import nl  # noqa: E402
+from qgguf.llamacpp import ggml_ref  # noqa: E402
 
 BLOCK = 32
 
@@ -235,7 +235,7 @@ def load_asset(name_or_dir: str, rows: int, seed: int = 0, max_len: int = 1 << 1
 
     p = Path(name_or_dir)
     if not p.is_dir():
-        from qgguf.assets import asset_path
+        from qgguf.assets.fetch import asset_path
 
         p = asset_path(name_or_dir)
     label = name_or_dir if not Path(name_or_dir).is_dir() else p.name

@@ -37,11 +37,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qgguf.assets import asset_path, read_manifest  # noqa: E402
+from qgguf.assets.fetch import asset_path, read_manifest  # noqa: E402
+from qgguf.docs import split_heading_section, write_heading_section
 from qgguf.errors import QggufError  # noqa: E402
-from qgguf.files import atomic_output, cache_dir  # noqa: E402
-from qgguf.hfconvert import convert_hf  # noqa: E402
-from qgguf.llama import tool_path  # noqa: E402
+from qgguf.files import cache_dir  # noqa: E402
+from qgguf.llamacpp.build import tool_path  # noqa: E402
+from qgguf.llamacpp.converter import convert_hf  # noqa: E402
 
 SECTION = "## F32 perplexity: llama.cpp vs transformers"
 DEFAULT_CHUNKS = {"smollm2-135m": 40, "qwen2.5-coder-1.5b": 20}
@@ -226,23 +227,12 @@ def parse_section(body: str) -> tuple[dict[str, str], dict[str, str]]:
 
 def write_doc(doc: Path, results: list[dict]) -> None:
     """Replace this tool's section of docs/benchmarks.md (keeping rows of models not run now); nothing else."""
-    text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        before, old, after = text.rstrip("\n") + "\n\n", "", ""
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        end = len(text) if nxt < 0 else nxt + 1
-        before, old, after = text[:start], text[start:end], text[end:]
-    rows, commands = parse_section(old)
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    rows, commands = parse_section(split_heading_section(text, SECTION)[1])
     for r in results:
         rows[r["model"]] = table_row(r)
         commands[r["model"]] = r["command"]
-    new = section_text(rows, commands)
-    if after:
-        new += "\n"
-    with atomic_output(doc) as tmp:
-        tmp.write_text(before + new + after, encoding="utf-8")
+    write_heading_section(doc, section_text(rows, commands))
 
 
 def main(argv: list[str] | None = None) -> int:

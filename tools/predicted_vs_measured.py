@@ -26,7 +26,7 @@ from scipy import stats as sps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qgguf.benchreport import replace_marked_section  # noqa: E402
+from qgguf.docs import write_section  # noqa: E402
 from qgguf.files import atomic_output  # noqa: E402
 
 
@@ -119,20 +119,7 @@ def plot(plans: list[dict], out: Path, title: str) -> None:
 
 
 def update_docs(docs: Path, slug: str, body: str, title: str) -> None:
-    begin, end = f"<!-- qgguf-pvm:{slug}:begin -->", f"<!-- qgguf-pvm:{slug}:end -->"
-    section = f"{begin}\n### {title}\n\n{body}{end}\n"
-    current = docs.read_text()
-    new = replace_marked_section(current, begin, end, section)
-    if new is None:
-        head = "## Predicted against measured KL of whole-model plans"
-        if head not in current:
-            current = current.rstrip("\n") + f"\n\n{head}\n\n"
-        a = current.index(head) + len(head)
-        nxt = re.search(r"^## ", current[a:], re.M)
-        at = a + nxt.start() if nxt else len(current)
-        new = current[:at].rstrip("\n") + "\n\n" + section + ("\n" + current[at:] if nxt else "")
-    with atomic_output(docs) as tmp:
-        tmp.write_text(new)
+    write_section(docs, "pvm", slug, body, heading="## Predicted against measured KL of whole-model plans", title=title)
 
 
 def main() -> int:

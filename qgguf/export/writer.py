@@ -1,4 +1,6 @@
-"""Export: rewrite a GGUF made by llama.cpp's own converter with each tensor in its planned type.
+"""Export: the converter's GGUF, streamed tensor by tensor into the planned types.
+
+Export: rewrite a GGUF made by llama.cpp's own converter with each tensor in its planned type.
 
 The converter's F32 (or F16/BF16) GGUF carries the metadata, tokenizer, tensor names, order and the Q/K
 permutation; we copy all of it and only re-encode tensor data with qgguf.formats, one tensor at a time
@@ -11,7 +13,6 @@ that type's encoder sources: runs that export the same model at several budgets 
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
@@ -20,10 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__, formats
-from .errors import QggufError
-from .files import atomic_output, require_file
-from .measure import hash_array
+from qgguf import __version__, formats
+from qgguf.errors import QggufError
+from qgguf.export.encode_cache import EncodeCache
+from qgguf.files import atomic_output, require_file
 
 # llama_ftype values for general.file_type: llama.cpp only displays it; we name the type holding most weights.
 _FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
@@ -48,36 +49,6 @@ def tensor_f32(reader_tensor, device: str | torch.device = "cpu") -> torch.Tenso
         return torch.from_numpy(np.array(reader_tensor.data, dtype=np.float32).reshape(shape)).to(device)  # one copy in flight
     return fmt.decode(np.asarray(reader_tensor.data).view(np.uint8).reshape(-1), shape, device=device,
                       tensor=reader_tensor.name)
-
-
-ENCODE_CACHE_VERSION = 1
-
-
-class EncodeCache:
-    """Encoded tensor bytes in a folder, one file per (weights, importance, type, encoder sources)."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def path(self, w: torch.Tensor, importance: torch.Tensor | None, fmt: formats.Format) -> Path:
-        h = hashlib.blake2b(f"{fmt.name}|{formats.encoder_hash(fmt.name)}|v{ENCODE_CACHE_VERSION}".encode(),
-                            digest_size=20)
-        hash_array(h, w)
-        hash_array(h, importance)
-        d = h.hexdigest()
-        return self.folder / d[:2] / f"{d}.bin"
-
-    def encode(self, fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor | None, name: str,
-               device: str) -> np.ndarray:
-        path = self.path(w, importance, fmt)
-        nbytes = fmt.nbytes(tuple(w.shape))
-        if path.is_file() and path.stat().st_size == nbytes:  # a damaged entry is encoded again
-            return np.fromfile(path, dtype=np.uint8)
-        raw = np.ascontiguousarray(fmt.encode(w, importance, tensor=name, device=device)).reshape(-1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as tmp:
-            raw.tofile(tmp)
-        return raw
 
 
 def export_gguf(src: Path, out: Path, types: Mapping[str, str],

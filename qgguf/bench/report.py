@@ -1,18 +1,24 @@
 """The report of a bench: the Markdown table, the bits saved per preset, the plot, the docs section.
 
 Everything here reads the results dict that `qgguf bench` writes as results.json, so a report can be made again
-from that file alone.
-"""
+from that file alone."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
-from .files import atomic_output
-from .pareto import Saving, Series, plot_pareto, savings
+from qgguf import __version__
+from qgguf.bench.config import BenchConfig, machine_description
+from qgguf.bench.pareto import Saving, Series, plot_pareto, rate_gap, savings
+from qgguf.bench.reference import Reference
+from qgguf.docs import write_section
+from qgguf.files import atomic_output
+from qgguf.llamacpp.build import LLAMA_CPP_COMMIT
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -148,17 +154,6 @@ def _timing_lines(results: dict) -> list[str]:
     return [line]
 
 
-def replace_marked_section(text: str, begin: str, end: str, section: str) -> str | None:
-    """text with the span from `begin` to the first `end` after it (and one newline) replaced by `section`;
-    None when the pair is not there (an `end` before its `begin` does not count)."""
-    a = text.find(begin)
-    if a < 0 or text.find(end, a) < 0:
-        return None
-    b = text.index(end, a) + len(end)
-    b += 1 if text[b:b + 1] == "\n" else 0
-    return text[:a] + section + text[b:]
-
-
 def update_docs(results: dict, plot: Path, docs: Path) -> Path:
     """Put this bench's section (between its own markers) and its plot into `docs`; other sections stay as they are."""
     slug = re.sub(r"[^a-z0-9.]+", "-", f"{results['model']['name']}-{results['text']['name']}-{results['backend']}"
@@ -168,17 +163,7 @@ def update_docs(results: dict, plot: Path, docs: Path) -> Path:
     img.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(img) as tmp:
         shutil.copyfile(plot, tmp)
-    begin, end = f"<!-- qgguf-bench:{slug}:begin -->", f"<!-- qgguf-bench:{slug}:end -->"
-    section = f"{begin}\n{report_markdown(results, img_rel.as_posix(), heading='##')}{end}\n"
-    current = docs.read_text() if docs.is_file() else "# Benchmarks\n"
-    new = replace_marked_section(current, begin, end, section)
-    if new is None:
-        new = current.rstrip("\n") + "\n\n" + section
-    with atomic_output(docs) as tmp:
-        tmp.write_text(new)
-    return docs
-
-
+    return write_section(docs, "bench", slug, report_markdown(results, img_rel.as_posix(), heading="##"))
 
 
 def print_summary(results: dict) -> None:
@@ -196,3 +181,41 @@ def print_summary(results: dict) -> None:
             print(f"{r['id']}: rate gap to the Gaussian bound "
                   + (f"{gap:.3f} bits/weight over {g['tensors']} tensors" if gap is not None else f"– ({g['reason']})"))
     print(f"results: {results.get('out', '')}")
+
+
+def write_report(cfg: BenchConfig, ref: Reference, records: list[dict], skipped: list[dict],
+                 failed: list[dict], f32_sizes: dict, timing: dict | None = None) -> dict:
+    """results.json, results.md and pareto.png in the output folder; returns the results dict."""
+    base = ref.base
+    ppl_base = base.get("ppl")
+    if ppl_base is None:  # the base run's last line was lost: every KLD run prints PPL(base) too
+        found = [r["kld"]["ppl_base"] for r in records if r.get("kld")]
+        ppl_base = found[0] if found else None
+    f32_row = {"id": "f32", "kind": "reference", "label": "F32", "series": "reference", **f32_sizes,
+               "kld": None, "ppl": ppl_base}
+    for r in records:  # from the kept plan, so a reused row follows the current definition of the gap
+        plan = cfg.out / r["plan"] if r.get("plan") else None
+        if plan is not None and plan.is_file():
+            r["rate_gap"] = rate_gap(json.loads(plan.read_text()))
+    order = {"llama-quantize + imatrix": 0, "llama-quantize": 1}
+    records = sorted(records, key=lambda r: (order.get(r["series"], 2), r["series"], r["bpw"], r["id"]))
+    sv = compute_savings(records)
+    tokens = (base.get("chunks") or cfg.chunks) * (cfg.ctx - 1 - cfg.ctx // 2)
+    results = {
+        "command": cfg.command(), "qgguf": __version__, "llama_cpp": LLAMA_CPP_COMMIT,
+        "machine": machine_description(cfg.gpu), "date": time.strftime("%Y-%m-%d"),
+        "model": {"name": cfg.model.name, "path": str(cfg.model.path), "sha256": cfg.model.digest},
+        "text": {"name": cfg.text.name, "sha256": cfg.text.digest},
+        "calibration": {"name": cfg.calib.name, "sha256": cfg.calib.digest, "imatrix_chunks": cfg.imatrix_chunks},
+        "backend": cfg.backend, "ctx": cfg.ctx, "chunks": base.get("chunks") or cfg.chunks, "scored_tokens": tokens,
+        "f32": f32_row, "rows": records, "skipped": skipped, "failed": failed,
+        "savings": [s.to_dict() for s in sv], "timing": timing or {},
+    }
+    out = cfg.out
+    with atomic_output(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    md = report_markdown(results, plot_name="pareto.png")
+    with atomic_output(out / "results.md") as tmp:
+        tmp.write_text(md)
+    plot_results(results, out / "pareto.png")
+    return results

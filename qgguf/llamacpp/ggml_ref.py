@@ -11,8 +11,8 @@ import functools
 
 import numpy as np
 
-from .errors import QggufError
-from .llama import tool_path
+from qgguf.errors import QggufError
+from qgguf.llamacpp.build import tool_path
 
 
 class _TypeTraits(ctypes.Structure):

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import formats
-from .errors import QggufError
-from .files import atomic_output, cache_dir
-from .plan import TensorChoices
+from qgguf import formats
+from qgguf.errors import QggufError
+from qgguf.files import atomic_output, cache_dir
+from qgguf.hashing import hash_array
+from qgguf.plan.planner import TensorChoices
 
 # Rows measured per tensor by default: the estimate of every error average then stays within 2% of the full
 # tensor's (docs/benchmarks.md, "Measure: row subsampling"). Smaller tensors are measured whole.
@@ -142,17 +143,6 @@ def sample_rows(sizes: np.ndarray | int, max_rows: int | None, seed: int = 0) ->
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def hash_array(h, a) -> None:
-    """Feed an array's shape and float32 bytes (or a marker for None) to hash `h`."""
-    if a is None:
-        h.update(b"none")
-        return
-    t = a.detach().to("cpu", torch.float32).contiguous() if isinstance(a, torch.Tensor) else \
-        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    h.update(repr(tuple(t.shape)).encode())
-    h.update(t.numpy().tobytes())
-
-
 def _cache_file(key: str, type_name: str) -> Path:
     h = hashlib.blake2b(f"{key}|{type_name}|{formats.encoder_hash(type_name)}|v{CACHE_VERSION}".encode(), digest_size=20)
     d = h.hexdigest()

@@ -165,7 +165,7 @@ def plot_pareto(series: Sequence[Series], out: Path, title: str, subtitle: str =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .files import atomic_output
+    from qgguf.files import atomic_output
 
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     n_curve = 0

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import QggufError
-from .files import atomic_output, require_file
+from qgguf.errors import QggufError
+from qgguf.files import atomic_output, require_file
 
 FORMAT_VERSION = 1
 META_KEY = "qgguf"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import QggufError
+from qgguf.errors import QggufError
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class GgufTensor:
 @lru_cache(maxsize=1)
 def _conversion_package() -> Any:
     """The pinned tree's `conversion` package (imported from the tree, which the build has checked out)."""
-    from .llama import source_tree
+    from qgguf.llamacpp.build import source_tree
 
     tree = str(source_tree())
     if tree not in sys.path:

@@ -6,7 +6,7 @@ pinned sha256 of their tensors (name, dtype, shape and bytes, in name order) and
 of every file's sha256 written beside them. A cached asset that fails its check is built again from its source
 (a corrupt download is downloaded again); a fresh build that still fails stops with an error naming the file.
 
-    from qgguf.assets import asset_path
+    from qgguf.assets.fetch.fetch import asset_path
     model_dir = asset_path("smollm2-135m")   # de-gridded HF folder (config.json, model.safetensors, tokenizer)
     text = asset_path("austen").read_text()
 
@@ -32,8 +32,9 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .errors import QggufError
-from .files import atomic_output, cache_dir, sha256_file
+from qgguf.errors import QggufError
+from qgguf.files import atomic_output, cache_dir
+from qgguf.hashing import sha256_file
 
 DEGRID_SEED = 0  # the seed of the dither in the de-gridded model assets; their pinned tensor hashes depend on it
 MANIFEST = "qgguf-asset.json"
@@ -324,7 +325,7 @@ def _build_smollm2_source(out: Path) -> None:
 
 
 def _build_smollm2(out: Path) -> None:
-    from .degrid import degrid_to_hf
+    from qgguf.assets.degrid import degrid_to_hf
 
     src = fetch("smollm2-135m-q4_1")
     degrid_to_hf(src, out, seed=DEGRID_SEED, expected_tensor_sha256=SMOLLM2_TENSORS_SHA256,
@@ -336,7 +337,7 @@ def _build_qwen_source(out: Path) -> None:
 
 
 def _build_qwen(out: Path) -> None:
-    from .degrid import degrid_to_hf
+    from qgguf.assets.degrid import degrid_to_hf
 
     src = fetch("qwen2.5-coder-1.5b-q4_k_m")
     degrid_to_hf(src, out, seed=DEGRID_SEED, expected_tensor_sha256=QWEN_TENSORS_SHA256,

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import QggufError
-from .files import sha256_file
+from qgguf.errors import QggufError
+from qgguf.hashing import sha256_file
 
 BLOCKS_PER_CHUNK = 1 << 15  # blocks dithered at a time: bounds the temporaries to ~32 MiB per array
 
@@ -66,8 +66,8 @@ def tensor_rng(seed: int, name: str) -> np.random.Generator:
 
 def degrid_tensor(tensor, seed: int) -> np.ndarray:
     """float32 values of one GGUFReader tensor (numpy shape), dithered if it is quantised."""
-    from gguf import GGMLQuantizationType as T
     from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize
 
     qtype = tensor.tensor_type

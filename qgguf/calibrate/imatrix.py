@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import QggufError
-from .files import atomic_output, require_file
-from .stats import Stats
+from qgguf.calibrate.stats import Stats
+from qgguf.errors import QggufError
+from qgguf.files import atomic_output, require_file
 
 SOURCES = ("act", "fisher")
 
@@ -186,7 +186,7 @@ def add_parser(sub) -> None:
 
 
 def _cmd(args) -> int:
-    from .stats import load_stats
+    from qgguf.calibrate.stats import load_stats
 
     if args.out is None:
         im = read_imatrix(args.input)

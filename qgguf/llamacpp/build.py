@@ -23,8 +23,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import QggufError
-from .files import cache_dir, sha256_file
+from qgguf.errors import QggufError
+from qgguf.files import cache_dir
+from qgguf.hashing import sha256_file
 
 SDIST_NAME = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
@@ -62,7 +63,7 @@ RECIPE_VERSION = "1"  # bump when the way a build is made changes in a way the k
 
 def repo_root() -> Path:
     """The source checkout qgguf runs from: cpp_ext/ and the top-level CMakeLists.txt live there."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "CMakeLists.txt").is_file() or not (root / "cpp_ext").is_dir():
         raise QggufError("cannot find cpp_ext/ and CMakeLists.txt beside the qgguf package; "
                          "install qgguf from a source checkout with `pip install -e .`")

@@ -1,0 +1,56 @@
+"""`qgguf calibrate`: statistics for the planner (and a llama.cpp imatrix) from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qgguf.calibrate.fisher import DEFAULT_ESTIMATOR, ESTIMATORS, PROBES
+from qgguf.calibrate.runner import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENS, DTYPES, calibrate
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="estimate per-tensor Fisher information and per-channel importance "
+                                         "(statistics for the planner, and a llama.cpp imatrix)")
+    p.add_argument("model_dir", type=Path, help="Hugging Face causal-LM folder")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output statistics file (.safetensors)")
+    p.add_argument("--text", type=Path, default=None, help="calibration text, UTF-8 (default: the wiki asset)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to read (default {DEFAULT_TOKENS})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"sequence length (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the sampled labels (default 0)")
+    p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
+                   help="compute dtype of the model (default: as stored); statistics accumulate in fp32")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (default 1)")
+    p.add_argument("--per-element", action="append", default=[], metavar="GLOB",
+                   help="also keep the per-element Fisher of GGUF tensors matching GLOB (repeatable; e.g. "
+                        "'blk.*.attn_v.weight'); costs 4 bytes per weight")
+    p.add_argument("--imatrix", type=Path, default=None, metavar="OUT.gguf",
+                   help="also write a llama.cpp imatrix GGUF (for llama-quantize --imatrix)")
+    p.add_argument("--imatrix-from", default="act", choices=("act", "fisher"),
+                   help="what the imatrix holds: act = E[x²] like llama-imatrix (default), fisher = the "
+                        "per-channel Fisher importance")
+    p.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=ESTIMATORS,
+                   help="sequence: each sequence's whole gradient is one sample, keeping the terms between "
+                        "positions (default); token: each token's gradient contribution is one sample")
+    p.add_argument("--probe", default="label", choices=PROBES,
+                   help="label: one label per position drawn from the model (default); gaussian: a Gaussian "
+                        "probe with the same covariance (same expectation, lighter tails)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stats = calibrate(args.model_dir, args.out, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
+                      device=args.device, seed=args.seed, per_element=args.per_element, dtype=args.dtype,
+                      batch_size=args.batch_size, imatrix_out=args.imatrix, imatrix_from=args.imatrix_from,
+                      estimator=args.estimator, probe=args.probe)
+    total = sum(t.fisher_sum for t in stats.tensors.values())
+    print(f"{args.out}: {len(stats.tensors)} tensors, {stats.meta['tokens']} tokens, ΣF over all = {total:.4g}")
+    if args.imatrix:
+        print(args.imatrix)
+    return 0

@@ -1,0 +1,262 @@
+"""Fisher maths: the estimators and the hooks that accumulate them during the backward pass.
+
+`qgguf calibrate`: diagonal Fisher information and per-channel importance of every Linear/Embedding weight.
+
+The HF model reads the calibration text in sequences of length L; at every position t a label y_t is drawn from
+the model's own predictive distribution (the true Fisher, one sample per token — not the empirical Fisher with
+the text's next token) and ℓ = Σ_t log p(y_t) is backpropagated. For a Linear weight W (out × in) with input x_t
+and output gradient g_t = ∂ℓ/∂(W x_t), token t contributes g_t x_tᵀ to ∂ℓ/∂W. Two estimators of the per-token
+diagonal Fisher F (normalised by the N calibration tokens):
+
+  token     each token's contribution is one sample:   F_ij = (1/N) Σ_t g_ti² x_tj²
+            I_j = Σ_i F_ij = (1/N) Σ_t ‖g_t‖² x_tj² — a matrix-vector product per layer.
+  sequence  each sequence's whole gradient G = Σ_t g_t x_tᵀ is one sample:   F = (1/N) Σ_seq G²
+            (default). With independently sampled labels, E[G²] = Σ_t E[(∂ log p(y_t)/∂W)²]: exactly the
+            trace the KL model ½·Σ F δ² needs, including the terms between positions that attention couples
+            (a token's value/key vector moves the predictions at every later position). The token estimator
+            drops those and mispredicts KL, e.g. attn_v by 1.7–3.4× on SmolLM2 (docs/design.md, "Calibration").
+            Per sequence, Σ_rows G² comes from G itself or from the T × T Gram matrix g gᵀ, whichever is cheaper;
+            the output head's own term stays per token (logits at t depend on x_t alone, so the cross terms
+            vanish in expectation and the per-token sum is the same estimate with less noise).
+
+ΣF = Σ_j I_j. For an Embedding the looked-up row receives g_t (the gradient at the embedding output), so I_j runs
+over the hidden dimension, the GGUF row (ne0) of token_embd. A tied input/output embedding is one GGUF tensor
+(token_embd.weight): its statistics combine the head's and the lookup's gradients (under "sequence", with their
+cross term). Alongside, E[x_j²] of every Linear input is kept (what llama.cpp's imatrix stores).
+
+Weights stay frozen: the embedding output is made the autograd leaf, so the backward pass computes activation
+gradients only (no weight gradients, no per-element gradient of the model held anywhere); hooks square and
+reduce g and x layer by layer as the backward pass reaches them, in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qgguf.errors import QggufError
+
+ESTIMATORS = ("token", "sequence")
+
+
+PROBES = ("label", "gaussian")
+
+
+DEFAULT_ESTIMATOR = "sequence"  # predicts KL for every tensor kind (tools/kl_check.py); see the module docstring
+
+
+@dataclass
+class _Acc:
+    """fp32 accumulators of one weight (shared by every module using it: a tied embedding is counted once)."""
+
+    hf_name: str
+    out_features: int
+    in_features: int  # the GGUF row length
+    importance: torch.Tensor  # Σ over samples of Σ_rows (score²), per input channel
+    act_sq: torch.Tensor | None = None  # Σ_t x²
+    act_count: int = 0
+    fisher: torch.Tensor | None = None  # per-element Σ score² (HF row order), only when asked
+    linear: bool = False
+    embedding: bool = False
+    ids: torch.Tensor | None = None  # tied + sequence: this step's token ids (B × T)
+    head_grad: list | None = None  # tied + sequence: the head's per-sequence contribution, for the cross term
+    head: bool = False  # the output head: its own term is per token under either estimator
+
+
+def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One label per position drawn from the model's predictive distribution (the true Fisher's labels)."""
+    # inverse-CDF sampling: one uniform per position (torch.multinomial is ~10× slower over a 50k vocabulary)
+    probs = torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), dim=-1)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    labels = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return labels.reshape(logits.shape[:-1])
+
+
+def label_cotangent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """∂ log p(y)/∂logits = onehot(y) − p: the gradient a sampled label sends into the model."""
+    v = -torch.softmax(logits.detach().float(), dim=-1)
+    v.scatter_add_(-1, labels.unsqueeze(-1), torch.ones_like(labels, dtype=v.dtype).unsqueeze(-1))
+    return v
+
+
+def gaussian_cotangent(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """v = √p ⊙ z − p (√p · z), z ~ N(0, I): E[v vᵀ] = diag(p) − p pᵀ, the same covariance as onehot(y) − p with
+    y ~ p, so it estimates the same true Fisher; but every vocabulary row contributes (weighted by √p) instead of
+    one drawn row, which removes the heavy tail that a rarely drawn label with a large gradient gives."""
+    p = torch.softmax(logits.detach().float(), dim=-1)
+    sz = p.sqrt() * torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+    return sz - p * sz.sum(-1, keepdim=True)
+
+
+def _grouped(ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of one sequence's embedding gradient: (distinct ids, Σ of g over the positions holding each id)."""
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    return uniq, torch.zeros(uniq.numel(), g.shape[-1], dtype=g.dtype, device=g.device).index_add_(0, inv, g)
+
+
+class FisherCollector:
+    """Hooks on a model's Linear and Embedding modules that accumulate the diagonal Fisher.
+
+    `weights` maps each weight to collect (a Parameter of an nn.Linear/nn.Embedding) to its HF name; weights not
+    listed are not hooked. `per_element(hf_name)` says for which weights to keep the full out × in Fisher.
+    estimator "token": each token's contribution g_t x_tᵀ is one sample (F = Σ_t g_t² x_t²);
+    estimator "sequence": each sequence's whole gradient G = Σ_t g_t x_tᵀ is one sample (F = Σ_seq G²).
+    """
+
+    def __init__(self, model: nn.Module, weights: dict[int, str], per_element: Callable[[str], bool] = lambda n: False,
+                 estimator: str = DEFAULT_ESTIMATOR, probe: str = "label"):
+        if estimator not in ESTIMATORS:
+            raise QggufError(f"--estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+        if probe not in PROBES:
+            raise QggufError(f"--probe {probe!r} is not one of {', '.join(PROBES)}")
+        self.model = model
+        self.estimator = estimator
+        self.probe = probe
+        self.n_tokens = 0
+        self.accs: dict[str, _Acc] = {}
+        self._handles = []
+        self._x_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for mod in model.modules():
+            if not isinstance(mod, (nn.Linear, nn.Embedding)) or id(mod.weight) not in weights:
+                continue
+            name = weights[id(mod.weight)]
+            w = mod.weight
+            acc = self.accs.get(name)
+            if acc is None:
+                acc = _Acc(name, w.shape[0], w.shape[1], torch.zeros(w.shape[1], dtype=torch.float32, device=w.device))
+                if per_element(name):
+                    acc.fisher = torch.zeros(tuple(w.shape), dtype=torch.float32, device=w.device)
+                self.accs[name] = acc
+            if isinstance(mod, nn.Linear):
+                acc.linear = True
+                if acc.act_sq is None:
+                    acc.act_sq = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
+                self._handles.append(mod.register_forward_hook(self._linear_hook(acc)))
+            else:
+                acc.embedding = True
+                self._handles.append(mod.register_forward_hook(self._embedding_hook(acc)))
+        self._tied = {n for n, a in self.accs.items() if a.linear and a.embedding}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and weights.get(id(head.weight)) in self.accs:
+            self.accs[weights[id(head.weight)]].head = True
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # x (fp32) and x² are shared by modules reading the same input (q/k/v, gate/up): made once per step
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self._x_cache.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1], hit[2]
+        xf = x.detach().float()
+        xf = xf.reshape(-1, xf.shape[-2], xf.shape[-1]) if xf.ndim >= 2 else xf.reshape(1, 1, -1)
+        x2 = xf.square()
+        self._x_cache[id(x)] = (x, xf, x2)
+        return xf, x2
+
+    def _linear_hook(self, acc: _Acc):
+        def hook(module, args, output):
+            xf, x2 = self._inputs(args[0])
+            acc.act_sq += x2.sum((0, 1))
+            acc.act_count += x2.shape[0] * x2.shape[1]
+            if output.requires_grad:
+                if self.estimator == "token":
+                    output.register_hook(lambda g: self._linear_grad_token(acc, g, x2))
+                else:
+                    output.register_hook(lambda g: self._linear_grad_sequence(acc, g, xf, x2))
+        return hook
+
+    @staticmethod
+    def _linear_grad_token(acc: _Acc, g: torch.Tensor, x2: torch.Tensor) -> None:
+        g2 = g.detach().float().square().reshape(-1, g.shape[-1])
+        x2 = x2.reshape(-1, x2.shape[-1])
+        acc.importance += g2.sum(1) @ x2  # Σ_t ‖g_t‖² x_t²
+        if acc.fisher is not None:
+            acc.fisher.addmm_(g2.T, x2)  # Σ_t g_t² (x_t²)ᵀ
+
+    def _linear_grad_sequence(self, acc: _Acc, g: torch.Tensor, xf: torch.Tensor, x2: torch.Tensor) -> None:
+        if acc.head:
+            # logits at t depend on x_t alone, so the cross-position terms of the head's own square vanish in
+            # expectation over the sampled labels: the per-token sum is the same estimate with less noise
+            self._linear_grad_token(acc, g, x2)
+        g = g.detach().float().reshape(xf.shape[0], xf.shape[1], -1)
+        if acc.hf_name in self._tied:
+            # the lookup's gradient lands on this sequence's token rows: keep the head's gradient on those rows
+            # for the cross term 2·G_lookup·G_head of the tied weight's squared gradient
+            acc.head_grad = []
+            for b in range(xf.shape[0]):
+                uniq = torch.unique(acc.ids[b])
+                acc.head_grad.append(g[b][:, uniq].T @ xf[b])
+        if acc.head:
+            return
+        for b in range(xf.shape[0]):  # one sequence at a time bounds the transient memory to one layer
+            gb, xb = g[b], xf[b]
+            t, (n_out, n_in) = gb.shape[0], (gb.shape[1], xb.shape[1])
+            if acc.fisher is not None or t * (n_out + n_in) >= n_out * n_in:
+                G2 = (gb.T @ xb).square()  # this sequence's weight gradient, squared
+                acc.importance += G2.sum(0)
+                if acc.fisher is not None:
+                    acc.fisher += G2
+            else:
+                # Σ_rows (Σ_t g_t x_tᵀ)² through the T × T Gram matrix of the gradients: no out × in tensor
+                acc.importance += ((gb @ gb.T) @ xb * xb).sum(0)
+
+    def _embedding_hook(self, acc: _Acc):
+        def hook(module, args, output):
+            ids = args[0].detach()
+            ids = ids.reshape(-1, ids.shape[-1])
+            acc.ids = ids
+            if not output.requires_grad:  # frozen weights: the embedding output becomes the autograd leaf
+                output = output.detach().requires_grad_(True)
+            if self.estimator == "token":
+                output.register_hook(lambda g: self._embedding_grad_token(acc, g, ids))
+            else:
+                output.register_hook(lambda g: self._embedding_grad_sequence(acc, g, ids))
+            return output
+        return hook
+
+    @staticmethod
+    def _embedding_grad_token(acc: _Acc, g: torch.Tensor, ids: torch.Tensor) -> None:
+        g2 = g.detach().float().square().reshape(-1, g.shape[-1])
+        acc.importance += g2.sum(0)
+        if acc.fisher is not None:
+            acc.fisher.index_add_(0, ids.reshape(-1), g2)
+
+    @staticmethod
+    def _embedding_grad_sequence(acc: _Acc, g: torch.Tensor, ids: torch.Tensor) -> None:
+        g = g.detach().float().reshape(ids.shape[0], ids.shape[1], -1)
+        for b in range(ids.shape[0]):
+            uniq, rows = _grouped(ids[b], g[b])  # this sequence's gradient on the rows it looked up
+            contrib = rows.square()
+            if acc.head_grad is not None:
+                contrib += 2 * rows * acc.head_grad[b]
+            acc.importance += contrib.sum(0)
+            if acc.fisher is not None:
+                acc.fisher.index_add_(0, uniq, contrib)
+        acc.head_grad = None
+
+    def step(self, input_ids: torch.Tensor, generator: torch.Generator | None = None,
+             cotangent: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward/backward over a batch of sequences (B × T). The gradient sent into the logits is the
+        `cotangent` given, else a probe drawn from the model's predictive distribution ("label": ∂ log p(y)/∂logits
+        for a sampled y; "gaussian": see gaussian_cotangent). Returns the cotangent used."""
+        try:
+            with torch.enable_grad():
+                logits = self.model(input_ids=input_ids, use_cache=False).logits
+                if cotangent is None:
+                    cotangent = (label_cotangent(logits, sample_labels(logits, generator)) if self.probe == "label"
+                                 else gaussian_cotangent(logits, generator))
+                logits.backward(cotangent.to(logits.dtype))
+                del logits
+        finally:
+            self._x_cache.clear()
+            for acc in self.accs.values():
+                acc.ids, acc.head_grad = None, None
+        self.n_tokens += input_ids.numel()
+        return cotangent

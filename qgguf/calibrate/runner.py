@@ -1,0 +1,187 @@
+"""The calibration run: load the HF model, feed it the text, turn the accumulators into a statistics file."""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qgguf import __version__
+from qgguf.calibrate.fisher import DEFAULT_ESTIMATOR, ESTIMATORS, PROBES, FisherCollector
+from qgguf.calibrate.stats import Stats, TensorStats, save_stats
+from qgguf.calibrate.text import adds_bos, default_text_path, read_text, token_chunks
+from qgguf.devices import resolve_device
+from qgguf.errors import QggufError
+from qgguf.files import check_output_path
+from qgguf.hashing import sha256_file
+from qgguf.models import model_sha256
+
+DEFAULT_TOKENS = 16384
+
+
+DEFAULT_SEQ_LEN = 512
+
+
+DEFAULT_SEED = 0
+
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: str = "auto") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise QggufError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    except (OSError, ValueError, KeyError) as e:
+        raise QggufError(f"transformers cannot load a causal LM from {str(model_dir)!r} ({e}); give a Hugging "
+                         "Face causal-LM folder") from None
+    model.eval()  # no dropout: the Fisher of the model as it is used
+    model.requires_grad_(False)
+    return model.to(device)
+
+
+def collect_weights(model: nn.Module, name_map) -> tuple[dict[int, str], dict[str, object]]:
+    """Which weights to collect: every nn.Linear / nn.Embedding weight the converter writes to the GGUF.
+
+    Returns {id(parameter): HF name} and {HF name: GgufTensor}. A weight shared by several modules (a tied
+    embedding) appears once, under its first name, as in model.named_parameters().
+    """
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    weights: dict[int, str] = {}
+    targets: dict[str, object] = {}
+    for mod in model.modules():
+        if not isinstance(mod, (nn.Linear, nn.Embedding)):
+            continue
+        pid = id(mod.weight)
+        hf_name = param_names.get(pid)
+        if hf_name is None or pid in weights:
+            continue
+        target = name_map.gguf_tensor(hf_name, mod.weight.shape[0])
+        if target is None:
+            continue
+        weights[pid] = hf_name
+        targets[hf_name] = target
+    return weights, targets
+
+
+def build_stats(collector: FisherCollector, targets: dict, meta: dict) -> Stats:
+    """Normalise the accumulators per token and key them by GGUF tensor name (per-element Fisher in GGUF rows)."""
+    n = collector.n_tokens
+    tensors: dict[str, TensorStats] = {}
+    for hf_name, acc in collector.accs.items():
+        target = targets[hf_name]
+        kind = "tied" if acc.linear and acc.embedding else ("linear" if acc.linear else "embedding")
+        fisher = None
+        if acc.fisher is not None:
+            fisher = target.to_gguf_rows((acc.fisher / n).cpu()).numpy()
+        act_sq = (acc.act_sq / max(acc.act_count, 1)).cpu().numpy() if acc.act_sq is not None else None
+        rows = acc.out_features if target.rows is None else len(target.rows)
+        tensors[target.name] = TensorStats(
+            name=target.name, hf_name=hf_name, shape=(rows, acc.in_features), kind=kind,
+            importance=(acc.importance / n).cpu().numpy(), act_sq=act_sq, fisher=fisher)
+    return Stats(meta=meta, tensors=dict(sorted(tensors.items())))
+
+
+def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int = DEFAULT_TOKENS,
+              seq_len: int = DEFAULT_SEQ_LEN, device: str = "cpu", seed: int = DEFAULT_SEED,
+              per_element: Sequence[str] = (), dtype: str = "auto", batch_size: int = 1,
+              imatrix_out: Path | None = None, imatrix_from: str = "act", estimator: str = DEFAULT_ESTIMATOR,
+              probe: str = "label", progress: bool = True) -> Stats:
+    """Run the calibration and write the statistics file (and optionally an llama.cpp imatrix GGUF)."""
+    from qgguf.calibrate.names import TensorNameMap
+    from qgguf.models import check_model_dir
+
+    model_dir = Path(model_dir)
+    if tokens <= 0:
+        raise QggufError(f"--tokens must be a positive number of tokens, not {tokens}")
+    if seq_len < 2:
+        raise QggufError(f"--seq-len must be at least 2, not {seq_len}")
+    if estimator not in ESTIMATORS:
+        raise QggufError(f"--estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+    if probe not in PROBES:
+        raise QggufError(f"--probe {probe!r} is not one of {', '.join(PROBES)}")
+    if batch_size < 1:
+        raise QggufError(f"--batch-size must be at least 1, not {batch_size}")
+    cfg = check_model_dir(model_dir)
+    check_output_path(out, [model_dir])
+    if imatrix_out is not None:
+        from qgguf.calibrate.imatrix import SOURCES
+
+        if imatrix_from not in SOURCES:
+            raise QggufError(f"--imatrix-from {imatrix_from!r} is not one of {', '.join(SOURCES)}")
+        check_output_path(imatrix_out, [model_dir])
+        if Path(imatrix_out).resolve() == Path(out).resolve():
+            raise QggufError("--imatrix and -o name the same file; give two different paths")
+    max_pos = cfg.get("max_position_embeddings")
+    if max_pos and seq_len > max_pos:
+        raise QggufError(f"--seq-len {seq_len} exceeds the model's context ({max_pos}); lower --seq-len")
+    dev = resolve_device(device)
+    text_path = Path(text) if text is not None else default_text_path()
+    raw = read_text(text_path)
+
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise QggufError(f"cannot load the tokenizer of {str(model_dir)!r} ({e}); the folder needs its "
+                         "tokenizer files") from None
+    chunks = token_chunks(tokenizer, raw, tokens, seq_len, where=f"calibration text {str(text_path)!r}")
+
+    t_start = time.perf_counter()
+    model = load_model(model_dir, dev, dtype)
+    name_map = TensorNameMap(model_dir)
+    weights, targets = collect_weights(model, name_map)
+    if not weights:
+        raise QggufError(f"found no Linear/Embedding weights the converter writes in {str(model_dir)!r}")
+    wanted = tuple(per_element)
+    collector = FisherCollector(
+        model, weights, per_element=lambda n: any(fnmatch.fnmatchcase(targets[n].name, p) for p in wanted),
+        estimator=estimator, probe=probe)
+
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    try:
+        t_loop = time.perf_counter()
+        with tqdm(total=tokens, unit="tok", unit_scale=True, desc="calibrate", disable=not progress,
+                  file=sys.stderr) as bar:
+            i = 0
+            while i < len(chunks):
+                # batch sequences of equal length (only the last may be shorter)
+                j = i + 1
+                while j < len(chunks) and j - i < batch_size and chunks[j].numel() == chunks[i].numel():
+                    j += 1
+                batch = torch.stack(chunks[i:j]).to(dev)
+                collector.step(batch, generator=gen)
+                bar.update(batch.numel())
+                i = j
+        t_done = time.perf_counter()
+    finally:
+        collector.close()
+
+    meta = {
+        "qgguf_version": __version__, "estimator": estimator, "probe": probe,
+        "model": model_dir.name, "model_sha256": model_sha256(model_dir),
+        "hf_arch": name_map.hf_arch, "arch": name_map.arch,
+        "text": text_path.name, "text_sha256": sha256_file(text_path),
+        "tokens": collector.n_tokens, "seq_len": seq_len, "seed": seed,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": dev.type,
+        "add_bos": adds_bos(tokenizer), "per_element": list(wanted),
+    }
+    stats = build_stats(collector, targets, meta)
+    stats.timing = {"load_s": t_loop - t_start, "loop_s": t_done - t_loop}
+    save_stats(stats, out, inputs=[model_dir])
+    if imatrix_out is not None:
+        from qgguf.calibrate.imatrix import imatrix_from_stats, write_imatrix
+
+        write_imatrix(imatrix_from_stats(stats, imatrix_from), imatrix_out, inputs=[model_dir, Path(out)])
+    return stats

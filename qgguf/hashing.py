@@ -1,0 +1,43 @@
+"""Content hashes: of files, folders and arrays. Every cache key and every record of what made a result is built
+from these, so that equal content gives equal keys on any machine and any path."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_sha256(folder: Path, progress: bool = True) -> str:
+    """sha256 over every file of a folder (relative name and content hash, in name order; hidden files skipped)."""
+    from tqdm import tqdm
+
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+    for p in tqdm(files, desc="hash model", unit="file", disable=None if progress else True, leave=False,
+                  file=sys.stderr):
+        h.update(str(p.relative_to(folder)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def hash_array(h, a) -> None:
+    """Feed an array's shape and float32 bytes (or a marker for None) to hash `h`."""
+    import torch
+
+    if a is None:
+        h.update(b"none")
+        return
+    t = a.detach().to("cpu", torch.float32).contiguous() if isinstance(a, torch.Tensor) else \
+        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    h.update(repr(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
