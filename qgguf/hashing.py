@@ -74,3 +74,25 @@ def code_sha256(*parts: str) -> str:
         except importlib.metadata.PackageNotFoundError:
             libs.append(f"{dist}=none")
     return hashlib.sha256((files_sha256(files, PACKAGE) + "|" + ",".join(libs)).encode()).hexdigest()
+
+
+def package_sha256() -> str:
+    """The hash of all of qgguf's code: what a bench row made by `qgguf convert` depends on."""
+    return code_sha256(".")
+
+
+def checkout_commit() -> str | None:
+    """The git commit of the checkout qgguf runs from ("+dirty" when it has uncommitted changes), or None."""
+    import subprocess
+
+    root = PACKAGE.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "qgguf", "cpp_ext"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
