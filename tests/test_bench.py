@@ -256,7 +256,7 @@ def test_update_docs_keeps_other_sections(first_run, tmp_path):
 
 def test_bad_input_is_one_clear_error(tiny_llama, texts, tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nope"), "-o", str(tmp_path / "o")]) == 2
-    assert "neither a folder nor a known model asset" in capsys.readouterr().err
+    assert "is not a folder (or does not exist)" in capsys.readouterr().err
     assert main(bench_args(tiny_llama, texts, tmp_path / "o", tmp_path / "c", "--presets", "Q4_K_X")) == 2
     err = capsys.readouterr().err
     assert "Q4_K_X" in err and "Q4_K_M" in err and "Traceback" not in err
