@@ -10,44 +10,68 @@ OUT.tensor-types.txt (stock palette: reproduces the plan with stock llama-quanti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 from qgguf import __version__, formats
-from qgguf.errors import QggufError
-from qgguf.files import cache_dir, check_output_path, writable_folder
+from qgguf.devices import resolve_device
+from qgguf.errors import QggufError, step
+from qgguf.files import atomic_outputs, cache_dir, check_output_path, require_file, seal, sealed, writable_folder
 from qgguf.llamacpp.converter import convert_hf
 from qgguf.models import check_model_dir, resolve_model
 from qgguf.plan.budget import HEADER_SLACK, Budget, FileLayout, parse_size
 from qgguf.plan.outputs import summary, write_heatmap, write_plan_json, write_tensor_type_file
 from qgguf.plan.planner import plan
-from qgguf.plan.rules import llama_quantizes, palette_types, parse_overrides, read_tensor_type_file
+from qgguf.plan.rules import PALETTES, llama_quantizes, palette_types, parse_overrides, read_tensor_type_file
 
 
 def f32_gguf(model_dir: Path, model_hash: str) -> Path:
-    """The converter's F32 GGUF of the model, made once per model hash."""
-    out = cache_dir("convert", model_hash[:16]) / "model-f32.gguf"
-    if not out.is_file():
+    """The converter's F32 GGUF of the model, made once per (model content, converter tree and code)."""
+    from qgguf.llamacpp.converter import converter_sha256
+
+    key = hashlib.sha256(f"{model_hash}|{converter_sha256()}".encode()).hexdigest()
+    out = cache_dir("convert", key[:16]) / "model-f32.gguf"
+    if not sealed(out, key):
         print(f"qgguf: converting {model_dir} to F32 GGUF with llama.cpp's converter ...", file=sys.stderr)
         convert_hf(model_dir, out, "f32")
+        seal(out, key)
     return out
+
+
+def calibration_key(model_hash: str, text: Path, args) -> str:
+    """What a calibration's statistics depend on: the model, the text's content, the settings, the device and
+    the calibration code (with the versions of torch and transformers)."""
+    from qgguf.hashing import code_sha256, sha256_file
+
+    parts = [model_hash, sha256_file(text), f"t{args.tokens}", f"l{args.seq_len}", f"s{args.seed}",
+             f"d{resolve_device(args.device).type}", code_sha256("calibrate", "models.py", "devices.py")]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def stats_for(model_dir: Path, model_hash: str, args) -> Path:
-    """The statistics file: --stats, else a cached calibration with the given settings."""
+    """The statistics file: --stats, else a cached calibration keyed by everything it depends on."""
     from qgguf.calibrate.runner import calibrate
+    from qgguf.calibrate.text import default_text_path
 
     if args.stats:
         return Path(args.stats)
-    text = Path(args.text) if args.text else None
-    text_tag = "default" if text is None else text.resolve().as_posix().replace("/", "_")[-60:]
-    out = cache_dir("stats", model_hash[:16]) / f"{text_tag}-t{args.tokens}-l{args.seq_len}-s{args.seed}.safetensors"
-    if not out.is_file():
-        print("qgguf: calibrating (diagonal Fisher, sampled labels) ...", file=sys.stderr)
+    text = Path(args.text) if args.text else default_text_path()
+    require_file(text, "calibration text", "give a UTF-8 text file with --text, or run `qgguf fetch wiki`")
+    key = calibration_key(model_hash, text, args)
+    out = cache_dir("stats", model_hash[:16]) / f"{key[:24]}.safetensors"
+    if not sealed(out, key):
+        print(f"qgguf: calibrating on {args.tokens:,} tokens of {text.name} (diagonal Fisher, sampled labels) ...",
+              file=sys.stderr)
         calibrate(model_dir, out, text=text, tokens=args.tokens, seq_len=args.seq_len, device=args.device,
                   seed=args.seed)
+        seal(out, key)
     return out
+
+
+# What convert writes beside OUT.gguf, by kind (the bench keeps them with its rows).
+SIDE_FILES = {"plan": ".plan.json", "tensor_types": ".tensor-types.txt", "heatmap": ".heatmap.png"}
 
 
 def run(args) -> int:
@@ -58,6 +82,9 @@ def run(args) -> int:
     from qgguf.models import model_sha256
     from qgguf.plan.measure import TensorInput, measure_tensors
 
+    resolve_device(args.device)  # before any work: a bad --device fails at once
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model)
     check_model_dir(model_dir)
     out = check_output_path(Path(args.out), [model_dir] + ([Path(args.stats)] if args.stats else []))
@@ -71,17 +98,18 @@ def run(args) -> int:
     overrides = parse_overrides(args.tensor_type or [])
     if args.tensor_type_file:
         overrides += read_tensor_type_file(Path(args.tensor_type_file))
-    types = palette_types(args.palette, min_type=args.min_type, max_type=args.max_type,
-                                  overrides=overrides)
+    types = palette_types(args.palette, min_type=args.min_type, max_type=args.max_type, overrides=overrides)
 
     model_hash = model_sha256(model_dir)
-    stats_path = stats_for(model_dir, model_hash, args)
+    with step("calibrate"):
+        stats_path = stats_for(model_dir, model_hash, args)
     stats = load_stats(stats_path)
     if stats.meta.get("model_sha256") not in (None, model_hash):
         raise QggufError(f"statistics {stats_path} were computed for another model (model hash "
                          f"{str(stats.meta.get('model_sha256'))[:12]}…, this one is {model_hash[:12]}…); "
                          f"run `qgguf calibrate {args.model} -o FILE` or drop --stats")
-    src = f32_gguf(model_dir, model_hash)
+    with step("convert to GGUF"):
+        src = f32_gguf(model_dir, model_hash)
     reader = open_gguf(src)
 
     planned = [t for t in reader.tensors if llama_quantizes(t.name, len(t.shape))]
@@ -99,27 +127,35 @@ def run(args) -> int:
             imp = torch.from_numpy(stats[t.name].importance)
             yield TensorInput(name=t.name, weights=tensor_f32(t), importance=imp, channel_fisher=imp)
 
-    measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device, total=len(planned))
-    choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
-    the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
-                            max_type=args.max_type)
+    with step("measure"):
+        measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device,
+                                   total=len(planned))
+    with step("plan"):
+        choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
+        the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
+                        max_type=args.max_type)
 
     importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
     meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
             "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
-    export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device, reader=reader,
-                encode_cache=encode_cache)
-
-    size = out.stat().st_size
-    if budget.kind == "size" and size > budget.value:
-        out.unlink()
-        raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
-                         "this is a bug in qgguf's size accounting (nothing was kept)")
     base = out.with_suffix("")
-    write_plan_json(the_plan, base.with_name(base.name + ".plan.json"))
-    if all(formats.get(t).stock for t in the_plan.types.values()):
-        write_tensor_type_file(the_plan, base.with_name(base.name + ".tensor-types.txt"))
-    write_heatmap(the_plan, base.with_name(base.name + ".heatmap.png"))
+    side = {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_FILES.items()}
+    stock = all(formats.get(t).stock for t in the_plan.types.values())
+    outs = [out, side["plan"], side["heatmap"]] + ([side["tensor_types"]] if stock else [])
+    # The GGUF and its side files appear together or not at all
+    with step("export"), atomic_outputs(outs, inputs=[model_dir, src]) as tmps:
+        export_gguf(src, tmps[0], the_plan.types, importance, extra_metadata=meta, device=args.device,
+                    reader=reader, encode_cache=encode_cache)
+        size = tmps[0].stat().st_size
+        if budget.kind == "size" and size > budget.value:
+            raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
+                             "this is a bug in qgguf's size accounting (nothing was kept)")
+        write_plan_json(the_plan, tmps[1])
+        write_heatmap(the_plan, tmps[2])
+        if stock:
+            write_tensor_type_file(the_plan, tmps[3])
+    if not stock:  # an earlier run's tensor-type file would describe another plan
+        side["tensor_types"].unlink(missing_ok=True)
     print(summary(the_plan))
     print(f"wrote {out} ({size:,} bytes)")
     return 0
@@ -136,7 +172,7 @@ def add_parser(sub) -> None:
     g.add_argument("--target-bpw", type=float, help="bits per weight as llama.cpp reports it (all tensors' data "
                                                      "bits over all weights)")
     g.add_argument("--target-size", help="whole-file size: 1.2GiB, 800MB or bytes")
-    p.add_argument("--palette", default="stock", choices=("stock", "extended"),
+    p.add_argument("--palette", default="stock", choices=PALETTES,
                    help="stock: types unmodified llama.cpp runs (default); extended: adds qgguf's types")
     p.add_argument("--stats", help="statistics from `qgguf calibrate` (default: calibrate now, cached)")
     p.add_argument("--text", help="calibration text (default: the Wikipedia text of `qgguf fetch wiki`)")
@@ -144,6 +180,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="calibration sequence length")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration seed")
     p.add_argument("--device", default="cpu", help="cpu or cuda, for calibration, measurement and encoding")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="force a type on tensors matching a regex (llama-quantize syntax); repeatable")
     p.add_argument("--tensor-type-file", help="a file of PATTERN=TYPE lines, as llama-quantize takes")

@@ -57,28 +57,105 @@ def check_output_path(out: Path, inputs: list[Path] = ()) -> Path:
     return out
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data to disk (a rename must never publish a file whose data is still in the page cache)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened for fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_outputs(outs: list[Path], inputs: list[Path] = ()) -> Iterator[list[Path]]:
+    """Yield a temporary path beside each of `outs`; if the block succeeds, flush them all to disk and rename them
+    into place together (in the order given), so the outputs appear as one unit.
+
+    A failure or Ctrl-C leaves none of them behind (earlier files at those paths stay as they were).
+    """
+    outs = [check_output_path(o, inputs) for o in outs]
+    tmps: list[Path] = []
+    try:
+        for out in outs:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.resolve().parent)
+            except OSError as e:
+                raise QggufError(f"cannot write {str(out)!r}: {e.strerror}; choose another output path") from None
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield tmps
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp in tmps:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished output gets the usual mode
+            if tmp.stat().st_size:
+                _fsync(tmp)
+        for tmp, out in zip(tmps, outs):
+            os.replace(tmp, out)
+        for folder in {o.resolve().parent for o in outs}:
+            _fsync_dir(folder)
+    finally:
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path, inputs: list[Path] = ()) -> Iterator[Path]:
-    """Yield a temporary path beside `out`; rename it to `out` only if the block succeeds.
+    """Yield a temporary path beside `out`; flush it to disk and rename it to `out` only if the block succeeds.
 
     A failure or Ctrl-C leaves no partial file behind.
     """
-    out = check_output_path(out, inputs)
+    with atomic_outputs([out], inputs) as (tmp,):
+        yield tmp
+
+
+# A cache entry is used only when its seal matches: the seal is written after the entry's data is on disk, and
+# records its size and (for files up to SEAL_HASH_BYTES) its content hash, so a truncated or damaged entry is
+# made again rather than trusted.
+SEAL_HASH_BYTES = 256 << 20
+
+
+def _seal_path(path: Path) -> Path:
+    return path.with_name(path.name + ".seal.json")
+
+
+def _seal_of(path: Path) -> dict:
+    from qgguf.hashing import sha256_file
+
+    size = path.stat().st_size
+    return {"size": size, "sha256": sha256_file(path) if size <= SEAL_HASH_BYTES else None}
+
+
+def seal(path: Path, key: str = "") -> None:
+    """Record that the finished file `path` is a complete cache entry (made under `key`)."""
+    import json
+
+    path = Path(path)
+    with atomic_output(_seal_path(path)) as tmp:
+        tmp.write_text(json.dumps({**_seal_of(path), "key": key}))
+
+
+def sealed(path: Path, key: str = "") -> bool:
+    """True when `path` exists and matches the seal written for it under `key`."""
+    import json
+
+    path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.resolve().parent)
-    except OSError as e:
-        raise QggufError(f"cannot write {str(out)!r}: {e.strerror}; choose another output path") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a finished output gets the usual mode
-        os.replace(tmp_path, out)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        want = json.loads(_seal_path(path).read_text())
+        have = _seal_of(path)
+    except (OSError, ValueError):
+        return False
+    return want.get("key") == key and want.get("size") == have["size"] and want.get("sha256") == have["sha256"]
 
 
 def writable_folder(folder: Path, option: str) -> Path:

@@ -3,6 +3,7 @@ from these, so that equal content gives equal keys on any machine and any path."
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 from pathlib import Path
@@ -41,3 +42,57 @@ def hash_array(h, a) -> None:
         torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     h.update(repr(tuple(t.shape)).encode())
     h.update(t.numpy().tobytes())
+
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def files_sha256(files: list[Path], root: Path) -> str:
+    """sha256 over files (their paths relative to `root`, and their bytes), in path order."""
+    h = hashlib.sha256()
+    for p in sorted(files):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def code_sha256(*parts: str) -> str:
+    """The hash of qgguf's own code behind a result: every .py file under the named parts of the package
+    (folders or modules, e.g. "calibrate", "models.py"), with the versions of the libraries it computes with.
+
+    Cache keys and records include it, so a result made by other code is never taken for today's."""
+    import importlib.metadata
+
+    files: list[Path] = []
+    for part in parts:
+        p = PACKAGE / part
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    libs = []
+    for dist in ("torch", "transformers", "numpy", "gguf"):
+        try:
+            libs.append(f"{dist}={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            libs.append(f"{dist}=none")
+    return hashlib.sha256((files_sha256(files, PACKAGE) + "|" + ",".join(libs)).encode()).hexdigest()
+
+
+def package_sha256() -> str:
+    """The hash of all of qgguf's code: what a bench row made by `qgguf convert` depends on."""
+    return code_sha256(".")
+
+
+def checkout_commit() -> str | None:
+    """The git commit of the checkout qgguf runs from ("+dirty" when it has uncommitted changes), or None."""
+    import subprocess
+
+    root = PACKAGE.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "qgguf", "cpp_ext"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")

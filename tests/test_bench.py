@@ -3,6 +3,7 @@ report and docs section written, and the interpolation along a curve. The full b
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -20,6 +21,7 @@ from qgguf.bench.reference import gguf_sizes
 from qgguf.bench.report import update_docs
 from qgguf.bench.rows import Row, auto_targets, convert_help, extended_palette_exists, load_row, qgguf_rows
 from qgguf.cli import main
+from qgguf.errors import QggufError
 from qgguf.llamacpp import toolout
 
 CTX, CHUNKS = 128, 8
@@ -242,6 +244,14 @@ def test_update_docs_keeps_other_sections(first_run, tmp_path):
     assert first_run["results"]["command"] in text and "-core" in text
     img = [line for line in text.splitlines() if line.startswith("![")][0]
     assert (docs.parent / img[img.index("(") + 1:-1]).is_file()
+    # a row made by other code (another build of the tools, or other qgguf code) is not published
+    for kind, field in (("stock", "tools"), ("qgguf", "code")):
+        stale = copy.deepcopy(first_run["results"])
+        row = next(r for r in stale["rows"] if r["kind"] == kind)
+        row["spec"][field] = "0" * 16
+        with pytest.raises(QggufError, match="other code than this checkout"):
+            update_docs(stale, plot, docs)
+    assert docs.read_text() == once
 
 
 def test_bad_input_is_one_clear_error(tiny_llama, texts, tmp_path, capsys):

@@ -110,6 +110,14 @@ def test_encode_cache_gives_the_same_bytes(converted, setup):
     assert entries[0].read_bytes() == good, "the damaged entry should be encoded again"
     rewritten = [p for p in entries if p.stat().st_mtime_ns != stamps[p]]
     assert rewritten == [entries[0]], "intact entries should be read, not encoded again"
+    # a damaged entry of the right size: its digest no longer matches, so it is encoded again too
+    flipped = bytearray(entries[1].read_bytes())
+    flipped[0] ^= 0xFF
+    entries[1].write_bytes(bytes(flipped))
+    third = d / "cached3.gguf"
+    assert qgguf("convert", str(model), "-o", str(third), *args).returncode == 0
+    assert third.read_bytes() == out.read_bytes()
+    assert entries[1].read_bytes() != bytes(flipped)
 
 
 def test_stock_llama_quantize_reproduces_plan(converted, setup):
@@ -174,3 +182,38 @@ def test_encode_cache_not_a_folder(setup, tmp_path):
                 "--encode-cache", str(blocker / "cache"))
     assert res.returncode != 0 and "--encode-cache" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists() and blocker.read_text() == "not a folder"
+
+
+def test_side_files_are_one_unit_and_a_stale_type_file_goes(setup, tmp_path):
+    """The GGUF, plan, heat map (and, for a stock plan, the tensor-type file) appear together; an extended-palette
+    plan written over a stock one removes the stock plan's tensor-type file, which would describe another plan."""
+    model, stats, _ = setup
+    out = tmp_path / "m.gguf"
+    side = {x: tmp_path / f"m{x}" for x in (".plan.json", ".heatmap.png", ".tensor-types.txt")}
+    assert qgguf("convert", str(model), "-o", str(out), "--target-bpw", "4.5", "--stats", str(stats)).returncode == 0
+    assert out.is_file() and all(p.is_file() for p in side.values())
+    res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "3.5", "--stats", str(stats),
+                "--palette", "extended", "--min-type", "NL3_XS", "--max-type", "NL5_XS")
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = json.loads(side[".plan.json"].read_text())
+    assert any(t["type"].startswith("NL") for t in plan["tensors"])
+    assert not side[".tensor-types.txt"].exists()
+    # a failure after the plan (a budget no type mix can meet) leaves no new file and keeps the earlier set intact
+    before = {p: p.read_bytes() for p in [out, side[".plan.json"]]}
+    res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "1.0", "--stats", str(stats))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_bad_device_fails_before_any_work(setup, tmp_path):
+    model, stats, _ = setup
+    out = tmp_path / "x.gguf"
+    for device, words in (("tpu", "is not cpu or cuda"), ("cuda", "CUDA")):
+        res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "5", "--stats", str(stats),
+                    "--device", device)
+        if device == "cuda" and res.returncode == 0:
+            continue  # a machine with a GPU: cuda is a valid device there
+        assert res.returncode != 0 and words in res.stderr and "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -10,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qgguf.bench.config import BenchConfig
-from qgguf.files import atomic_output, cache_dir
-from qgguf.llamacpp.build import LLAMA_CPP_COMMIT
+from qgguf.files import atomic_output, cache_dir, seal, sealed
 from qgguf.llamacpp.runner import PPL_PROGRESS, Tools
 
 
@@ -26,19 +26,23 @@ class Reference:
 
 def reference(cfg: BenchConfig, tools: Tools, logs: Path) -> Reference:
     """The F32 GGUF, its logits over the text and the imatrix: made once, cached by what determines them."""
-    from qgguf.llamacpp.converter import convert_hf
+    from qgguf.llamacpp.converter import convert_hf, converter_sha256
 
     folder = (cfg.cache or cache_dir("bench")) / cfg.model.key
     folder.mkdir(parents=True, exist_ok=True)
-    f32 = folder / f"f32-{LLAMA_CPP_COMMIT}.gguf"
-    if not f32.is_file():
+    conv = converter_sha256()
+    f32 = folder / f"f32-{conv[:16]}.gguf"
+    if not sealed(f32, conv):
         print(f"qgguf: converting {cfg.model.name} to F32 with llama.cpp's converter -> {f32}", file=sys.stderr)
         with tools.times.step("convert_f32"):
             convert_hf(cfg.model.path, f32, "f32")
+        seal(f32, conv)
 
-    stem = f"logits-{cfg.text.key}-c{cfg.ctx}-n{cfg.chunks}-{cfg.backend}"
+    # logits and imatrix depend on the F32 file and on the tools that computed them
+    made_by = hashlib.sha256(f"{conv}|{tools.key}".encode()).hexdigest()[:12]
+    stem = f"logits-{cfg.text.key}-c{cfg.ctx}-n{cfg.chunks}-{cfg.backend}-{made_by}"
     logits, meta = folder / f"{stem}.kld", folder / f"{stem}.json"
-    if not (logits.is_file() and meta.is_file()):
+    if not (sealed(logits, made_by) and meta.is_file()):
         t0, c0 = time.time(), tools.times.cpu_s
         with tools.times.step("f32_logits"), atomic_output(logits) as tmp:
             text = tools.run([tools.path("llama-perplexity"), "-m", f32, "-f", cfg.text.path, "-c", cfg.ctx,
@@ -56,18 +60,20 @@ def reference(cfg: BenchConfig, tools: Tools, logs: Path) -> Reference:
                   file=sys.stderr)
         with atomic_output(meta) as tmp:
             tmp.write_text(json.dumps(base, indent=1) + "\n")
+        seal(logits, made_by)
     base = json.loads(meta.read_text())
 
     imatrix = key = None
     if cfg.presets:
-        key = f"{cfg.calib.key}-c{cfg.ctx}-n{cfg.imatrix_chunks}-{cfg.backend}"
+        key = f"{cfg.calib.key}-c{cfg.ctx}-n{cfg.imatrix_chunks}-{cfg.backend}-{made_by}"
         imatrix = folder / f"imatrix-{key}.gguf"
-        if not imatrix.is_file():
+        if not sealed(imatrix, made_by):
             with tools.times.step("imatrix"), atomic_output(imatrix) as tmp:
                 tools.run([tools.path("llama-imatrix"), "-m", f32, "-f", cfg.calib.path, "-c", cfg.ctx,
                           "--chunks", cfg.imatrix_chunks, "-o", tmp, "--output-format", "gguf", *tools.common],
                          logs / "imatrix.log", "imatrix", total=cfg.imatrix_chunks, progress=PPL_PROGRESS,
                          timeout=cfg.timeout)
+            seal(imatrix, made_by)
     return Reference(f32, logits, base, imatrix, key)
 
 

@@ -17,8 +17,11 @@ from qgguf.bench.config import BenchConfig, machine_description
 from qgguf.bench.pareto import Saving, Series, plot_pareto, rate_gap, savings
 from qgguf.bench.reference import Reference
 from qgguf.docs import write_section
+from qgguf.errors import QggufError
 from qgguf.files import atomic_output
+from qgguf.hashing import checkout_commit, package_sha256
 from qgguf.llamacpp.build import LLAMA_CPP_COMMIT
+from qgguf.llamacpp.runner import Tools
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -115,7 +118,8 @@ def report_markdown(results: dict, plot_name: str, heading: str = "#") -> str:
              f"- text: {results['text']['name']}, {results['chunks']} chunks × {results['ctx']} tokens "
              f"({results['scored_tokens']:,} scored tokens); imatrix from {results['calibration']['name']} "
              f"({results['calibration']['imatrix_chunks']} chunks)",
-             f"- date: {results['date']}",
+             f"- date: {results['date']}; qgguf commit {results.get('commit') or 'unknown'} (code "
+             f"{str(results.get('code'))[:12]}, llama.cpp tools build {results.get('tools')})",
              *_timing_lines(results),
              "- bpw (llama.cpp) = all tensor bits / all tensor elements, as llama.cpp prints it; bpw (file) = the "
              "whole file's bits / all tensor elements",
@@ -154,8 +158,22 @@ def _timing_lines(results: dict) -> list[str]:
     return [line]
 
 
+def stale_rows(results: dict) -> list[str]:
+    """Rows made by other code than this checkout's: qgguf's, or the built llama.cpp tools'."""
+    code, tools = package_sha256(), results.get("tools")
+    return [r["id"] for r in results["rows"]
+            if r["spec"].get("tools") != tools or (r["kind"] == "qgguf" and r["spec"].get("code") != code)]
+
+
 def update_docs(results: dict, plot: Path, docs: Path) -> Path:
-    """Put this bench's section (between its own markers) and its plot into `docs`; other sections stay as they are."""
+    """Put this bench's section (between its own markers) and its plot into `docs`; other sections stay as they are.
+
+    Refuses rows that other code made: a published number must be reproducible from the checkout."""
+    stale = stale_rows(results)
+    if stale:
+        raise QggufError(f"{len(stale)} row(s) ({', '.join(stale[:3])}{' …' if len(stale) > 3 else ''}) were made by "
+                         "other code than this checkout's; run the bench again (it re-measures them) before "
+                         "--update-docs")
     slug = re.sub(r"[^a-z0-9.]+", "-", f"{results['model']['name']}-{results['text']['name']}-{results['backend']}"
                   .lower()).strip("-")
     img_rel = Path("bench") / f"{slug}.png"
@@ -203,6 +221,7 @@ def write_report(cfg: BenchConfig, ref: Reference, records: list[dict], skipped:
     tokens = (base.get("chunks") or cfg.chunks) * (cfg.ctx - 1 - cfg.ctx // 2)
     results = {
         "command": cfg.command(), "qgguf": __version__, "llama_cpp": LLAMA_CPP_COMMIT,
+        "code": package_sha256(), "commit": checkout_commit(), "tools": Tools(cuda=cfg.gpu, threads=1).key,
         "machine": machine_description(cfg.gpu), "date": time.strftime("%Y-%m-%d"),
         "model": {"name": cfg.model.name, "path": str(cfg.model.path), "sha256": cfg.model.digest},
         "text": {"name": cfg.text.name, "sha256": cfg.text.digest},

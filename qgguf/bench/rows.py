@@ -24,7 +24,7 @@ from qgguf.bench.pareto import rate_gap
 from qgguf.bench.reference import Reference, gguf_sizes
 from qgguf.errors import QggufError
 from qgguf.files import atomic_output, cache_dir
-from qgguf.hashing import sha256_file
+from qgguf.hashing import package_sha256, sha256_file
 from qgguf.llamacpp.runner import Tools, kld_progress
 from qgguf.llamacpp.toolout import (
     ToolOutputIncomplete,
@@ -237,7 +237,8 @@ def qgguf_rows(cfg: BenchConfig, tools: Tools, stock_done: dict[str, dict], comm
             rid = f"qgguf-{palette}-{part}"
             spec = {**common, "kind": "qgguf", "palette": palette, "budget": flag.removeprefix("--"),
                     "value": value, "stats": stats_digest,
-                    "convert_args": list(cfg.convert_args), "qgguf": __version__}
+                    "convert_args": list(cfg.convert_args), "qgguf": __version__,
+                    "code": package_sha256()}
             row_skip = skip or ("" if not math.isnan(value) else
                                 f"the stock {part.removeprefix('size-')} row did not finish, so its size is unknown")
 

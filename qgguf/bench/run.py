@@ -39,7 +39,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     tools = Tools(cuda=cfg.gpu, threads=cfg.threads)
     ref = reference(cfg, tools, cfg.out / "logs")
     common = {"model": cfg.model.digest, "text": cfg.text.digest, "ctx": cfg.ctx, "chunks": cfg.chunks,
-              "backend": cfg.backend, "llama_cpp": LLAMA_CPP_COMMIT}
+              "backend": cfg.backend, "llama_cpp": LLAMA_CPP_COMMIT, "tools": tools.key}
     records: list[dict] = []
     skipped: list[dict] = []
     failed: list[dict] = []

@@ -10,9 +10,10 @@ import torch
 
 from qgguf import formats
 from qgguf.files import atomic_output
-from qgguf.hashing import hash_array
+from qgguf.hashing import code_sha256, hash_array
 
-ENCODE_CACHE_VERSION = 1
+ENCODE_CACHE_VERSION = 2  # 2: each entry ends in a digest of its bytes
+DIGEST_BYTES = 16
 
 
 class EncodeCache:
@@ -22,8 +23,8 @@ class EncodeCache:
         self.folder = Path(folder)
 
     def path(self, w: torch.Tensor, importance: torch.Tensor | None, fmt: formats.Format) -> Path:
-        h = hashlib.blake2b(f"{fmt.name}|{formats.encoder_hash(fmt.name)}|v{ENCODE_CACHE_VERSION}".encode(),
-                            digest_size=20)
+        code = f"{formats.encoder_hash(fmt.name)}|{code_sha256('export')}"
+        h = hashlib.blake2b(f"{fmt.name}|{code}|v{ENCODE_CACHE_VERSION}".encode(), digest_size=20)
         hash_array(h, w)
         hash_array(h, importance)
         d = h.hexdigest()
@@ -33,10 +34,29 @@ class EncodeCache:
                device: str) -> np.ndarray:
         path = self.path(w, importance, fmt)
         nbytes = fmt.nbytes(tuple(w.shape))
-        if path.is_file() and path.stat().st_size == nbytes:  # a damaged entry is encoded again
-            return np.fromfile(path, dtype=np.uint8)
+        cached = self._read(path, nbytes)
+        if cached is not None:
+            return cached
         raw = np.ascontiguousarray(fmt.encode(w, importance, tensor=name, device=device)).reshape(-1)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
-            raw.tofile(tmp)
+            with open(tmp, "wb") as f:
+                f.write(raw.tobytes())
+                f.write(_digest(raw))
         return raw
+
+    @staticmethod
+    def _read(path: Path, nbytes: int) -> np.ndarray | None:
+        """The entry's bytes if it is whole: the right size and its content digest intact (else encode again)."""
+        try:
+            if path.stat().st_size != nbytes + DIGEST_BYTES:
+                return None
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError:
+            return None
+        raw = data[:nbytes]
+        return raw if data[nbytes:].tobytes() == _digest(raw) else None
+
+
+def _digest(raw: np.ndarray) -> bytes:
+    return hashlib.blake2b(raw.tobytes(), digest_size=DIGEST_BYTES).digest()

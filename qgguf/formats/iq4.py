@@ -16,8 +16,20 @@ from __future__ import annotations
 import torch
 
 from .base import Format, register
-from .common import (GROUP_MAX_EPS, KVALUES_IQ4NL, Codebook, fdiv, fp16_bytes, fp16_from_bytes, nearest_int,
-                     pack_nibbles, seq_sum, signed_absmax, sqrt_f32, unpack_nibbles)
+from .common import (
+    GROUP_MAX_EPS,
+    KVALUES_IQ4NL,
+    Codebook,
+    fdiv,
+    fp16_bytes,
+    fp16_from_bytes,
+    nearest_int,
+    pack_nibbles,
+    seq_sum,
+    signed_absmax,
+    sqrt_f32,
+    unpack_nibbles,
+)
 
 SUB = 32   # weights per scale
 NTRY = 7   # ggml's candidate half-range for IQ4 scale search

@@ -19,8 +19,22 @@ from __future__ import annotations
 import torch
 
 from .base import Format, register
-from .common import (fdiv, fp16_bytes, fp16_from_bytes, make_qkx3_quants, make_qx_quants, pack_bits32, pack_nibbles,
-                     round_away, seq_sum, sqrt_f32, signed_absmax, trunc_u8, unpack_bits32, unpack_nibbles)
+from .common import (
+    fdiv,
+    fp16_bytes,
+    fp16_from_bytes,
+    make_qkx3_quants,
+    make_qx_quants,
+    pack_bits32,
+    pack_nibbles,
+    round_away,
+    seq_sum,
+    signed_absmax,
+    sqrt_f32,
+    trunc_u8,
+    unpack_bits32,
+    unpack_nibbles,
+)
 
 QK = 32
 

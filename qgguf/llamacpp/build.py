@@ -8,6 +8,7 @@ top-level CMakeLists.txt and the CMake options, so changing a patch gives a fres
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -85,6 +86,35 @@ def patch_files(ext: Path | None = None) -> list[Path]:
     return sorted((ext / "patches").glob("*.patch"))
 
 
+def host_cpu_flags() -> str:
+    """This CPU's architecture and feature flags: what decides which instructions -march=native may emit."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() + " " + platform.processor()
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                  if ln.startswith(("flags", "Features"))), [])
+    return platform.machine() + " " + " ".join(sorted(set(flags)))
+
+
+USER_TREE_SUFFIXES = {".c", ".cc", ".cpp", ".h", ".hpp", ".cu", ".cuh", ".m", ".metal", ".py", ".cmake", ".txt",
+                      ".in", ".comp", ".glsl"}
+USER_TREE_SKIP = {".git", "build", "models", "docs", "media", "__pycache__"}
+
+
+@functools.lru_cache(maxsize=8)
+def user_tree_sha256(tree: Path) -> str:
+    """The content of a user's llama.cpp checkout: every source and build file (not its build outputs)."""
+    from qgguf.hashing import files_sha256
+
+    tree = Path(tree)
+    files = [p for p in tree.rglob("*") if p.is_file() and (p.suffix in USER_TREE_SUFFIXES or p.name ==
+             "CMakeLists.txt") and not USER_TREE_SKIP & set(p.relative_to(tree).parts[:-1])]
+    return files_sha256(files, tree)
+
+
 @dataclass
 class BuildSpec:
     """One build of llama.cpp: which tree, which options, and where it goes."""
@@ -109,19 +139,30 @@ class BuildSpec:
         opts.update(self.extra)
         return opts
 
-    def key(self) -> str:
+    def tree_sha256(self) -> str:
+        """The content of the llama.cpp tree this spec builds: the pinned sdist plus cpp_ext/, or the user's tree."""
         h = hashlib.sha256()
-        h.update(f"recipe={RECIPE_VERSION}\n".encode())
-        for k, v in sorted(self.cmake_options().items()):
-            h.update(f"{k}={v}\n".encode())
-        h.update((repo_root() / "CMakeLists.txt").read_bytes())
         if self.user_tree is not None:
-            h.update(f"user-tree={self.user_tree}\n".encode())
+            h.update(b"user-tree\0" + user_tree_sha256(self.user_tree).encode())
         else:
             h.update(f"sdist={SDIST_SHA256}\n".encode())
             ext = cpp_ext_dir()
             for p in _ext_files(ext):
                 h.update(str(p.relative_to(ext)).encode() + b"\0" + p.read_bytes() + b"\0")
+        return h.hexdigest()
+
+    def key(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"recipe={RECIPE_VERSION}\n".encode())
+        opts = self.cmake_options()
+        for k, v in sorted(opts.items()):
+            h.update(f"{k}={v}\n".encode())
+        if opts.get("GGML_NATIVE", "").upper() in ("ON", "1", "TRUE"):
+            # -march=native: the binaries hold this CPU's instructions; a cache shared with another CPU must
+            # not run them
+            h.update(f"cpu={host_cpu_flags()}\n".encode())
+        h.update((repo_root() / "CMakeLists.txt").read_bytes())
+        h.update(self.tree_sha256().encode())
         return ("cuda-" if self.cuda else "cpu-") + h.hexdigest()[:16]
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -22,6 +23,17 @@ def converter_env(tree: Path) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env
+
+
+def converter_sha256() -> str:
+    """What a converted GGUF depends on besides the model: the llama.cpp tree (its converter and gguf-py, with our
+    patches) and this module. Caches of converter output are keyed by it."""
+    from qgguf.hashing import code_sha256
+    from qgguf.llamacpp.build import BuildSpec
+
+    h = hashlib.sha256(BuildSpec.from_env(cuda=False).tree_sha256().encode())
+    h.update(code_sha256("llamacpp/converter.py").encode())
+    return h.hexdigest()
 
 
 def convert_hf(model_dir: Path, out: Path, outtype: str = "f32", quiet: bool = True) -> Path:

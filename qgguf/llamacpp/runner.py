@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from qgguf.errors import QggufError
 from qgguf.files import atomic_output
-from qgguf.llamacpp.build import tool_env, tool_path
+from qgguf.llamacpp.build import BuildSpec, tool_env, tool_path
 from qgguf.llamacpp.toolout import kld_chunk_rows
 
 
@@ -133,6 +133,11 @@ class Tools:
 
     def path(self, name: str) -> Path:
         return self._paths[name]
+
+    @property
+    def key(self) -> str:
+        """The build behind these tools (its key covers the tree, our patches, the options and the CPU)."""
+        return BuildSpec.from_env(cuda=self.cuda).key()
 
     def run(self, cmd: list, log: Path, desc: str, **kw) -> str:
         """run_tool, with this object's time totals."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from qgguf import formats
 from qgguf.errors import QggufError
 from qgguf.files import atomic_output, cache_dir
-from qgguf.hashing import hash_array
+from qgguf.hashing import code_sha256, hash_array
 from qgguf.plan.planner import TensorChoices
 
 # Rows measured per tensor by default: the estimate of every error average then stays within 2% of the full
@@ -144,7 +145,8 @@ def sample_rows(sizes: np.ndarray | int, max_rows: int | None, seed: int = 0) ->
 
 # ------------------------------------------------------------------------------------------------ cache
 def _cache_file(key: str, type_name: str) -> Path:
-    h = hashlib.blake2b(f"{key}|{type_name}|{formats.encoder_hash(type_name)}|v{CACHE_VERSION}".encode(), digest_size=20)
+    code = f"{formats.encoder_hash(type_name)}|{code_sha256('plan/measure.py')}"
+    h = hashlib.blake2b(f"{key}|{type_name}|{code}|v{CACHE_VERSION}".encode(), digest_size=20)
     d = h.hexdigest()
     return cache_dir("measure", d[:2]) / f"{d}.json"
 
@@ -178,8 +180,11 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
     groups = 1 if w.ndim == 2 else shape[0]
     w3 = w.reshape(groups, -1, row_len)
     rows_per_group = w3.shape[1]
-    if not bool(torch.isfinite(w3).all()):
-        raise QggufError(f"{t.name}: the weights hold NaN or Inf; fix the checkpoint before quantising")
+    bad_rows = (~torch.isfinite(w3)).any(dim=-1).reshape(-1)
+    if bool(bad_rows.any()):
+        row = int(torch.nonzero(bad_rows)[0])
+        raise QggufError(f"{t.name}: row {row} of the weights (of {int(bad_rows.sum())} such rows) holds NaN or "
+                         "Inf; fix the checkpoint before quantising")
 
     imp = _per_group(t.importance, groups, row_len, w.device, t.name, "importance")
     chf = imp if t.channel_fisher is None else _per_group(t.channel_fisher, groups, row_len, w.device, t.name,
@@ -219,10 +224,18 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
                 energies[size] = _energy(w3, fisher, size) if len(rows) < n_total else None
             r = _measure_type(fmt, w3, rows, inv_pi, rows_per_group, imp, chf, fisher, energies[size], shape,
                               t.name)
-            if path:
+            if path and _finite(r):
                 _cache_write(path, r)
+        if not _finite(r):  # e.g. a scale past fp16's range: the type cannot hold this tensor
+            print(f"qgguf: {t.name}: {fmt.name} gives a non-finite error (its scales overflow); not a candidate",
+                  file=sys.stderr)
+            continue
         out.results[fmt.name] = r
     return out
+
+
+def _finite(r: TypeResult) -> bool:
+    return all(e is None or math.isfinite(e) for e in (r.mse, r.channel_mse, r.fisher_mse))
 
 
 def _tensor(a) -> torch.Tensor:
@@ -239,6 +252,9 @@ def _per_group(v, groups: int, row_len: int, device, name: str, what: str) -> to
     if v is None:
         return None
     v = _tensor(v).to(device, torch.float32)
+    if not bool((torch.isfinite(v) & (v >= 0)).all()):
+        raise QggufError(f"{name}: the {what} holds NaN, Inf or negative values; the statistics file is damaged: "
+                         "calibrate again")
     if v.numel() == row_len:
         return v.reshape(1, row_len).expand(groups, row_len)
     if v.numel() == groups * row_len:

@@ -1,0 +1,45 @@
+"""Failures nobody planned for still end in one line: the step, the cause, where the traceback went."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from qgguf import cli
+from qgguf.errors import step
+
+
+def _fail_with(exc: BaseException):
+    def run(args) -> int:
+        with step("measure"):
+            raise exc
+    return run
+
+
+@pytest.mark.parametrize("exc, words", [
+    (MemoryError(), "out of memory"),
+    (OSError(errno.ENOSPC, "No space left on device", "/out/x.gguf"), "no space left on the device writing /out/x"),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/x"), "permission denied on /root/x"),
+    (RuntimeError("CUDA error: device-side assert\nand a second line"), "RuntimeError: CUDA error: device-side"),
+])
+def test_unexpected_failure_is_one_line(monkeypatch, tmp_path, capsys, exc, words):
+    monkeypatch.setenv("QGGUF_CACHE", str(tmp_path))
+    monkeypatch.setattr("qgguf.doctor._cmd", _fail_with(exc))
+    assert cli.main(["doctor"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("qgguf: error: measure failed: ") and words in err and "--debug shows it" in err
+    log = Path(err.split("traceback in ")[1].split(";")[0])
+    assert log.is_file() and "Traceback (most recent call last)" in log.read_text()
+    assert "qgguf doctor" in log.read_text()
+
+
+def test_debug_shows_the_traceback(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("QGGUF_CACHE", str(tmp_path))
+    monkeypatch.setattr("qgguf.doctor._cmd", _fail_with(ValueError("bad value")))
+    assert cli.main(["--debug", "doctor"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ValueError: bad value" in err
+
