@@ -28,7 +28,9 @@ extern "C" size_t ggml_type_size(enum ggml_type) { abort(); }
 
 static int g_failures = 0;
 
-#define CHECK(cond, ...) do { if (!(cond)) { if (g_failures++ < 20) { fprintf(stderr, "FAIL: " __VA_ARGS__); fputc('\n', stderr); } } } while (0)
+#define CHECK(cond, ...) do { \
+    if (!(cond) && g_failures++ < 20) { fprintf(stderr, "FAIL: " __VA_ARGS__); fputc('\n', stderr); } \
+} while (0)
 
 typedef void (*dequant_fn)(const void *, float *, int64_t);
 typedef size_t (*quant_fn)(const float *, void *, int64_t, int64_t, const float *);
@@ -100,8 +102,10 @@ static std::vector<uint8_t> make_row(const nl_type & t, int nb, row_mode mode) {
         uint16_t d = random_finite_half();
         switch (mode) {
             case ZERO:      memset(blk, 0, bs); continue;
-            case MAX_SCALE: d = (i % 2) ? 0xfbff : 0x7bff; if (t.xs) memset(blk + 2, 0xff, 6); break;   // +-65504, ls = 63
-            case MIN_SCALE: d = (i % 2) ? 0x8001 : 0x0001; if (t.xs) memset(blk + 2, 0x00, 6); break;   // subnormal, ls = 0
+            case MAX_SCALE:  // d = +-65504, ls = 63
+                d = (i % 2) ? 0xfbff : 0x7bff; if (t.xs) memset(blk + 2, 0xff, 6); break;
+            case MIN_SCALE:  // d = +-2^-24 (subnormal), ls = 0
+                d = (i % 2) ? 0x8001 : 0x0001; if (t.xs) memset(blk + 2, 0x00, 6); break;
             case UNIT:      d = 0x3c00; break;                                                            // 1.0
             case EVERY_INDEX: {
                 std::vector<int> idx(qk);
@@ -245,7 +249,8 @@ int main() {
     long total_rows = 0, total_calls = 0, total_values = 0, total_lookups = 0;
     for (const nl_type & t : TYPES) {
         long rows = 0, calls = 0, values = 0, exact = 0, lookups = 0;
-#define NL_CASE(BB, XX) if (t.b == BB && t.xs == XX) { check_type<BB, XX>(t, rows, calls, values, exact); lookups = check_codebook<BB>(t); }
+#define NL_CASE(BB, XX) \
+        if (t.b == BB && t.xs == XX) { check_type<BB, XX>(t, rows, calls, values, exact); lookups = check_codebook<BB>(t); }
         NL_CASE(2, true) NL_CASE(3, true) NL_CASE(5, true) NL_CASE(6, true)
         NL_CASE(2, false) NL_CASE(3, false) NL_CASE(5, false) NL_CASE(6, false)
 #undef NL_CASE

@@ -6,7 +6,8 @@
 #include "vecdotq.cuh"
 #include "nl-vecdotq.cuh"
 
-typedef float (*nl_probe_vec_dot_t)(const void * __restrict__, const block_q8_1 * __restrict__, const int &, const int &);
+typedef float (*nl_probe_vec_dot_t)(const void * __restrict__, const block_q8_1 * __restrict__, const int &,
+                                    const int &);
 
 static constexpr __device__ nl_probe_vec_dot_t nl_probe_vec_dot(ggml_type type) {
     switch (type) {

@@ -62,7 +62,8 @@ static __global__ void k_nl_get_rows(
         const int64_t i01 = src1[i10 * s10 + i11 * s11 + i12 * s12];
         const char * src0_row = (const char *) src0 + i01 * nb01 + i11 * nb02 + i12 * nb03;
         dst_t * dst_row = dst + i10 * s1 + i11 * s2 + i12 * s3;
-        for (int64_t i = (int64_t) blockIdx.y * blockDim.x + threadIdx.x; i < n4; i += (int64_t) gridDim.y * blockDim.x) {
+        const int64_t stride = (int64_t) gridDim.y * blockDim.x;
+        for (int64_t i = (int64_t) blockIdx.y * blockDim.x + threadIdx.x; i < n4; i += stride) {
             float v[4];
             nl_dequant4<B, XS>(src0_row, i, v);
 #pragma unroll
