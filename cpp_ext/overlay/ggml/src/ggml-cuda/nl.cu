@@ -5,18 +5,24 @@
 
 #define NL_DEQUANT_BLOCK_SIZE 256
 
-// a whole tensor, contiguous: thread i writes weights 4i .. 4i+3
+// weights 4i .. 4i+3 of the row at vx to y[4i .. 4i+3]
 template <int B, bool XS, typename dst_t>
-static __global__ void k_nl_dequantize(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t n4) {
-    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n4) {
-        return;
-    }
+static __device__ __forceinline__ void nl_dequant_store4(const void * __restrict__ vx, const int64_t i,
+                                                         dst_t * __restrict__ y) {
     float v[4];
     nl_dequant4<B, XS>(vx, i, v);
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
         y[4 * i + t] = ggml_cuda_cast<dst_t>(v[t]);
+    }
+}
+
+// a whole tensor, contiguous: thread i writes weights 4i .. 4i+3
+template <int B, bool XS, typename dst_t>
+static __global__ void k_nl_dequantize(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t n4) {
+    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n4) {
+        nl_dequant_store4<B, XS>(vx, i, y);
     }
 }
 
@@ -64,12 +70,7 @@ static __global__ void k_nl_get_rows(
         dst_t * dst_row = dst + i10 * s1 + i11 * s2 + i12 * s3;
         const int64_t stride = (int64_t) gridDim.y * blockDim.x;
         for (int64_t i = (int64_t) blockIdx.y * blockDim.x + threadIdx.x; i < n4; i += stride) {
-            float v[4];
-            nl_dequant4<B, XS>(src0_row, i, v);
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                dst_row[4 * i + t] = ggml_cuda_cast<dst_t>(v[t]);
-            }
+            nl_dequant_store4<B, XS>(src0_row, i, dst_row);
         }
     }
 }
