@@ -106,7 +106,7 @@ def run(args) -> int:
 
     importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
     meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
-            "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
+            "qgguf.calibrate.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
     export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device, reader=reader,
                 encode_cache=encode_cache)
 
