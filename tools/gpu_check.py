@@ -12,7 +12,9 @@ and prints a short table last (and writes it as JSON to --out).
 The model: --model (an extended-palette GGUF, e.g. from `qgguf convert --palette extended`), else a tiny random
 Llama with every NL type and two stock types, made here (qgguf's exporter; no download).
 The build: --bin-dir (prebuilt tools, e.g. carried to the GPU machine), else `qgguf llama build --cuda` (with
---cuda-arch), or the CPU build with --cpu-only.
+--cuda-arch), or the CPU build with --cpu-only. The CUDA build takes well over half an hour on a small machine
+(mmvq.cu alone about 11 minutes per architecture on 2 cores): build it before the GPU time starts, for the one
+architecture of that GPU (--cuda-arch 90 on an H100/H200), and carry it with --bin-dir.
 
     python tools/gpu_check.py --cuda-arch 90 [--model m.gguf] [--out gpu_check.json]
     python tools/gpu_check.py --cpu-only
