@@ -58,7 +58,10 @@ BASE_CMAKE_OPTIONS = {
     "LLAMA_CURL": "OFF",
     "GGML_NATIVE": "ON",
 }
-CUDA_CMAKE_OPTIONS = {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "90"}
+CUDA_CMAKE_OPTIONS = {"GGML_CUDA": "ON"}
+# Compute capabilities a CUDA build covers unless --cuda-arch or CMAKE_CUDA_ARCHITECTURES says otherwise: Ampere
+# data-centre (A100, 80) and consumer (RTX 30xx, A10, 86), Ada (RTX 40xx, L4, L40, 89), Hopper (H100, H200, 90).
+DEFAULT_CUDA_ARCHS = "80;86;89;90"
 RECIPE_VERSION = "1"  # bump when the way a build is made changes in a way the key cannot see
 
 
@@ -122,20 +125,25 @@ class BuildSpec:
     cuda: bool = False
     user_tree: Path | None = None  # LLAMA_CPP_DIR: the user's own checkout, built as it is
     extra: dict[str, str] = field(default_factory=dict)
+    cuda_arch: str = DEFAULT_CUDA_ARCHS
 
     @classmethod
-    def from_env(cls, cuda: bool = False) -> "BuildSpec":
+    def from_env(cls, cuda: bool = False, cuda_arch: str | None = None) -> "BuildSpec":
+        """cuda_arch: --cuda-arch, else the environment's CMAKE_CUDA_ARCHITECTURES, else DEFAULT_CUDA_ARCHS."""
         user = os.environ.get("LLAMA_CPP_DIR")
         extra = {}
         for item in os.environ.get("QGGUF_CMAKE_ARGS", "").split():
             k, _, v = item.removeprefix("-D").partition("=")
             extra[k] = v
-        return cls(cuda=cuda, user_tree=Path(user).resolve() if user else None, extra=extra)
+        arch = normalise_cuda_arch(cuda_arch or os.environ.get("CMAKE_CUDA_ARCHITECTURES") or DEFAULT_CUDA_ARCHS)
+        return cls(cuda=cuda, user_tree=Path(user).resolve() if user else None, extra=extra, cuda_arch=arch)
 
     def cmake_options(self) -> dict[str, str]:
         opts = dict(BASE_CMAKE_OPTIONS)
         if self.cuda:
             opts.update(CUDA_CMAKE_OPTIONS)
+            opts["CMAKE_CUDA_ARCHITECTURES"] = self.cuda_arch
+            opts.update(cuda_host_options())
         opts.update(self.extra)
         return opts
 
@@ -180,6 +188,78 @@ class BuildSpec:
     @property
     def stamp(self) -> Path:
         return self.build_dir / "qgguf-build.json"
+
+
+def normalise_cuda_arch(arch: str) -> str:
+    """"80,86" / "80;86" / "sm_80 sm_86" / "8.6" -> "80;86"; CMake's keywords (native, all, all-major) pass through."""
+    parts = [p for p in re.split(r"[;,\s]+", arch.strip()) if p]
+    if len(parts) == 1 and parts[0] in ("native", "all", "all-major"):
+        return parts[0]
+    out = []
+    for p in parts:
+        m = re.fullmatch(r"(?:sm_|compute_)?(\d)\.?(\d+[af]?)(-real|-virtual)?", p)
+        if not m:
+            raise QggufError(f"--cuda-arch: {p!r} is not a CUDA compute capability (e.g. 80, 86, 8.9, sm_90, 90a)")
+        out.append(m.group(1) + m.group(2) + (m.group(3) or ""))
+    if not out:
+        raise QggufError("--cuda-arch is empty; give compute capabilities such as 80;86;89;90")
+    return ";".join(out)
+
+
+def _nvidia_wheel_dirs() -> list[Path]:
+    """The nvidia/cu*/ folders of NVIDIA's pip wheels (nvidia-cublas puts cuBLAS there)."""
+    try:
+        import nvidia  # namespace package of NVIDIA's wheels
+    except ImportError:
+        return []
+    return sorted(d for root in getattr(nvidia, "__path__", []) for d in Path(root).glob("cu*") if d.is_dir())
+
+
+def _toolkit_dirs() -> tuple[list[Path], list[Path]]:
+    """Include and library folders of the CUDA toolkit next to nvcc."""
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return [], []
+    root = Path(nvcc).resolve().parents[1]
+    incs = [root / "include"] + sorted((root / "targets").glob("*/include"))
+    libs = [root / "lib64", root / "lib"] + sorted((root / "targets").glob("*/lib"))
+    return [d for d in incs if d.is_dir()], [d for d in libs if d.is_dir()]
+
+
+def _has_libcuda(lib_dirs: list[Path]) -> bool:
+    """Whether the driver library (or the toolkit's link stub) can be linked: needed unless GGML_CUDA_NO_VMM."""
+    for d in lib_dirs + [Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib/wsl/lib")]:
+        if (d / "libcuda.so").exists() or (d / "stubs" / "libcuda.so").exists():
+            return True
+    return False
+
+
+def cuda_host_options(make_links: bool = False) -> dict[str, str]:
+    """CMake options a CUDA build needs on this machine beyond GGML_CUDA: cuBLAS from the nvidia-cublas wheel where
+    the toolkit has none (a folder of unversioned links, which CMake's FindCUDAToolkit can find, and its headers on
+    nvcc's include path), and GGML_CUDA_NO_VMM=ON where no libcuda.so exists to link (a machine without a driver:
+    the build still runs on one that has it; VMM only changes how the memory pool grows). make_links: create the
+    links (configure does; the build key needs only their folder)."""
+    incs, libs = _toolkit_dirs()
+    opts: dict[str, str] = {}
+    if not any((d / "cublas_v2.h").is_file() for d in incs):
+        for w in _nvidia_wheel_dirs():
+            inc, lib = w / "include", w / "lib"
+            if (inc / "cublas_v2.h").is_file() and any(lib.glob("libcublas.so*")):
+                shim = cache_dir("cuda") / ("cublas-" + hashlib.sha256(str(w).encode()).hexdigest()[:12])
+                if make_links:
+                    shim.mkdir(parents=True, exist_ok=True)
+                    for so in sorted(lib.glob("lib*.so.*")):
+                        link = shim / (so.name.split(".so")[0] + ".so")
+                        if not link.is_symlink() or link.resolve() != so.resolve():
+                            link.unlink(missing_ok=True)
+                            link.symlink_to(so)
+                opts["CMAKE_LIBRARY_PATH"] = str(shim)
+                opts["CMAKE_CUDA_FLAGS"] = f"-I{inc}"
+                break
+    if not _has_libcuda(libs):
+        opts["GGML_CUDA_NO_VMM"] = "ON"
+    return opts
 
 
 # ---------------------------------------------------------------------------------------------------- fetching
@@ -292,23 +372,32 @@ def _run_logged(cmd: list[str], log: Path, desc: str, env: dict | None = None) -
             raise QggufError(f"{desc} failed (exit {proc.returncode}); the last lines of {log}:\n" + "\n".join(tail))
 
 
-def build(spec: BuildSpec, jobs: int | None = None, install_gguf_py: bool = True) -> Path:
-    """Build the tools for spec (reusing a finished build), install the tree's gguf-py; return the build dir."""
+def configure(spec: BuildSpec) -> Path:
+    """CMake's configure step for spec (the patched tree is prepared first); returns the build dir."""
     if shutil.which("cmake") is None:
         raise QggufError("cmake is not on PATH; install it (apt-get install cmake, or pip install cmake)")
+    tree = prepare_tree(spec).resolve()  # configure through the real path, not a symlink
+    bdir = spec.build_dir
+    bdir.mkdir(parents=True, exist_ok=True)
+    if spec.cuda:
+        cuda_host_options(make_links=True)
+    cmd = ["cmake", "-S", str(repo_root()), "-B", str(bdir), f"-DQGGUF_LLAMA_SOURCE_DIR={tree}"]
+    cmd += [f"-D{k}={v}" for k, v in sorted(spec.cmake_options().items())]
+    _run_logged(cmd, spec.root / "build.log", "configure llama.cpp")
+    return bdir
+
+
+def build(spec: BuildSpec, jobs: int | None = None, install_gguf_py: bool = True) -> Path:
+    """Build the tools for spec (reusing a finished build), install the tree's gguf-py; return the build dir."""
     if spec.stamp.is_file():
         if install_gguf_py:
             ensure_gguf_py(spec)
         return spec.build_dir
-    tree = prepare_tree(spec).resolve()  # configure through the real path, not a symlink
-    bdir = spec.build_dir
-    bdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    bdir = configure(spec)
+    tree = prepare_tree(spec).resolve()
     log = spec.root / "build.log"
     opts = spec.cmake_options()
-    cmd = ["cmake", "-S", str(repo_root()), "-B", str(bdir), f"-DQGGUF_LLAMA_SOURCE_DIR={tree}"]
-    cmd += [f"-D{k}={v}" for k, v in sorted(opts.items())]
-    t0 = time.time()
-    _run_logged(cmd, log, "configure llama.cpp")
     jobs = jobs or os.cpu_count() or 2
     targets = list(TOOLS)
     cmd = ["cmake", "--build", str(bdir), "--config", "Release", "-j", str(jobs), "--target", *targets]
@@ -404,7 +493,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("llama", help="build and locate the pinned llama.cpp fork")
     lsub = p.add_subparsers(dest="llama_cmd", required=True)
     b = lsub.add_parser("build", help="fetch the pinned tree, apply cpp_ext/, build the tools (cached)")
-    b.add_argument("--cuda", action="store_true", help="build the CUDA backend too (sm_90)")
+    b.add_argument("--cuda", action="store_true", help="build the CUDA backend too")
+    b.add_argument("--cuda-arch", default=None,
+                   help=f"CUDA compute capabilities, e.g. 86 or 80;89 (default: CMAKE_CUDA_ARCHITECTURES from the "
+                        f"environment, else {DEFAULT_CUDA_ARCHS}); `qgguf llama path` finds the build with the "
+                        "same environment")
+    b.add_argument("--configure-only", action="store_true",
+                   help="run CMake's configure step and stop (checks the toolchain; nothing is built)")
     b.add_argument("-j", "--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
     b.set_defaults(func=_cmd_build)
     q = lsub.add_parser("path", help="print the absolute path of a built tool or library")
@@ -416,7 +511,12 @@ def add_parser(sub) -> None:
 
 
 def _cmd_build(args) -> int:
-    spec = BuildSpec.from_env(cuda=args.cuda)
+    if args.cuda_arch and not args.cuda:
+        raise QggufError("--cuda-arch needs --cuda")
+    spec = BuildSpec.from_env(cuda=args.cuda, cuda_arch=args.cuda_arch)
+    if args.configure_only:
+        print(configure(spec))
+        return 0
     bdir = build(spec, jobs=args.jobs)
     print(bdir)
     return 0
