@@ -8,6 +8,7 @@ import sys
 
 from qgguf import __version__
 from qgguf.errors import QggufError
+from qgguf.torch_env import setup as setup_torch
 
 # Each module defines add_parser(subparsers) and sets `func` on its parsers.
 COMMAND_MODULES = (
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_torch()
     try:
         return int(args.func(args) or 0)
     except QggufError as e:

@@ -10,9 +10,14 @@ OUT.tensor-types.txt (stock palette: reproduces the plan with stock llama-quanti
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from qgguf import __version__, formats
 from qgguf.errors import QggufError
@@ -22,7 +27,65 @@ from qgguf.models import check_model_dir, resolve_model
 from qgguf.plan.budget import HEADER_SLACK, Budget, FileLayout, parse_size
 from qgguf.plan.outputs import summary, write_heatmap, write_plan_json, write_tensor_type_file
 from qgguf.plan.planner import plan
+from qgguf.plan.planner import Plan
 from qgguf.plan.rules import llama_quantizes, palette_types, parse_overrides, read_tensor_type_file
+from qgguf.torch_env import compile_cache_dir, compile_is_warm, mark_compile_warm
+
+# CPU seconds a cold compile of the K-quant encoders took (docs/benchmarks.md, "First convert"); the message
+# divides it by the cores, as inductor compiles its kernels in parallel worker processes.
+COLD_COMPILE_CPU_S = 300.0
+
+
+class StageTimes:
+    """Wall and CPU seconds of each stage, printed as each ends, and the total at the end."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.c0 = _cpu_s()
+        self.rows: list[tuple[str, float, float]] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t, c = time.monotonic(), _cpu_s()
+        yield
+        wall, cpu = time.monotonic() - t, _cpu_s() - c
+        self.rows.append((name, wall, cpu))
+        print(f"qgguf: {name}: {wall:.1f} s (CPU {cpu:.1f} s)", file=sys.stderr)
+
+    def total(self) -> str:
+        return (f"total {time.monotonic() - self.t0:.1f} s (CPU {_cpu_s() - self.c0:.1f} s): "
+                + ", ".join(f"{n} {w:.1f} s" for n, w, _ in self.rows))
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the converter runs as one)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _compile_key(types: list[str], device: str) -> str | None:
+    """What the compiled kernels depend on (the K-quant encoders' sources, the device); None if nothing compiles."""
+    kq = [t for t in types if t.endswith("_K")]
+    if not kq or os.environ.get("QGGUF_COMPILE", "").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return device.split(":")[0] + ":" + formats.encoder_hash(kq[0])  # one module holds every K-quant encoder
+
+
+def _compiled_anything() -> bool:
+    """Whether this process compiled K-quant kernels (a tiny model's small batches run eagerly)."""
+    from qgguf.formats import kquants
+
+    return kquants._compiled.cache_info().currsize > 0 and not kquants._compile_broken
+
+
+def _exact_size(the_plan: Plan, written: int) -> Plan:
+    """The plan with the header's real size: what it reports as the file size is the file's."""
+    data = the_plan.file_bytes - the_plan.layout.header_bytes
+    header = written - data
+    if not 0 < header <= the_plan.layout.header_bytes:  # the header was planned with slack, never short
+        raise QggufError(f"the written file has {written:,} bytes, the plan {the_plan.file_bytes:,}; this is a bug "
+                         "in qgguf's size accounting")
+    return dataclasses.replace(the_plan, layout=dataclasses.replace(the_plan.layout, header_bytes=header))
 
 
 def f32_gguf(model_dir: Path, model_hash: str) -> Path:
@@ -74,15 +137,18 @@ def run(args) -> int:
     types = palette_types(args.palette, min_type=args.min_type, max_type=args.max_type,
                                   overrides=overrides)
 
+    times = StageTimes()
     model_hash = model_sha256(model_dir)
-    stats_path = stats_for(model_dir, model_hash, args)
+    with times.stage("calibrate"):
+        stats_path = stats_for(model_dir, model_hash, args)
     stats = load_stats(stats_path)
     if stats.meta.get("model_sha256") not in (None, model_hash):
         raise QggufError(f"statistics {stats_path} were computed for another model (model hash "
                          f"{str(stats.meta.get('model_sha256'))[:12]}…, this one is {model_hash[:12]}…); "
                          f"run `qgguf calibrate {args.model} -o FILE` or drop --stats")
-    src = f32_gguf(model_dir, model_hash)
-    reader = open_gguf(src)
+    with times.stage("convert to F32 GGUF"):
+        src = f32_gguf(model_dir, model_hash)
+        reader = open_gguf(src)
 
     planned = [t for t in reader.tensors if llama_quantizes(t.name, len(t.shape))]
     missing = [t.name for t in planned if t.name not in stats]
@@ -99,29 +165,45 @@ def run(args) -> int:
             imp = torch.from_numpy(stats[t.name].importance)
             yield TensorInput(name=t.name, weights=tensor_f32(t), importance=imp, channel_fisher=imp)
 
-    measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device, total=len(planned))
-    choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
-    the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
-                            max_type=args.max_type)
+    compile_key = _compile_key(types, args.device)
+    if compile_key is not None and not compile_is_warm(compile_key):
+        minutes = max(1, round(COLD_COMPILE_CPU_S / (os.cpu_count() or 1) / 60))
+        print(f"qgguf: first run: compiling the K-quant encoders (torch.compile), about {minutes} min on "
+              f"{os.cpu_count()} cores; later runs reuse the compiled kernels in {compile_cache_dir()}",
+              file=sys.stderr)
+    with times.stage("measure"):
+        measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device,
+                                   total=len(planned))
+    with times.stage("plan"):
+        choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
+        the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
+                        max_type=args.max_type)
 
     importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
     meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
-            "qgguf.calibrate.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
-    export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device, reader=reader,
-                encode_cache=encode_cache)
-
-    size = out.stat().st_size
-    if budget.kind == "size" and size > budget.value:
-        out.unlink()
-        raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
-                         "this is a bug in qgguf's size accounting (nothing was kept)")
-    base = out.with_suffix("")
-    write_plan_json(the_plan, base.with_name(base.name + ".plan.json"))
-    if all(formats.get(t).stock for t in the_plan.types.values()):
-        write_tensor_type_file(the_plan, base.with_name(base.name + ".tensor-types.txt"))
-    write_heatmap(the_plan, base.with_name(base.name + ".heatmap.png"))
+            "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
+    with times.stage("export"):
+        export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device, reader=reader,
+                    encode_cache=encode_cache)
+        size = out.stat().st_size
+        try:
+            if budget.kind == "size" and size > budget.value:
+                raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
+                                 "this is a bug in qgguf's size accounting (nothing was kept)")
+            the_plan = _exact_size(the_plan, size)
+        except QggufError:
+            out.unlink()
+            raise
+        base = out.with_suffix("")
+        write_plan_json(the_plan, base.with_name(base.name + ".plan.json"))
+        if all(formats.get(t).stock for t in the_plan.types.values()):
+            write_tensor_type_file(the_plan, base.with_name(base.name + ".tensor-types.txt"))
+        write_heatmap(the_plan, base.with_name(base.name + ".heatmap.png"))
+    if compile_key is not None and _compiled_anything():
+        mark_compile_warm(compile_key)
     print(summary(the_plan))
     print(f"wrote {out} ({size:,} bytes)")
+    print(f"qgguf: {times.total()}", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ gguf-py), runs in the built llama.cpp, is reproducible, and stock llama-quantize
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -36,13 +37,13 @@ def converted(setup):
     out = d / "q45.gguf"
     res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "4.5", "--stats", str(stats))
     assert res.returncode == 0, res.stderr[-3000:]
-    return out, res.stdout
+    return out, res.stdout, res.stderr
 
 
 def test_file_matches_plan_and_budget(converted):
     import gguf
 
-    out, stdout = converted
+    out, stdout, stderr = converted
     plan = json.loads(out.with_name("q45.plan.json").read_text())
     types = {t["name"]: t["type"] for t in plan["tensors"]}
     r = gguf.GGUFReader(out)
@@ -55,12 +56,22 @@ def test_file_matches_plan_and_budget(converted):
     assert 4.2 < bpw <= 4.5
     assert "predicted KL" in stdout
     assert out.with_name("q45.heatmap.png").stat().st_size > 1000
+    # one file size everywhere, the written file's: the summary, the plan JSON and the closing line
+    size = out.stat().st_size
+    assert plan["totals"]["file_bytes"] == size
+    assert f"file size         {size:,} bytes" in stdout and f"({size:,} bytes)" in stdout
+    # each stage says its time as it ends, and the total names them all
+    for stage in ("calibrate", "convert to F32 GGUF", "measure", "plan", "export"):
+        assert re.search(rf"^qgguf: {stage}: \d+\.\d s \(CPU \d+\.\d s\)$", stderr, re.M), stage
+    total = re.search(r"^qgguf: total (\d+\.\d) s \(CPU [\d.]+ s\): calibrate .* export [\d.]+ s$", stderr, re.M)
+    assert total and float(total.group(1)) > 0
+    assert "No CUDA runtime" not in stderr
 
 
 def test_runs_in_llama_cpp_with_low_kld(converted, setup):
     """llama-perplexity measures the KL divergence of our file to the F32 model."""
     model, _, d = setup
-    out, _ = converted
+    out, *_ = converted
     text = d / "eval.txt"
     text.write_text(tiny_text(seed=7))
     f32 = d / "f32.gguf"
@@ -81,7 +92,7 @@ def test_runs_in_llama_cpp_with_low_kld(converted, setup):
 
 def test_byte_identical_on_rerun(converted, setup):
     model, stats, d = setup
-    out, _ = converted
+    out, *_ = converted
     again = d / "again.gguf"
     res = qgguf("convert", str(model), "-o", str(again), "--target-bpw", "4.5", "--stats", str(stats))
     assert res.returncode == 0, res.stderr[-2000:]
@@ -92,7 +103,7 @@ def test_encode_cache_gives_the_same_bytes(converted, setup):
     """--encode-cache: the first run fills the cache, the second reads it; both files equal the uncached one,
     and a damaged entry is encoded again rather than served."""
     model, stats, d = setup
-    out, _ = converted
+    out, *_ = converted
     cache = d / "encoded"
     args = ["--target-bpw", "4.5", "--stats", str(stats), "--encode-cache", str(cache)]
     first = d / "cached1.gguf"
@@ -116,7 +127,7 @@ def test_stock_llama_quantize_reproduces_plan(converted, setup):
     import gguf
 
     model, _, d = setup
-    out, _ = converted
+    out, *_ = converted
     f32 = d / "f32-lq.gguf"
     assert qgguf("convert-hf", str(model), "-o", str(f32)).returncode == 0
     lq = d / "lq.gguf"
