@@ -15,9 +15,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from qgguf import __version__, formats
 from qgguf.errors import QggufError
@@ -26,14 +26,17 @@ from qgguf.llamacpp.converter import convert_hf
 from qgguf.models import check_model_dir, resolve_model
 from qgguf.plan.budget import HEADER_SLACK, Budget, FileLayout, parse_size
 from qgguf.plan.outputs import summary, write_heatmap, write_plan_json, write_tensor_type_file
-from qgguf.plan.planner import plan
-from qgguf.plan.planner import Plan
+from qgguf.plan.planner import Plan, plan
 from qgguf.plan.rules import llama_quantizes, palette_types, parse_overrides, read_tensor_type_file
 from qgguf.torch_env import compile_cache_dir, compile_is_warm, mark_compile_warm
 
-# CPU seconds a cold compile of the K-quant encoders took (docs/benchmarks.md, "First convert"); the message
-# divides it by the cores, as inductor compiles its kernels in parallel worker processes.
-COLD_COMPILE_CPU_S = 300.0
+# CPU seconds a cold compile of the K-quant encoders takes (docs/benchmarks.md, "First convert": ~80 s a type
+# on a loaded 2-core CPU); the message divides it by the cores, as inductor compiles in parallel workers.
+COLD_COMPILE_CPU_S = 400.0
+# Compiling pays only for large work: eager K-quant encoding runs at ~3 M weights per CPU second, compiled at ~7,
+# so a type's ~80 s compile is won back after ~400 M weights. Below this many measured weights per K-quant type
+# (SmolLM2: 27 M) convert encodes eagerly, which gives the same bytes (docs/benchmarks.md, "First convert").
+COMPILE_MIN_WEIGHTS = 300_000_000
 
 
 class StageTimes:
@@ -63,12 +66,29 @@ def _cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def _compile_key(types: list[str], device: str) -> str | None:
-    """What the compiled kernels depend on (the K-quant encoders' sources, the device); None if nothing compiles."""
+def _kquant_weights(shapes: list[tuple[int, int]], max_rows: int | None) -> int:
+    """Weights measure encodes per K-quant type: (rows, row length) of each tensor, rows capped at max_rows."""
+    return sum(min(rows, max_rows or rows) * row for rows, row in shapes if row % 256 == 0)
+
+
+@contextmanager
+def _compile_choice(types: list[str], device: str, kquant_weights: int) -> Iterator[str | None]:
+    """Decide whether the K-quant encoders compile for this run (unless QGGUF_COMPILE says); yield the compile
+    cache key when they do, None when they run eagerly."""
     kq = [t for t in types if t.endswith("_K")]
-    if not kq or os.environ.get("QGGUF_COMPILE", "").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    return device.split(":")[0] + ":" + formats.encoder_hash(kq[0])  # one module holds every K-quant encoder
+    user = os.environ.get("QGGUF_COMPILE", "").strip().lower()
+    if not kq or user in ("0", "false", "no", "off"):
+        yield None
+        return
+    key = device.split(":")[0] + ":" + formats.encoder_hash(kq[0])  # one module holds every K-quant encoder
+    if user or device.startswith("cuda") or kquant_weights >= COMPILE_MIN_WEIGHTS:
+        yield key
+        return
+    os.environ["QGGUF_COMPILE"] = "0"  # read by qgguf.formats.kquants at each call; eager gives the same bytes
+    try:
+        yield None
+    finally:
+        del os.environ["QGGUF_COMPILE"]
 
 
 def _compiled_anything() -> bool:
@@ -165,40 +185,41 @@ def run(args) -> int:
             imp = torch.from_numpy(stats[t.name].importance)
             yield TensorInput(name=t.name, weights=tensor_f32(t), importance=imp, channel_fisher=imp)
 
-    compile_key = _compile_key(types, args.device)
-    if compile_key is not None and not compile_is_warm(compile_key):
-        minutes = max(1, round(COLD_COMPILE_CPU_S / (os.cpu_count() or 1) / 60))
-        print(f"qgguf: first run: compiling the K-quant encoders (torch.compile), about {minutes} min on "
-              f"{os.cpu_count()} cores; later runs reuse the compiled kernels in {compile_cache_dir()}",
-              file=sys.stderr)
-    with times.stage("measure"):
-        measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device,
-                                   total=len(planned))
-    with times.stage("plan"):
-        choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
-        the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
-                        max_type=args.max_type)
-
-    importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
-    meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
-            "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
-    with times.stage("export"):
-        export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device, reader=reader,
-                    encode_cache=encode_cache)
-        size = out.stat().st_size
-        try:
-            if budget.kind == "size" and size > budget.value:
-                raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
-                                 "this is a bug in qgguf's size accounting (nothing was kept)")
-            the_plan = _exact_size(the_plan, size)
-        except QggufError:
-            out.unlink()
-            raise
-        base = out.with_suffix("")
-        write_plan_json(the_plan, base.with_name(base.name + ".plan.json"))
-        if all(formats.get(t).stock for t in the_plan.types.values()):
-            write_tensor_type_file(the_plan, base.with_name(base.name + ".tensor-types.txt"))
-        write_heatmap(the_plan, base.with_name(base.name + ".heatmap.png"))
+    shapes = [(int(t.n_elements) // int(t.shape[0]), int(t.shape[0])) for t in planned]
+    with _compile_choice(types, args.device, _kquant_weights(shapes, args.max_rows)) as compile_key:
+        if compile_key is not None and not compile_is_warm(compile_key):
+            minutes = max(1, round(COLD_COMPILE_CPU_S / (os.cpu_count() or 1) / 60))
+            print(f"qgguf: first run: compiling the K-quant encoders (torch.compile), about {minutes} min on "
+                  f"{os.cpu_count()} cores; later runs reuse the compiled kernels in {compile_cache_dir()}",
+                  file=sys.stderr)
+        with times.stage("measure"):
+            measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device,
+                                       total=len(planned))
+        with times.stage("plan"):
+            choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
+            the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
+                            max_type=args.max_type)
+        importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
+        meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
+                "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
+        with times.stage("export"):
+            export_gguf(src, out, the_plan.types, importance, extra_metadata=meta, device=args.device,
+                        reader=reader, encode_cache=encode_cache)
+            size = out.stat().st_size
+            try:
+                if budget.kind == "size" and size > budget.value:
+                    raise QggufError(f"the written file has {size:,} bytes, over --target-size "
+                                     f"{int(budget.value):,}; this is a bug in qgguf's size accounting "
+                                     "(nothing was kept)")
+                the_plan = _exact_size(the_plan, size)
+            except QggufError:
+                out.unlink()
+                raise
+            base = out.with_suffix("")
+            write_plan_json(the_plan, base.with_name(base.name + ".plan.json"))
+            if all(formats.get(t).stock for t in the_plan.types.values()):
+                write_tensor_type_file(the_plan, base.with_name(base.name + ".tensor-types.txt"))
+            write_heatmap(the_plan, base.with_name(base.name + ".heatmap.png"))
     if compile_key is not None and _compiled_anything():
         mark_compile_warm(compile_key)
     print(summary(the_plan))

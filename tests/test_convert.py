@@ -4,6 +4,7 @@ gguf-py), runs in the built llama.cpp, is reproducible, and stock llama-quantize
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -62,8 +63,8 @@ def test_file_matches_plan_and_budget(converted):
     assert f"file size         {size:,} bytes" in stdout and f"({size:,} bytes)" in stdout
     # each stage says its time as it ends, and the total names them all
     for stage in ("calibrate", "convert to F32 GGUF", "measure", "plan", "export"):
-        assert re.search(rf"^qgguf: {stage}: \d+\.\d s \(CPU \d+\.\d s\)$", stderr, re.M), stage
-    total = re.search(r"^qgguf: total (\d+\.\d) s \(CPU [\d.]+ s\): calibrate .* export [\d.]+ s$", stderr, re.M)
+        assert re.search(rf"^qgguf: {stage}: \d+\.\d s \(CPU \d+\.\d s\)$", stderr, re.MULTILINE), stage
+    total = re.search(r"^qgguf: total (\d+\.\d) s \(CPU [\d.]+ s\): calibrate .* export [\d.]+ s$", stderr, re.MULTILINE)
     assert total and float(total.group(1)) > 0
     assert "No CUDA runtime" not in stderr
 
@@ -185,3 +186,24 @@ def test_encode_cache_not_a_folder(setup, tmp_path):
                 "--encode-cache", str(blocker / "cache"))
     assert res.returncode != 0 and "--encode-cache" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists() and blocker.read_text() == "not a folder"
+
+
+def test_small_kquant_work_encodes_eagerly(monkeypatch):
+    """Below COMPILE_MIN_WEIGHTS measured K-quant weights, convert turns compiling off for the run (same bytes,
+    less CPU than a cold compile); QGGUF_COMPILE set by the user always wins."""
+    from qgguf.convert import COMPILE_MIN_WEIGHTS, _compile_choice, _kquant_weights
+
+    monkeypatch.delenv("QGGUF_COMPILE", raising=False)
+    smollm2_down = (576, 1536)  # rows, row length: K-quants take it; 576-long rows they cannot
+    assert _kquant_weights([smollm2_down, (1536, 576), (49152, 576)], 1024) == 576 * 1536
+    assert _kquant_weights([(4096, 1536)], 1024) == 1024 * 1536 and _kquant_weights([(4096, 1536)], 0) == 4096 * 1536
+    with _compile_choice(["Q8_0", "Q4_K"], "cpu", 576 * 1536) as key:
+        assert key is None and os.environ["QGGUF_COMPILE"] == "0"
+    assert "QGGUF_COMPILE" not in os.environ  # only for the run
+    with _compile_choice(["Q8_0", "Q4_K"], "cpu", COMPILE_MIN_WEIGHTS) as key:
+        assert key and key.startswith("cpu:") and "QGGUF_COMPILE" not in os.environ
+    with _compile_choice(["Q8_0", "Q4_0"], "cpu", COMPILE_MIN_WEIGHTS) as key:
+        assert key is None  # no K-quant in the palette: nothing compiles
+    monkeypatch.setenv("QGGUF_COMPILE", "1")
+    with _compile_choice(["Q4_K"], "cpu", 1) as key:
+        assert key and os.environ["QGGUF_COMPILE"] == "1"
