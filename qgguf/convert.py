@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qgguf import __version__, formats
+from qgguf.devices import resolve_device
 from qgguf.errors import QggufError
 from qgguf.files import cache_dir, check_output_path, writable_folder
 from qgguf.llamacpp.converter import convert_hf
@@ -141,6 +142,7 @@ def run(args) -> int:
     from qgguf.models import model_sha256
     from qgguf.plan.measure import TensorInput, measure_tensors
 
+    resolve_device(args.device)  # before any stage announces itself
     model_dir = resolve_model(args.model)
     check_model_dir(model_dir)
     out = check_output_path(Path(args.out), [model_dir] + ([Path(args.stats)] if args.stats else []))

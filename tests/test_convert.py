@@ -207,3 +207,12 @@ def test_small_kquant_work_encodes_eagerly(monkeypatch):
     monkeypatch.setenv("QGGUF_COMPILE", "1")
     with _compile_choice(["Q4_K"], "cpu", 1) as key:
         assert key and os.environ["QGGUF_COMPILE"] == "1"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_cuda_fails_before_any_stage(setup, tmp_path):
+    model, _, _ = setup
+    out = tmp_path / "x.gguf"
+    res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "4.5", "--device", "cuda")
+    assert res.returncode != 0 and "torch sees no CUDA device" in res.stderr
+    assert "calibrating" not in res.stderr and "Traceback" not in res.stderr and not list(tmp_path.iterdir())
