@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qgguf import __version__
 from qgguf.errors import QggufError, failed_step
+from qgguf.torch_env import setup as setup_torch
 
 # Each module defines add_parser(subparsers) and sets `func` on its parsers.
 COMMAND_MODULES = (
@@ -65,6 +66,7 @@ def _write_traceback(argv: list[str]) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    setup_torch()
     try:
         return int(args.func(args) or 0)
     except QggufError as e:

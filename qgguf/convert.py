@@ -10,9 +10,14 @@ OUT.tensor-types.txt (stock palette: reproduces the plan with stock llama-quanti
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from qgguf import __version__, formats
@@ -23,8 +28,88 @@ from qgguf.llamacpp.converter import convert_hf
 from qgguf.models import check_model_dir, resolve_model
 from qgguf.plan.budget import HEADER_SLACK, Budget, FileLayout, parse_size
 from qgguf.plan.outputs import summary, write_heatmap, write_plan_json, write_tensor_type_file
-from qgguf.plan.planner import plan
+from qgguf.plan.planner import Plan, plan
 from qgguf.plan.rules import PALETTES, llama_quantizes, palette_types, parse_overrides, read_tensor_type_file
+from qgguf.torch_env import compile_cache_dir, compile_is_warm, mark_compile_warm
+
+# CPU seconds a cold compile of the K-quant encoders takes (docs/benchmarks.md, "First convert": ~80 s a type
+# on a loaded 2-core CPU); the message divides it by the cores, as inductor compiles in parallel workers.
+COLD_COMPILE_CPU_S = 400.0
+# Compiling pays only for large work: eager K-quant encoding runs at ~3 M weights per CPU second, compiled at ~7,
+# so a type's ~80 s compile is won back after ~400 M weights. Below this many measured weights per K-quant type
+# (SmolLM2: 27 M) convert encodes eagerly, which gives the same bytes (docs/benchmarks.md, "First convert").
+COMPILE_MIN_WEIGHTS = 300_000_000
+
+
+class StageTimes:
+    """Wall and CPU seconds of each stage, printed as each ends, and the total at the end."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.c0 = _cpu_s()
+        self.rows: list[tuple[str, float, float]] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the stage; it is also the step an unexpected failure inside it is reported against."""
+        t, c = time.monotonic(), _cpu_s()
+        with step(name):
+            yield
+        wall, cpu = time.monotonic() - t, _cpu_s() - c
+        self.rows.append((name, wall, cpu))
+        print(f"qgguf: {name}: {wall:.1f} s (CPU {cpu:.1f} s)", file=sys.stderr)
+
+    def total(self) -> str:
+        return (f"total {time.monotonic() - self.t0:.1f} s (CPU {_cpu_s() - self.c0:.1f} s): "
+                + ", ".join(f"{n} {w:.1f} s" for n, w, _ in self.rows))
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the converter runs as one)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _kquant_weights(shapes: list[tuple[int, int]], max_rows: int | None) -> int:
+    """Weights measure encodes per K-quant type: (rows, row length) of each tensor, rows capped at max_rows."""
+    return sum(min(rows, max_rows or rows) * row for rows, row in shapes if row % 256 == 0)
+
+
+@contextmanager
+def _compile_choice(types: list[str], device: str, kquant_weights: int) -> Iterator[str | None]:
+    """Decide whether the K-quant encoders compile for this run (unless QGGUF_COMPILE says); yield the compile
+    cache key when they do, None when they run eagerly."""
+    kq = [t for t in types if t.endswith("_K")]
+    user = os.environ.get("QGGUF_COMPILE", "").strip().lower()
+    if not kq or user in ("0", "false", "no", "off"):
+        yield None
+        return
+    key = device.split(":")[0] + ":" + formats.encoder_hash(kq[0])  # one module holds every K-quant encoder
+    if user or device.startswith("cuda") or kquant_weights >= COMPILE_MIN_WEIGHTS:
+        yield key
+        return
+    os.environ["QGGUF_COMPILE"] = "0"  # read by qgguf.formats.kquants at each call; eager gives the same bytes
+    try:
+        yield None
+    finally:
+        del os.environ["QGGUF_COMPILE"]
+
+
+def _compiled_anything() -> bool:
+    """Whether this process compiled K-quant kernels (a tiny model's small batches run eagerly)."""
+    from qgguf.formats import kquants
+
+    return kquants._compiled.cache_info().currsize > 0 and not kquants._compile_broken
+
+
+def _exact_size(the_plan: Plan, written: int) -> Plan:
+    """The plan with the header's real size: what it reports as the file size is the file's."""
+    data = the_plan.file_bytes - the_plan.layout.header_bytes
+    header = written - data
+    if not 0 < header <= the_plan.layout.header_bytes:  # the header was planned with slack, never short
+        raise QggufError(f"the written file has {written:,} bytes, the plan {the_plan.file_bytes:,}; this is a bug "
+                         "in qgguf's size accounting")
+    return dataclasses.replace(the_plan, layout=dataclasses.replace(the_plan.layout, header_bytes=header))
 
 
 def f32_gguf(model_dir: Path, model_hash: str) -> Path:
@@ -82,7 +167,7 @@ def run(args) -> int:
     from qgguf.models import model_sha256
     from qgguf.plan.measure import TensorInput, measure_tensors
 
-    resolve_device(args.device)  # before any work: a bad --device fails at once
+    resolve_device(args.device)  # before any stage announces itself
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model)
@@ -100,17 +185,18 @@ def run(args) -> int:
         overrides += read_tensor_type_file(Path(args.tensor_type_file))
     types = palette_types(args.palette, min_type=args.min_type, max_type=args.max_type, overrides=overrides)
 
+    times = StageTimes()
     model_hash = model_sha256(model_dir)
-    with step("calibrate"):
+    with times.stage("calibrate"):
         stats_path = stats_for(model_dir, model_hash, args)
     stats = load_stats(stats_path)
     if stats.meta.get("model_sha256") not in (None, model_hash):
         raise QggufError(f"statistics {stats_path} were computed for another model (model hash "
                          f"{str(stats.meta.get('model_sha256'))[:12]}…, this one is {model_hash[:12]}…); "
                          f"run `qgguf calibrate {args.model} -o FILE` or drop --stats")
-    with step("convert to GGUF"):
+    with times.stage("convert to F32 GGUF"):
         src = f32_gguf(model_dir, model_hash)
-    reader = open_gguf(src)
+        reader = open_gguf(src)
 
     planned = [t for t in reader.tensors if llama_quantizes(t.name, len(t.shape))]
     missing = [t.name for t in planned if t.name not in stats]
@@ -127,37 +213,47 @@ def run(args) -> int:
             imp = torch.from_numpy(stats[t.name].importance)
             yield TensorInput(name=t.name, weights=tensor_f32(t), importance=imp, channel_fisher=imp)
 
-    with step("measure"):
-        measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device,
-                                   total=len(planned))
-    with step("plan"):
-        choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
-        the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
-                        max_type=args.max_type)
-
-    importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
-    meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
-            "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
-    base = out.with_suffix("")
-    side = {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_FILES.items()}
-    stock = all(formats.get(t).stock for t in the_plan.types.values())
-    outs = [out, side["plan"], side["heatmap"]] + ([side["tensor_types"]] if stock else [])
-    # The GGUF and its side files appear together or not at all
-    with step("export"), atomic_outputs(outs, inputs=[model_dir, src]) as tmps:
-        export_gguf(src, tmps[0], the_plan.types, importance, extra_metadata=meta, device=args.device,
-                    reader=reader, encode_cache=encode_cache)
-        size = tmps[0].stat().st_size
-        if budget.kind == "size" and size > budget.value:
-            raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
-                             "this is a bug in qgguf's size accounting (nothing was kept)")
-        write_plan_json(the_plan, tmps[1])
-        write_heatmap(the_plan, tmps[2])
-        if stock:
-            write_tensor_type_file(the_plan, tmps[3])
-    if not stock:  # an earlier run's tensor-type file would describe another plan
-        side["tensor_types"].unlink(missing_ok=True)
+    shapes = [(int(t.n_elements) // int(t.shape[0]), int(t.shape[0])) for t in planned]
+    with _compile_choice(types, args.device, _kquant_weights(shapes, args.max_rows)) as compile_key:
+        if compile_key is not None and not compile_is_warm(compile_key):
+            minutes = max(1, round(COLD_COMPILE_CPU_S / (os.cpu_count() or 1) / 60))
+            print(f"qgguf: first run: compiling the K-quant encoders (torch.compile), about {minutes} min on "
+                  f"{os.cpu_count()} cores; later runs reuse the compiled kernels in {compile_cache_dir()}",
+                  file=sys.stderr)
+        with times.stage("measure"):
+            measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device,
+                                       total=len(planned))
+        with times.stage("plan"):
+            choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
+            the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
+                            max_type=args.max_type)
+        importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
+        meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
+                "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
+        base = out.with_suffix("")
+        side = {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_FILES.items()}
+        stock = all(formats.get(t).stock for t in the_plan.types.values())
+        outs = [out, side["plan"], side["heatmap"]] + ([side["tensor_types"]] if stock else [])
+        # The GGUF and its side files appear together or not at all
+        with times.stage("export"), atomic_outputs(outs, inputs=[model_dir, src]) as tmps:
+            export_gguf(src, tmps[0], the_plan.types, importance, extra_metadata=meta, device=args.device,
+                        reader=reader, encode_cache=encode_cache)
+            size = tmps[0].stat().st_size
+            if budget.kind == "size" and size > budget.value:
+                raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
+                                 "this is a bug in qgguf's size accounting (nothing was kept)")
+            the_plan = _exact_size(the_plan, size)
+            write_plan_json(the_plan, tmps[1])
+            write_heatmap(the_plan, tmps[2])
+            if stock:
+                write_tensor_type_file(the_plan, tmps[3])
+        if not stock:  # an earlier run's tensor-type file would describe another plan
+            side["tensor_types"].unlink(missing_ok=True)
+    if compile_key is not None and _compiled_anything():
+        mark_compile_warm(compile_key)
     print(summary(the_plan))
     print(f"wrote {out} ({size:,} bytes)")
+    print(f"qgguf: {times.total()}", file=sys.stderr)
     return 0
 
 

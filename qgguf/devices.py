@@ -10,7 +10,10 @@ from qgguf.errors import QggufError
 def resolve_device(device: str) -> torch.device:
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise QggufError(f"--device {device} but torch sees no CUDA device; use --device cpu")
+            # the advice torch's own CUDA_HOME notice hinted at (qgguf.torch_env drops that notice)
+            why = ("this torch is a CPU-only build: install a CUDA build of torch" if torch.version.cuda is None
+                   else "no CUDA device or driver is visible")
+            raise QggufError(f"--device {device} but torch sees no CUDA device ({why}); or use --device cpu")
         return torch.device(device)
     if device != "cpu":
         raise QggufError(f"--device {device!r} is not cpu or cuda")

@@ -92,7 +92,8 @@ def test_kld_parser_on_real_output(first_run, llama_build):
     assert k.kld_mean_err < k.kld_mean
     assert k.ppl_ratio == pytest.approx(k.ppl / k.ppl_base, rel=1e-4)
     assert 0 < k.same_top_p < 100 and k.same_top_p_err > 0
-    # The same file measured by the bench gives the same numbers: the runs are deterministic.
+    # The same file measured by the bench gives the same numbers: same machine, same text and the same -t 2 as
+    # the bench's run, so exact equality holds (across thread counts or machines it need not).
     row = json.loads((first_run["out"] / "rows" / "stock-imatrix-Q4_K_M.json").read_text())
     assert row["kld"] == k.to_dict()
     # llama.cpp's own BPW (2 decimals) is what gguf_sizes computes from the tensors.
@@ -158,7 +159,11 @@ def test_bench_results(first_run, tiny_llama):
     assert q4["bpw"] < q6["bpw"] < 8 and q4["kld"]["kld_mean"] > q6["kld"]["kld_mean"] > 0
     assert q4["llama_bpw"] == pytest.approx(q4["bpw"], abs=0.006)
     assert q4["bpw_file"] > q4["bpw"]  # the header and tokenizer count in the file's bits
-    assert res["f32"]["bpw"] == 32.0 and res["f32"]["ppl"] == pytest.approx(q4["kld"]["ppl_base"], rel=1e-6)
+    # The KLD run's base PPL is recomputed from the logits file, which keeps each token's log-probabilities as
+    # 16-bit steps of (max - min logit) / 65535: every token's NLL moves by up to half a step, and so the PPL's log.
+    # The tiny model's logits span well under 20 nats, so the two PPLs agree to 20 / 131070 ≈ 1.5e-4 (seen: 3e-6).
+    assert res["f32"]["bpw"] == 32.0
+    assert res["f32"]["ppl"] == pytest.approx(q4["kld"]["ppl_base"], rel=1.5e-4)
     assert res["chunks"] == CHUNKS and res["scored_tokens"] == CHUNKS * (CTX - 1 - CTX // 2)
     assert res["machine"].endswith("CPU") and res["command"].startswith("qgguf bench ")
 

@@ -4,6 +4,8 @@ gguf-py), runs in the built llama.cpp, is reproducible, and stock llama-quantize
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -36,13 +38,13 @@ def converted(setup):
     out = d / "q45.gguf"
     res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "4.5", "--stats", str(stats))
     assert res.returncode == 0, res.stderr[-3000:]
-    return out, res.stdout
+    return out, res.stdout, res.stderr
 
 
 def test_file_matches_plan_and_budget(converted):
     import gguf
 
-    out, stdout = converted
+    out, stdout, stderr = converted
     plan = json.loads(out.with_name("q45.plan.json").read_text())
     types = {t["name"]: t["type"] for t in plan["tensors"]}
     r = gguf.GGUFReader(out)
@@ -55,12 +57,22 @@ def test_file_matches_plan_and_budget(converted):
     assert 4.2 < bpw <= 4.5
     assert "predicted KL" in stdout
     assert out.with_name("q45.heatmap.png").stat().st_size > 1000
+    # one file size everywhere, the written file's: the summary, the plan JSON and the closing line
+    size = out.stat().st_size
+    assert plan["totals"]["file_bytes"] == size
+    assert f"file size         {size:,} bytes" in stdout and f"({size:,} bytes)" in stdout
+    # each stage says its time as it ends, and the total names them all
+    for stage in ("calibrate", "convert to F32 GGUF", "measure", "plan", "export"):
+        assert re.search(rf"^qgguf: {stage}: \d+\.\d s \(CPU \d+\.\d s\)$", stderr, re.MULTILINE), stage
+    total = re.search(r"^qgguf: total (\d+\.\d) s \(CPU [\d.]+ s\): calibrate .* export [\d.]+ s$", stderr, re.MULTILINE)
+    assert total and float(total.group(1)) > 0
+    assert "No CUDA runtime" not in stderr
 
 
 def test_runs_in_llama_cpp_with_low_kld(converted, setup):
     """llama-perplexity measures the KL divergence of our file to the F32 model."""
     model, _, d = setup
-    out, _ = converted
+    out, *_ = converted
     text = d / "eval.txt"
     text.write_text(tiny_text(seed=7))
     f32 = d / "f32.gguf"
@@ -81,7 +93,7 @@ def test_runs_in_llama_cpp_with_low_kld(converted, setup):
 
 def test_byte_identical_on_rerun(converted, setup):
     model, stats, d = setup
-    out, _ = converted
+    out, *_ = converted
     again = d / "again.gguf"
     res = qgguf("convert", str(model), "-o", str(again), "--target-bpw", "4.5", "--stats", str(stats))
     assert res.returncode == 0, res.stderr[-2000:]
@@ -92,7 +104,7 @@ def test_encode_cache_gives_the_same_bytes(converted, setup):
     """--encode-cache: the first run fills the cache, the second reads it; both files equal the uncached one,
     and a damaged entry is encoded again rather than served."""
     model, stats, d = setup
-    out, _ = converted
+    out, *_ = converted
     cache = d / "encoded"
     args = ["--target-bpw", "4.5", "--stats", str(stats), "--encode-cache", str(cache)]
     first = d / "cached1.gguf"
@@ -124,7 +136,7 @@ def test_stock_llama_quantize_reproduces_plan(converted, setup):
     import gguf
 
     model, _, d = setup
-    out, _ = converted
+    out, *_ = converted
     f32 = d / "f32-lq.gguf"
     assert qgguf("convert-hf", str(model), "-o", str(f32)).returncode == 0
     lq = d / "lq.gguf"
@@ -217,3 +229,33 @@ def test_bad_device_fails_before_any_work(setup, tmp_path):
         assert res.returncode != 0 and words in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert not out.exists()
+
+
+def test_small_kquant_work_encodes_eagerly(monkeypatch):
+    """Below COMPILE_MIN_WEIGHTS measured K-quant weights, convert turns compiling off for the run (same bytes,
+    less CPU than a cold compile); QGGUF_COMPILE set by the user always wins."""
+    from qgguf.convert import COMPILE_MIN_WEIGHTS, _compile_choice, _kquant_weights
+
+    monkeypatch.delenv("QGGUF_COMPILE", raising=False)
+    smollm2_down = (576, 1536)  # rows, row length: K-quants take it; 576-long rows they cannot
+    assert _kquant_weights([smollm2_down, (1536, 576), (49152, 576)], 1024) == 576 * 1536
+    assert _kquant_weights([(4096, 1536)], 1024) == 1024 * 1536 and _kquant_weights([(4096, 1536)], 0) == 4096 * 1536
+    with _compile_choice(["Q8_0", "Q4_K"], "cpu", 576 * 1536) as key:
+        assert key is None and os.environ["QGGUF_COMPILE"] == "0"
+    assert "QGGUF_COMPILE" not in os.environ  # only for the run
+    with _compile_choice(["Q8_0", "Q4_K"], "cpu", COMPILE_MIN_WEIGHTS) as key:
+        assert key and key.startswith("cpu:") and "QGGUF_COMPILE" not in os.environ
+    with _compile_choice(["Q8_0", "Q4_0"], "cpu", COMPILE_MIN_WEIGHTS) as key:
+        assert key is None  # no K-quant in the palette: nothing compiles
+    monkeypatch.setenv("QGGUF_COMPILE", "1")
+    with _compile_choice(["Q4_K"], "cpu", 1) as key:
+        assert key and os.environ["QGGUF_COMPILE"] == "1"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_cuda_fails_before_any_stage(setup, tmp_path):
+    model, _, _ = setup
+    out = tmp_path / "x.gguf"
+    res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "4.5", "--device", "cuda")
+    assert res.returncode != 0 and "torch sees no CUDA device" in res.stderr
+    assert "calibrating" not in res.stderr and "Traceback" not in res.stderr and not list(tmp_path.iterdir())

@@ -160,3 +160,38 @@ def test_failed_conversion_leaves_no_partial_file(tmp_path, tiny_llama, llama_bu
     out = tmp_path / "x.gguf"
     assert main(["convert-hf", str(broken), "-o", str(out)]) != 0
     assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
+def test_build_step_shows_progress_without_a_terminal(tmp_path, capsys):
+    """make's "[ NN%]" and ninja's "[N/M]" lines become progress the user sees, also when stderr is a log."""
+    from qgguf.errors import QggufError
+    from qgguf.llamacpp.build import _run_logged, progress_percent
+
+    assert [progress_percent(s) for s in ("[  7%] Building C object", "[30/40] Linking", "-- Configuring")] == \
+        [7, 75, None]
+    script = "; ".join(f"print('[{p:3d}%] Building CXX object o{p}.o')" for p in (0, 5, 12, 12, 48, 100))
+    log = tmp_path / "build.log"
+    _run_logged([sys.executable, "-c", script], log, "build x")
+    shown = [ln.split(" (")[0] for ln in capsys.readouterr().err.splitlines() if ln.startswith("build x: ")]
+    assert shown == ["build x: 12%", "build x: 48%", "build x: 100%"]  # one line per tenth reached
+    assert "o48.o" in log.read_text()
+    with pytest.raises(QggufError, match=r"(?s)build y failed \(exit 3\).*\nboom$"):  # the tail of the log
+        _run_logged([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], log, "build y")
+
+
+def test_cuda_home_notice_is_dropped_and_compile_cache_is_ours(tmp_path):
+    """On a CPU-only torch with nvcc around, compiling says nothing about CUDA_HOME; the kernels go to our cache."""
+    code = ("import logging, os, sys; from qgguf.torch_env import setup; setup(); "
+            "logging.basicConfig(); "
+            "logging.getLogger('torch.utils.cpp_extension').warning(\"No CUDA runtime is found, using CUDA_HOME='/x'\"); "
+            "logging.getLogger('torch.utils.cpp_extension').warning('other advice stays'); "
+            "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "QGGUF_CACHE": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert "No CUDA runtime" not in res.stderr and "other advice stays" in res.stderr
+    assert res.stdout.strip() == str(tmp_path / "torch-compile")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "QGGUF_CACHE": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")})
+    assert res.stdout.strip() == str(tmp_path / "mine")  # the user's setting wins

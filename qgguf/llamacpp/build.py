@@ -352,22 +352,54 @@ def prepare_tree(spec: BuildSpec) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- building
 
+# CPU seconds of a cold build of the tools (make, Release): measured on a 2-core CPU at 844 s wall; the CUDA figure
+# (one architecture) is a rough one. The message before a build divides them by the parallel jobs.
+BUILD_CPU_S = {"CPU": 1000.0, "CUDA": 6000.0}
+
+_PCT_MAKE = re.compile(r"^\[\s*(\d+)%\]")          # make:  "[ 42%] Building CXX object ..."
+_PCT_NINJA = re.compile(r"^\[(\d+)/(\d+)\]")       # ninja: "[123/456] Building CXX object ..."
+
+
+def progress_percent(line: str) -> int | None:
+    """The build's percentage from one line of make's or ninja's output, None if the line has none."""
+    m = _PCT_MAKE.match(line)
+    if m:
+        return int(m.group(1))
+    m = _PCT_NINJA.match(line)
+    if m and int(m.group(2)) > 0:
+        return 100 * int(m.group(1)) // int(m.group(2))
+    return None
+
+
+def expected_minutes(kind: str, jobs: int) -> int:
+    """Minutes a cold build should take: the recorded CPU seconds over the jobs that can run at once."""
+    return max(1, round(BUILD_CPU_S[kind] / max(1, min(jobs, os.cpu_count() or 1)) / 60))
+
+
 def _run_logged(cmd: list[str], log: Path, desc: str, env: dict | None = None) -> None:
-    """Run a build step, its output to a log; show percent progress from CMake's "[ NN%]" lines."""
-    pct = re.compile(r"^\[\s*(\d+)%\]")
-    with open(log, "a") as f, tqdm(total=100, desc=desc, unit="%", file=sys.stderr,
-                                   disable=None, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}") as bar:
+    """Run a build step, its output to a log; show the percentage from make's "[ NN%]" (ninja's "[N/M]") lines:
+    a bar on a terminal, else a line at every tenth, so a log or CI shows the build moving."""
+    tty = sys.stderr.isatty()
+    t0 = time.monotonic()
+    with open(log, "a") as f, tqdm(total=100, desc=desc, unit="%", file=sys.stderr, disable=not tty,
+                                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}") as bar:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert proc.stdout is not None
+        shown = 0
         for line in proc.stdout:
             f.write(line)
-            m = pct.match(line)
-            if m:
-                bar.n = int(m.group(1))
-                bar.refresh()
+            pct = progress_percent(line)
+            if pct is None or pct <= bar.n:
+                continue
+            bar.n = pct
+            bar.refresh()
+            if not tty and pct // 10 > shown // 10:
+                shown = pct
+                print(f"{desc}: {pct}% ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
         if proc.wait() != 0:
+            f.flush()  # the tail below is read from the file: its last lines must be in it
             tail = log.read_text(errors="replace").splitlines()[-40:]
             raise QggufError(f"{desc} failed (exit {proc.returncode}); the last lines of {log}:\n" + "\n".join(tail))
 
@@ -399,16 +431,20 @@ def build(spec: BuildSpec, jobs: int | None = None, install_gguf_py: bool = True
     log = spec.root / "build.log"
     opts = spec.cmake_options()
     jobs = jobs or os.cpu_count() or 2
+    kind = "CUDA" if spec.cuda else "CPU"
+    minutes = expected_minutes(kind, jobs)
+    print(f"qgguf: building llama.cpp ({kind}): about {minutes} min with {jobs} jobs on {os.cpu_count()} cores "
+          f"(log: {log})", file=sys.stderr)
     targets = list(TOOLS)
     cmd = ["cmake", "--build", str(bdir), "--config", "Release", "-j", str(jobs), "--target", *targets]
-    _run_logged(cmd, log, f"build llama.cpp ({'CUDA' if spec.cuda else 'CPU'}, {jobs} jobs)")
+    _run_logged(cmd, log, f"build llama.cpp ({kind}, {jobs} jobs)")
     missing = [t for t in TOOLS if not (bdir / "bin" / t).is_file()]
     if missing:
         raise QggufError(f"the build finished but {', '.join(missing)} are missing in {bdir / 'bin'}; see {log}")
     spec.stamp.write_text(json.dumps({
         "key": spec.key(), "cuda": spec.cuda, "tree": str(tree), "options": opts,
         "patches": [p.name for p in patch_files()] if spec.user_tree is None else [],
-        "seconds": round(time.time() - t0, 1), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds": round(time.time() - t0, 1), "jobs": jobs, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
     }, indent=2))
     if install_gguf_py:
         ensure_gguf_py(spec)
