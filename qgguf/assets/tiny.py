@@ -78,9 +78,13 @@ ARCHS: dict[str, tuple[str, str, dict]] = {
 
 def make_tiny(arch: str, out: Path, hidden: int = 256, ffn: int = 512, layers: int = 2, heads: int = 4,
               kv_heads: int = 2, vocab_size: int = 320, tie: bool | None = None, seed: int = 0,
-              dtype: str = "float32") -> Path:
+              dtype: str = "float32", tokenizer_from: Path | None = None) -> Path:
     """A random model of architecture `arch` (a key of ARCHS) in `out`: config.json, model.safetensors and a
-    tokenizer trained here. `tie` None keeps the architecture's default (Gemma ties, the others do not)."""
+    tokenizer trained here. `tie` None keeps the architecture's default (Gemma ties, the others do not).
+
+    `tokenizer_from`: an HF folder whose tokenizer.json/tokenizer_config.json to use instead (vocab_size follows
+    it). llama.cpp's converter accepts a byte-level BPE tokenizer only if it knows it (by a hash of its output on a
+    fixed text), so a GPT-2 converts only with a real model's tokenizer."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -90,7 +94,16 @@ def make_tiny(arch: str, out: Path, hidden: int = 256, ffn: int = 512, layers: i
     cfg_name, tok_kind, extra = ARCHS[arch]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if tok_kind == "spm":
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (out / f).write_bytes((Path(tokenizer_from) / f).read_bytes())
+        tok = AutoTokenizer.from_pretrained(out)
+        vocab_size = len(tok)
+        bos = tok.bos_token_id if tok.bos_token_id is not None else 0
+        eos = tok.eos_token_id if tok.eos_token_id is not None else bos
+    elif tok_kind == "spm":
         # llama.cpp looks up <|endoftext|> in any vocabulary of a model named Phi-3, as real Phi-3 has it
         make_tokenizer(out, vocab_size, control=("<|endoftext|>",) if arch == "phi3" else ())
         bos, eos = 1, 2
