@@ -93,8 +93,8 @@ def check_all_seen(model: nn.Module, name_map, seen: set[int]) -> None:
             if target is not None and not llama_quantizes(target.name, 2):
                 continue
         owner = model.get_submodule(hf_name.rpartition(".")[0]) if "." in hf_name else model
-        what = ("mixture-of-experts weights stacked in one 3-D tensor" if p.ndim == 3
-                else f"a {p.ndim}-D weight")
+        expert = p.ndim == 3 and "expert" in f"{hf_name} {type(owner).__name__}".lower()
+        what = "mixture-of-experts weights stacked in one 3-D tensor" if expert else f"a {p.ndim}-D weight"
         raise QggufError(f"qgguf calibrate cannot collect statistics for {hf_name}: {what} of a "
                          f"{type(owner).__name__} layer, which has no calibration hook (only Linear, Conv1D and "
                          f"Embedding layers have); {name_map.hf_arch} is not supported yet — quantise it with "
