@@ -201,8 +201,12 @@ def run(args) -> int:
     planned = [t for t in reader.tensors if llama_quantizes(t.name, len(t.shape))]
     missing = [t.name for t in planned if t.name not in stats]
     if missing:
-        raise QggufError(f"statistics {stats_path} have no entry for {', '.join(missing[:3])}"
-                         f"{' …' if len(missing) > 3 else ''}; they belong to another model: recalibrate")
+        # the model hash matched (or was absent), so the statistics skipped these tensors: say so, not "another model"
+        listed = f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}"
+        cause = ("they were made for another model or by another qgguf version" if "model_sha256" not in stats.meta
+                 else "they were made for this model by a calibration that skipped these tensors")
+        raise QggufError(f"statistics {stats_path} have no entry for {listed}, which llama.cpp quantises; {cause}: "
+                         f"run `qgguf calibrate {args.model} -o FILE` with this qgguf and pass it with --stats")
     planned_names = {t.name for t in planned}
     layout = FileLayout.from_tensors(
         int(reader.data_offset) + HEADER_SLACK,

@@ -1,6 +1,6 @@
 """Fisher maths: the estimators and the hooks that accumulate them during the backward pass.
 
-`qgguf calibrate`: diagonal Fisher information and per-channel importance of every Linear/Embedding weight.
+`qgguf calibrate`: diagonal Fisher information and per-channel importance of every Linear/Conv1D/Embedding weight.
 
 The HF model reads the calibration text in sequences of length L; at every position t a label y_t is drawn from
 the model's own predictive distribution (the true Fisher, one sample per token — not the empirical Fisher with
@@ -23,6 +23,10 @@ diagonal Fisher F (normalised by the N calibration tokens):
 over the hidden dimension, the GGUF row (ne0) of token_embd. A tied input/output embedding is one GGUF tensor
 (token_embd.weight): its statistics combine the head's and the lookup's gradients (under "sequence", with their
 cross term). Alongside, E[x_j²] of every Linear input is kept (what llama.cpp's imatrix stores).
+
+transformers' Conv1D (GPT-2) is a Linear whose weight is stored transposed (in × out): it is hooked as a Linear with
+out = weight.shape[1]. An embedding that scales its rows (Gemma: output = s·W[id], s = √hidden) is checked for a
+constant scale once; the leaf below is its scaled output, so the row gradient is s·g and the Fisher s²·g².
 
 Weights stay frozen: the embedding output is made the autograd leaf, so the backward pass computes activation
 gradients only (no weight gradients, no per-element gradient of the model held anywhere); hooks square and
@@ -92,6 +96,39 @@ def gaussian_cotangent(logits: torch.Tensor, generator: torch.Generator) -> torc
     return sz - p * sz.sum(-1, keepdim=True)
 
 
+def layer_kind(mod: nn.Module) -> str | None:
+    """"linear", "conv1d" (transformers' transposed Linear), "embedding", or None for layers not hooked."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if isinstance(mod, Conv1D):
+        return "conv1d"
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def weight_shape(mod: nn.Module) -> tuple[int, int]:
+    """(out, in) of a hooked layer's weight in GGUF layout: rows = outputs, row = inputs."""
+    w = mod.weight
+    return (w.shape[1], w.shape[0]) if layer_kind(mod) == "conv1d" else (w.shape[0], w.shape[1])
+
+
+def embedding_scale(mod: nn.Embedding, ids: torch.Tensor, output: torch.Tensor) -> float:
+    """The constant s with output = s·weight[ids] (1 for a plain nn.Embedding, √hidden for Gemma's)."""
+    ref = nn.functional.embedding(ids, mod.weight).detach().float()
+    out = output.detach().float()
+    if torch.equal(ref, out):
+        return 1.0
+    s = float((out * ref).sum() / ref.square().sum().clamp_min(1e-30))
+    tol = 1e-5 if output.dtype == torch.float32 else 1e-2  # the scale is rounded to the weights' dtype
+    if not torch.allclose(out, s * ref, rtol=tol, atol=tol * float(out.abs().max())):
+        raise QggufError(f"the embedding layer {type(mod).__name__} changes its rows by more than a constant "
+                         "scale, which qgguf's calibration cannot follow; this architecture is not supported")
+    return s
+
+
 def _grouped(ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of one sequence's embedding gradient: (distinct ids, Σ of g over the positions holding each id)."""
     uniq, inv = torch.unique(ids, return_inverse=True)
@@ -99,9 +136,9 @@ def _grouped(ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 class FisherCollector:
-    """Hooks on a model's Linear and Embedding modules that accumulate the diagonal Fisher.
+    """Hooks on a model's Linear, Conv1D and Embedding modules that accumulate the diagonal Fisher.
 
-    `weights` maps each weight to collect (a Parameter of an nn.Linear/nn.Embedding) to its HF name; weights not
+    `weights` maps each weight to collect (a Parameter of an nn.Linear/Conv1D/nn.Embedding) to its HF name; weights not
     listed are not hooked. `per_element(hf_name)` says for which weights to keep the full out × in Fisher.
     estimator "token": each token's contribution g_t x_tᵀ is one sample (F = Σ_t g_t² x_t²);
     estimator "sequence": each sequence's whole gradient G = Σ_t g_t x_tᵀ is one sample (F = Σ_seq G²).
@@ -120,21 +157,25 @@ class FisherCollector:
         self.accs: dict[str, _Acc] = {}
         self._handles = []
         self._x_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._batch = 1  # this step's batch size: a lookup shared by the batch (positions) is expanded to it
+        self._scales: dict[int, float] = {}  # id(embedding module) -> its constant output scale
         for mod in model.modules():
-            if not isinstance(mod, (nn.Linear, nn.Embedding)) or id(mod.weight) not in weights:
+            kind = layer_kind(mod)
+            if kind is None or id(mod.weight) not in weights:
                 continue
             name = weights[id(mod.weight)]
             w = mod.weight
+            n_out, n_in = weight_shape(mod)
             acc = self.accs.get(name)
             if acc is None:
-                acc = _Acc(name, w.shape[0], w.shape[1], torch.zeros(w.shape[1], dtype=torch.float32, device=w.device))
+                acc = _Acc(name, n_out, n_in, torch.zeros(n_in, dtype=torch.float32, device=w.device))
                 if per_element(name):
-                    acc.fisher = torch.zeros(tuple(w.shape), dtype=torch.float32, device=w.device)
+                    acc.fisher = torch.zeros((n_out, n_in), dtype=torch.float32, device=w.device)
                 self.accs[name] = acc
-            if isinstance(mod, nn.Linear):
+            if kind != "embedding":  # Linear or Conv1D: y = W x (+ b) either way
                 acc.linear = True
                 if acc.act_sq is None:
-                    acc.act_sq = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
+                    acc.act_sq = torch.zeros(n_in, dtype=torch.float32, device=w.device)
                 self._handles.append(mod.register_forward_hook(self._linear_hook(acc)))
             else:
                 acc.embedding = True
@@ -211,13 +252,21 @@ class FisherCollector:
         def hook(module, args, output):
             ids = args[0].detach()
             ids = ids.reshape(-1, ids.shape[-1])
+            scale = self._scales.get(id(module))
+            if scale is None:
+                scale = self._scales[id(module)] = embedding_scale(module, ids, output.reshape(*ids.shape, -1))
+            if ids.shape[0] == 1 and self._batch > 1:
+                # one lookup broadcast over the batch (GPT-2's positions): each sequence is its own sample
+                ids = ids.expand(self._batch, -1)
+                output = output.reshape(1, *output.shape[-2:]).expand(self._batch, -1, -1)
             acc.ids = ids
             if not output.requires_grad:  # frozen weights: the embedding output becomes the autograd leaf
                 output = output.detach().requires_grad_(True)
+            # the gradient reaching the leaf is w.r.t. the scaled rows: the table row's gradient is scale times it
             if self.estimator == "token":
-                output.register_hook(lambda g: self._embedding_grad_token(acc, g, ids))
+                output.register_hook(lambda g: self._embedding_grad_token(acc, g * scale, ids))
             else:
-                output.register_hook(lambda g: self._embedding_grad_sequence(acc, g, ids))
+                output.register_hook(lambda g: self._embedding_grad_sequence(acc, g * scale, ids))
             return output
         return hook
 
@@ -246,6 +295,7 @@ class FisherCollector:
         """One forward/backward over a batch of sequences (B × T). The gradient sent into the logits is the
         `cotangent` given, else a probe drawn from the model's predictive distribution ("label": ∂ log p(y)/∂logits
         for a sampled y; "gaussian": see gaussian_cotangent). Returns the cotangent used."""
+        self._batch = input_ids.shape[0]
         try:
             with torch.enable_grad():
                 logits = self.model(input_ids=input_ids, use_cache=False).logits

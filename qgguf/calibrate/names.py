@@ -83,14 +83,21 @@ class TensorNameMap:
         self.arch = gguf.MODEL_ARCH_NAMES[self._conv.model_arch]
         self.block_count = getattr(self._conv, "block_count", None)
 
-    def gguf_tensor(self, hf_name: str, n_rows: int) -> GgufTensor | None:
-        """The GGUF tensor the converter writes for HF weight `hf_name` (n_rows output rows); None if none."""
+    def writes(self, hf_name: str) -> bool:
+        """Whether the converter keeps HF weight `hf_name` at all (it drops e.g. rotary caches, unused heads)."""
+        return self._conv.filter_tensors((hf_name, lambda: None)) is not None
+
+    def gguf_tensor(self, hf_name: str, n_rows: int, transposed: bool = False) -> GgufTensor | None:
+        """The GGUF tensor the converter writes for HF weight `hf_name` (n_rows output rows); None if none.
+
+        `transposed`: the HF weight is stored in × out (transformers' Conv1D, GPT-2), so the probe is a row and
+        the converter's transpose turns it into the column of GGUF rows."""
         item = self._conv.filter_tensors((hf_name, lambda: None))
         if item is None:
             return None
         name = item[0]
         bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)  # as the converter derives it
-        probe = torch.arange(n_rows, dtype=torch.float64).reshape(n_rows, 1)
+        probe = torch.arange(n_rows, dtype=torch.float64).reshape((1, n_rows) if transposed else (n_rows, 1))
         try:
             with torch.inference_mode(), contextlib.redirect_stdout(io.StringIO()):
                 out = list(self._conv.modify_tensors(probe, name, bid))

@@ -13,7 +13,8 @@ from torch import nn
 from tqdm import tqdm
 
 from qgguf import __version__
-from qgguf.calibrate.fisher import DEFAULT_ESTIMATOR, ESTIMATORS, PROBES, FisherCollector
+from qgguf.calibrate.fisher import (DEFAULT_ESTIMATOR, ESTIMATORS, PROBES, FisherCollector, layer_kind,
+                                    weight_shape)
 from qgguf.calibrate.stats import Stats, TensorStats, save_stats
 from qgguf.calibrate.text import adds_bos, default_text_path, read_text, token_chunks
 from qgguf.devices import resolve_device
@@ -50,27 +51,54 @@ def load_model(model_dir: Path, device: torch.device, dtype: str = "auto") -> nn
 
 
 def collect_weights(model: nn.Module, name_map) -> tuple[dict[int, str], dict[str, object]]:
-    """Which weights to collect: every nn.Linear / nn.Embedding weight the converter writes to the GGUF.
+    """Which weights to collect: every nn.Linear / Conv1D / nn.Embedding weight the converter writes to the GGUF.
 
     Returns {id(parameter): HF name} and {HF name: GgufTensor}. A weight shared by several modules (a tied
-    embedding) appears once, under its first name, as in model.named_parameters().
+    embedding) appears once, under its first name, as in model.named_parameters(). A weight the converter writes
+    for llama.cpp to quantise that no hooked layer holds (MoE experts stacked in a 3-D tensor) stops the run here,
+    before any work, naming its layer: statistics without it could not plan the model.
     """
     param_names = {id(p): n for n, p in model.named_parameters()}
     weights: dict[int, str] = {}
     targets: dict[str, object] = {}
     for mod in model.modules():
-        if not isinstance(mod, (nn.Linear, nn.Embedding)):
+        kind = layer_kind(mod)
+        if kind is None:
             continue
         pid = id(mod.weight)
         hf_name = param_names.get(pid)
         if hf_name is None or pid in weights:
             continue
-        target = name_map.gguf_tensor(hf_name, mod.weight.shape[0])
+        target = name_map.gguf_tensor(hf_name, weight_shape(mod)[0], transposed=kind == "conv1d")
         if target is None:
             continue
         weights[pid] = hf_name
         targets[hf_name] = target
+    check_all_seen(model, name_map, set(weights))
     return weights, targets
+
+
+def check_all_seen(model: nn.Module, name_map, seen: set[int]) -> None:
+    """Refuse a model with a quantised weight that no hooked layer holds (see collect_weights)."""
+    from qgguf.plan.rules import llama_quantizes
+
+    for hf_name, p in model.named_parameters():
+        if id(p) in seen or p.ndim < 2 or not name_map.writes(hf_name):
+            continue
+        if p.ndim == 2:
+            try:  # a 2-D weight llama.cpp keeps as it is (a norm, a position table) needs no statistics
+                target = name_map.gguf_tensor(hf_name, p.shape[0])
+            except (QggufError, ValueError, KeyError, RuntimeError):
+                target = None
+            if target is not None and not llama_quantizes(target.name, 2):
+                continue
+        owner = model.get_submodule(hf_name.rpartition(".")[0]) if "." in hf_name else model
+        expert = p.ndim == 3 and "expert" in f"{hf_name} {type(owner).__name__}".lower()
+        what = "mixture-of-experts weights stacked in one 3-D tensor" if expert else f"a {p.ndim}-D weight"
+        raise QggufError(f"qgguf calibrate cannot collect statistics for {hf_name}: {what} of a "
+                         f"{type(owner).__name__} layer, which has no calibration hook (only Linear, Conv1D and "
+                         f"Embedding layers have); {name_map.hf_arch} is not supported yet — quantise it with "
+                         "llama.cpp's llama-quantize instead")
 
 
 def build_stats(collector: FisherCollector, targets: dict, meta: dict) -> Stats:
@@ -142,7 +170,7 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
     name_map = TensorNameMap(model_dir)
     weights, targets = collect_weights(model, name_map)
     if not weights:
-        raise QggufError(f"found no Linear/Embedding weights the converter writes in {str(model_dir)!r}")
+        raise QggufError(f"found no Linear/Conv1D/Embedding weights the converter writes in {str(model_dir)!r}")
     wanted = tuple(per_element)
     collector = FisherCollector(
         model, weights, per_element=lambda n: any(fnmatch.fnmatchcase(targets[n].name, p) for p in wanted),

@@ -49,9 +49,11 @@ def convert_hf(model_dir: Path, out: Path, outtype: str = "f32", quiet: bool = T
         cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
         res = subprocess.run(cmd, env=converter_env(tree), capture_output=quiet, text=True)
         if res.returncode != 0:
-            detail = (res.stderr or "").strip().splitlines()[-15:] if quiet else []
-            raise QggufError(f"llama.cpp's converter failed on {model_dir} (exit {res.returncode}):\n"
-                             + "\n".join(detail))
+            # the converter's last line names its exception; its traceback stays behind `convert-hf -v`
+            lines = [l.strip() for l in (res.stderr or "").splitlines() if l.strip()] if quiet else []
+            reason = f": {lines[-1]}" if lines else ""
+            raise QggufError(f"llama.cpp's converter failed on {model_dir} (exit {res.returncode}){reason} (its "
+                             f"full output: `qgguf convert-hf {model_dir} -o FILE.gguf -v`)")
     return out
 
 
