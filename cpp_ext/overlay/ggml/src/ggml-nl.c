@@ -23,19 +23,7 @@ static_assert(sizeof(block_nl3_32) == 2 + 12, "wrong nl3_32 block size");
 static_assert(sizeof(block_nl5_32) == 2 + 20, "wrong nl5_32 block size");
 static_assert(sizeof(block_nl6_32) == 2 + 24, "wrong nl6_32 block size");
 
-// one bit-width's constants (the candidates are qgguf.formats.nl's CANDIDATES)
-typedef struct {
-    int bits, klo, khi;             // index bits, low and high plane widths
-    const int8_t * values;          // 2^bits sorted levels
-    ggml_nl_candidates cand;
-} nl_spec;
-
-static const nl_spec nl_specs[7] = {
-    [2] = { 2, 2, 0, ggml_nl_values_2, { 96, 16, 4 } },
-    [3] = { 3, 2, 1, ggml_nl_values_3, { 48,  8, 2 } },
-    [5] = { 5, 4, 1, ggml_nl_values_5, { 16,  8, 1 } },
-    [6] = { 6, 4, 2, ggml_nl_values_6, {  8,  4, 1 } },
-};
+typedef ggml_nl_spec nl_spec;  // one bit-width's codebook, plane widths and candidate scales (ggml-nl.h)
 
 // #(levels <= k) for each integer k in [NL_TABLE_LO, NL_TABLE_HI]. The levels are integers, so
 // #(levels <= x) = #(levels <= floor(x)): one load replaces the binary search for the bracket of x (as
@@ -229,7 +217,7 @@ void dequantize_row_nl##B##_xs(const void * GGML_RESTRICT vx, float * GGML_RESTR
     GGML_ASSERT(k % QK_NL_XS == 0); \
     const block_nl##B##_xs * x = (const block_nl##B##_xs *) vx; \
     for (int64_t i = 0; i < k / QK_NL_XS; ++i) { \
-        nl_dequantize_xs(&nl_specs[B], &x[i].d, x[i].scales_h, x[i].scales_l, x[i].qs, y + QK_NL_XS * i); \
+        nl_dequantize_xs(&ggml_nl_specs[B], &x[i].d, x[i].scales_h, x[i].scales_l, x[i].qs, y + QK_NL_XS * i); \
     } \
 } \
 size_t quantize_nl##B##_xs(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
@@ -238,11 +226,11 @@ size_t quantize_nl##B##_xs(const float * GGML_RESTRICT src, void * GGML_RESTRICT
     const int64_t nb = n_per_row / QK_NL_XS; \
     block_nl##B##_xs * y = (block_nl##B##_xs *) dst; \
     nl_table t; \
-    nl_table_init(&nl_specs[B], &t); \
+    nl_table_init(&ggml_nl_specs[B], &t); \
     for (int64_t row = 0; row < nrows; ++row) { \
         for (int64_t i = 0; i < nb; ++i) { \
             block_nl##B##_xs * b = y + row * nb + i; \
-            nl_quantize_xs(&nl_specs[B], &t, src + row * n_per_row + QK_NL_XS * i, \
+            nl_quantize_xs(&ggml_nl_specs[B], &t, src + row * n_per_row + QK_NL_XS * i, \
                            imatrix ? imatrix + QK_NL_XS * i : NULL, &b->d, b->scales_h, b->scales_l, b->qs); \
         } \
     } \
@@ -257,7 +245,7 @@ void dequantize_row_nl##B##_32(const void * GGML_RESTRICT vx, float * GGML_RESTR
     GGML_ASSERT(k % QK_NL == 0); \
     const block_nl##B##_32 * x = (const block_nl##B##_32 *) vx; \
     for (int64_t i = 0; i < k / QK_NL; ++i) { \
-        nl_dequantize_32(&nl_specs[B], &x[i].d, x[i].qs, y + QK_NL * i); \
+        nl_dequantize_32(&ggml_nl_specs[B], &x[i].d, x[i].qs, y + QK_NL * i); \
     } \
 } \
 size_t quantize_nl##B##_32(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
@@ -266,11 +254,11 @@ size_t quantize_nl##B##_32(const float * GGML_RESTRICT src, void * GGML_RESTRICT
     const int64_t nb = n_per_row / QK_NL; \
     block_nl##B##_32 * y = (block_nl##B##_32 *) dst; \
     nl_table t; \
-    nl_table_init(&nl_specs[B], &t); \
+    nl_table_init(&ggml_nl_specs[B], &t); \
     for (int64_t row = 0; row < nrows; ++row) { \
         for (int64_t i = 0; i < nb; ++i) { \
             block_nl##B##_32 * b = y + row * nb + i; \
-            nl_quantize_32(&nl_specs[B], &t, src + row * n_per_row + QK_NL * i, \
+            nl_quantize_32(&ggml_nl_specs[B], &t, src + row * n_per_row + QK_NL * i, \
                            imatrix ? imatrix + QK_NL * i : NULL, &b->d, b->qs); \
         } \
     } \

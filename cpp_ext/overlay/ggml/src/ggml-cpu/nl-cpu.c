@@ -22,16 +22,13 @@
 static_assert(QK_NL == QK8_0, "NL block-32 types pair with Q8_0");
 static_assert(QK_NL_XS == QK_K, "NL super-block types pair with Q8_K");
 
-static inline const int8_t * nl_values(int bits) {
-    return bits == 2 ? ggml_nl_values_2 : bits == 3 ? ggml_nl_values_3 : bits == 5 ? ggml_nl_values_5
-                                                                           : ggml_nl_values_6;
-}
-static inline int nl_klo(int bits) { return bits <= 3 ? 2 : 4; }
+static inline const int8_t * nl_values(int bits) { return ggml_nl_specs[bits].values; }
+static inline int nl_klo(int bits) { return ggml_nl_specs[bits].klo; }
+static inline int nl_khi(int bits) { return ggml_nl_specs[bits].khi; }
 // signed scale of sub-block ib of an _XS super-block b: 4 low bits from scales_l, 2 high from scales_h, minus 32
 static inline int nl_sub_scale(const uint8_t * b, int ib) {
     return (((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | (((b[2 + ib / 4] >> (2 * (ib % 4))) & 3) << 4)) - 32;
 }
-static inline int nl_khi(int bits) { return bits == 2 ? 0 : bits == 6 ? 2 : 1; }
 
 // ------------------------------------------------------------------------------------------------ scalar
 // the 32 indices of sub-block ib of a block of n weights (n = 256: _XS planes, n = 32: _32 planes)
