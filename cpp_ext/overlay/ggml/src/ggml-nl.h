@@ -34,6 +34,13 @@ extern "C" {
 GGML_NL_XS_BLOCK(2) GGML_NL_XS_BLOCK(3) GGML_NL_XS_BLOCK(5) GGML_NL_XS_BLOCK(6)
 GGML_NL_32_BLOCK(2) GGML_NL_32_BLOCK(3) GGML_NL_32_BLOCK(5) GGML_NL_32_BLOCK(6)
 
+// byte offsets of the fields, the same for every b of a layout (code that serves all bit-widths reads blocks as
+// bytes)
+#define GGML_NL_XS_SCALES_H 2
+#define GGML_NL_XS_SCALES_L 4
+#define GGML_NL_XS_QS       8
+#define GGML_NL_32_QS       2
+
 // One bit-width's constants, indexed by bits: index bits, the low and high plane widths (0: no high plane), the
 // codebook (2^bits sorted int8 levels, -127 first: the encoder maps each block's signed maximum there) and the
 // encoder's candidate inverse scales num/max, num = -127 - lo, ..., -127 + hi in steps of step.
@@ -71,6 +78,13 @@ static const ggml_nl_spec ggml_nl_specs[7] = {
     { 6, 4, 2, ggml_nl_values_6, { 8, 4, 1 } },
 };
 // END nl tables
+
+// signed scale of sub-block ib of the _XS block b: 4 low bits from scales_l, 2 high from scales_h, minus 32
+static inline int ggml_nl_sub_scale(const uint8_t * b, int ib) {
+    const uint8_t * scales_h = b + GGML_NL_XS_SCALES_H;
+    const uint8_t * scales_l = b + GGML_NL_XS_SCALES_L;
+    return (((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf) | (((scales_h[ib / 4] >> (2 * (ib % 4))) & 3) << 4)) - 32;
+}
 
 #define GGML_NL_DECL(B, L) \
     GGML_API void   dequantize_row_nl##B##_##L(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k); \
