@@ -7,8 +7,10 @@ Python encode) and bit equality (C decode = Python decode = gguf-py dequantize),
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 
 from qgguf import formats
 from qgguf.errors import QggufError
-from qgguf.formats import nl
+from qgguf.formats import nl, nl_tables
 from qgguf.llamacpp import ggml_ref
 from qgguf.llamacpp.build import BuildSpec, prepare_tree, repo_root, tool_path
 
@@ -201,6 +203,88 @@ def test_planes_round_trip():
             q = nl.pack_plane(L, k, group)
             assert q.shape == (5, 256 * k // 8)
             assert torch.equal(nl.unpack_plane(q, k, group), L)
+
+
+# ------------------------------------------------------------------------------------------------ one definition
+# nl.py defines the codebooks, plane widths and candidate scales; the fork's ggml-nl.h and gguf-py patch hold copies
+# written from it (qgguf/formats/nl_tables.py). These checks need no build.
+def test_fork_tables_are_written_from_nl_py():
+    assert nl_tables.stale() == [], "run python -m qgguf.formats.nl_tables --write"
+
+
+def _c_tables(text: str) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
+    """ggml-nl.h's codebooks and (klo, khi) per bits, read from the C source."""
+    values = {}
+    for b, n, body in re.findall(r"ggml_nl_values_(\d+)\[(\d+)\] = \{([^}]*)\}", text):
+        values[int(b)] = tuple(int(v) for v in body.split(",") if v.strip())
+        assert len(values[int(b)]) == int(n), f"ggml_nl_values_{b}: {n} declared"
+    specs = {int(b): (int(lo), int(hi)) for b, lo, hi in
+             re.findall(r"\{ (\d+), (\d+), (\d+), ggml_nl_values_\d+,", text)}
+    return values, specs
+
+
+def _patch_tables(text: str) -> tuple[dict, dict]:
+    """The NL_VALUES and NL_PLANES that patch 0003 adds to gguf-py's quants.py, read as Python literals."""
+    added = [line[1:] for line in text.split("\n") if line.startswith("+") and not line.startswith("+++")]
+    i = next(i for i, line in enumerate(added) if line.startswith("NL_VALUES:"))
+    j = added.index("}", i)
+    values = "\n".join(added[i:j + 1]).split("= ", 1)[1]
+    planes = next(line for line in added if line.startswith("NL_PLANES:")).split("= ", 1)[1]
+    return ast.literal_eval(values), ast.literal_eval(planes)
+
+
+def test_fork_copies_hold_nl_py_tables():
+    """Read without the writer: the C header's and the patch's codebooks and plane widths are nl.py's."""
+    ext = nl_tables.default_ext()
+    values, specs = _c_tables((ext / "overlay/ggml/src/ggml-nl.h").read_text())
+    assert values == nl.VALUES
+    assert specs == {b: (nl.PLANES[b] + (0,))[:2] for b in nl.VALUES}
+    values, planes = _patch_tables((ext / "patches/0003-gguf-py-nl-types.patch").read_text())
+    assert values == nl.VALUES and planes == {b: nl.PLANES[b] for b in nl.VALUES}
+
+
+@pytest.mark.parametrize("copy", nl_tables.COPIES, ids=lambda c: Path(c.path).name)
+def test_a_copy_edited_by_hand_is_caught(copy, tmp_path):
+    """One codebook value changed in one copy: the check names that file, and --write puts the value back."""
+    for c in nl_tables.COPIES:
+        (tmp_path / c.path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / c.path).write_text((nl_tables.default_ext() / c.path).read_text())
+    f = tmp_path / copy.path
+    good = f.read_text()
+    assert good.count("-117, -101, -90") == 1  # in the 5-bit codebook
+    f.write_text(good.replace("-117, -101, -90", "-117, -102, -90"))
+    assert nl_tables.stale(tmp_path) == [copy.path]
+    assert nl_tables.main(["--check", "--cpp-ext", str(tmp_path)]) == 1
+    assert nl_tables.write(tmp_path) == [copy.path] and f.read_text() == good
+
+
+def _hunks_consistent(patch: str) -> bool:
+    """Every hunk's line counts match its body (what git apply checks before it looks at the context)."""
+    lines = patch.split("\n")
+    for i, line in enumerate(lines):
+        m = re.match(r"@@ -\d+,(\d+) \+\d+,(\d+) @@", line)
+        if not m:
+            continue
+        old = new = 0
+        for body in lines[i + 1:]:
+            if body.startswith(("@@ ", "diff --git ")) or body == "":  # an empty context line is " "
+                break
+            old += body[:1] in (" ", "-")
+            new += body[:1] in (" ", "+")
+        if (old, new) != (int(m[1]), int(m[2])):
+            return False
+    return True
+
+
+def test_a_grown_table_keeps_the_patch_whole(monkeypatch):
+    """A new codebook adds lines to patch 0003's hunk: the writer recounts it."""
+    monkeypatch.setattr(nl, "VALUES", {**nl.VALUES, 4: tuple(range(-127, 128, 17))[:16]})
+    copy = next(c for c in nl_tables.COPIES if c.patch)
+    text = (nl_tables.default_ext() / copy.path).read_text()
+    assert _hunks_consistent(text)
+    grown = nl_tables.render(copy, text)
+    assert grown.count("\n") > text.count("\n") and _hunks_consistent(grown)
+    assert _patch_tables(grown)[0][4] == nl.VALUES[4]
 
 
 # ------------------------------------------------------------------------------------------------ the fork

@@ -73,9 +73,13 @@ def nearest_index(values: torch.Tensor, x: torch.Tensor, table: torch.Tensor | N
 
 
 # ------------------------------------------------------------------------------------------------ bit planes
+# How a b-bit index splits into planes, low plane first (the design study also builds 1-, 4- and 8-bit types).
+PLANES: dict[int, tuple[int, ...]] = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (4, 4)}
+
+
 def plane_bits(bits: int) -> tuple[int, ...]:
     """How a `bits`-bit index splits into planes, low plane first: 2 → (2,), 3 → (2, 1), 5 → (4, 1), 6 → (4, 2)."""
-    return {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (4, 4)}[bits]
+    return PLANES[bits]
 
 
 def pack_plane(L: torch.Tensor, k: int, group: int) -> torch.Tensor:
@@ -260,7 +264,9 @@ def nl_class(name: str, bits: int, layout: str, values, candidates, type_id: int
 
 
 # ------------------------------------------------------------------------------------------------ the family
-# Codebooks (tools/nl_design.py; the same tables are in cpp_ext's ggml-nl.h and the fork's gguf-py).
+# Codebooks (tools/nl_design.py). These tables, PLANES and CANDIDATES are the one definition of the family: the
+# fork's copies (ggml-nl.h for the C quantiser and kernels, patch 0003 for gguf-py) are written from them by
+# `python -m qgguf.formats.nl_tables --write`, and tests/test_nl.py fails while a copy differs.
 VALUES: dict[int, tuple[int, ...]] = {
     2: (-127, -45, 14, 84),
     3: (-127, -78, -46, -19, 5, 30, 59, 99),

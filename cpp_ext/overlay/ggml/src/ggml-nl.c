@@ -9,6 +9,7 @@
 
 #include <assert.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -22,20 +23,11 @@ static_assert(sizeof(block_nl2_32) == 2 + 8,  "wrong nl2_32 block size");
 static_assert(sizeof(block_nl3_32) == 2 + 12, "wrong nl3_32 block size");
 static_assert(sizeof(block_nl5_32) == 2 + 20, "wrong nl5_32 block size");
 static_assert(sizeof(block_nl6_32) == 2 + 24, "wrong nl6_32 block size");
+static_assert(offsetof(block_nl2_xs, scales_h) == GGML_NL_XS_SCALES_H && offsetof(block_nl6_xs, scales_l) ==
+              GGML_NL_XS_SCALES_L && offsetof(block_nl5_xs, qs) == GGML_NL_XS_QS, "wrong _XS field offsets");
+static_assert(offsetof(block_nl3_32, qs) == GGML_NL_32_QS, "wrong _32 field offsets");
 
-// one bit-width's constants (the candidates are qgguf.formats.nl's CANDIDATES)
-typedef struct {
-    int bits, klo, khi;             // index bits, low and high plane widths
-    const int8_t * values;          // 2^bits sorted levels
-    ggml_nl_candidates cand;
-} nl_spec;
-
-static const nl_spec nl_specs[7] = {
-    [2] = { 2, 2, 0, ggml_nl_values_2, { 96, 16, 4 } },
-    [3] = { 3, 2, 1, ggml_nl_values_3, { 48,  8, 2 } },
-    [5] = { 5, 4, 1, ggml_nl_values_5, { 16,  8, 1 } },
-    [6] = { 6, 4, 2, ggml_nl_values_6, {  8,  4, 1 } },
-};
+typedef ggml_nl_spec nl_spec;  // one bit-width's codebook, plane widths and candidate scales (ggml-nl.h)
 
 // #(levels <= k) for each integer k in [NL_TABLE_LO, NL_TABLE_HI]. The levels are integers, so
 // #(levels <= x) = #(levels <= floor(x)): one load replaces the binary search for the bracket of x (as
@@ -156,132 +148,123 @@ static inline int nl_nearest_int(float v) {
     return (int) lrintf(v);  // round half to even, as torch.round
 }
 
-static void nl_quantize_xs(const nl_spec * s, const nl_table * t, const float * x, const float * qw, uint16_t * dh,
-                           uint8_t * scales_h, uint8_t * scales_l, uint8_t * qs) {
+// the fp16 scale as stored, and the float it decodes to (what the indices are chosen against)
+static inline float nl_store_scale(float v, uint8_t * b) {
+    const ggml_fp16_t h = GGML_FP32_TO_FP16(v);
+    memcpy(b, &h, sizeof(h));
+    return GGML_FP16_TO_FP32(h);
+}
+
+static inline float nl_load_scale(const uint8_t * b) {
+    ggml_fp16_t h;
+    memcpy(&h, b, sizeof(h));
+    return GGML_FP16_TO_FP32(h);
+}
+
+// the indices of 32 weights under their stored scale dl
+static void nl_assign(const nl_spec * s, const nl_table * t, const float * x, float dl, uint8_t * L) {
+    const float idl = dl != 0 ? 1 / dl : 0.f;
+    for (int j = 0; j < QK_NL; ++j) {
+        L[j] = (uint8_t) nl_best_index(s, t, idl * x[j]);
+    }
+}
+
+// An _XS block b (fp16 d, scales_h[2], scales_l[4], planes): the 8 block scales quantised to 6 bits against the
+// largest one (as IQ4_XS), then every index chosen with its stored scale.
+static void nl_quantize_xs(const nl_spec * s, const nl_table * t, const float * x, const float * qw, uint8_t * b) {
+    uint8_t * scales_h = b + GGML_NL_XS_SCALES_H;
+    uint8_t * scales_l = b + GGML_NL_XS_SCALES_L;
     float scales[QK_NL_XS / QK_NL];
     float max_scale = 0, amax_scale = 0;
     for (int ib = 0; ib < QK_NL_XS / QK_NL; ++ib) {
         scales[ib] = nl_block_scale(s, t, x + QK_NL * ib, qw ? qw + QK_NL * ib : NULL);
         if (fabsf(scales[ib]) > amax_scale) { amax_scale = fabsf(scales[ib]); max_scale = scales[ib]; }
     }
-    const ggml_fp16_t dfp = GGML_FP32_TO_FP16(-max_scale / 32);
-    const float d  = GGML_FP16_TO_FP32(dfp);
+    const float d  = nl_store_scale(-max_scale / 32, b);
     const float id = d != 0 ? 1 / d : 0.f;
-    *dh = dfp;
     memset(scales_h, 0, 2);
     memset(scales_l, 0, 4);
     uint8_t L[QK_NL_XS];
     for (int ib = 0; ib < QK_NL_XS / QK_NL; ++ib) {
         int l = nl_nearest_int(id * scales[ib]);
         l = l < -32 ? -32 : l > 31 ? 31 : l;
-        const float dl  = d * l;
-        const float idl = dl != 0 ? 1 / dl : 0.f;
-        for (int j = 0; j < QK_NL; ++j) {
-            L[QK_NL * ib + j] = (uint8_t) nl_best_index(s, t, idl * x[QK_NL * ib + j]);
-        }
+        nl_assign(s, t, x + QK_NL * ib, d * l, L + QK_NL * ib);
         const int u = l + 32;
         scales_l[ib / 2] |= (uint8_t) ((u & 0xf) << (4 * (ib % 2)));
         scales_h[ib / 4] |= (uint8_t) ((u >> 4) << (2 * (ib % 4)));
     }
-    nl_pack(s, L, QK_NL_XS, qs);
+    nl_pack(s, L, QK_NL_XS, b + GGML_NL_XS_QS);
 }
 
-static void nl_quantize_32(const nl_spec * s, const nl_table * t, const float * x, const float * qw, uint16_t * dh,
-                           uint8_t * qs) {
-    const ggml_fp16_t dfp = GGML_FP32_TO_FP16(nl_block_scale(s, t, x, qw));
-    const float d  = GGML_FP16_TO_FP32(dfp);
-    const float id = d != 0 ? 1 / d : 0.f;
-    *dh = dfp;
+// a _32 block b (fp16 d, planes)
+static void nl_quantize_32(const nl_spec * s, const nl_table * t, const float * x, const float * qw, uint8_t * b) {
     uint8_t L[QK_NL];
-    for (int j = 0; j < QK_NL; ++j) {
-        L[j] = (uint8_t) nl_best_index(s, t, id * x[j]);
-    }
-    nl_pack(s, L, QK_NL, qs);
+    nl_assign(s, t, x, nl_store_scale(nl_block_scale(s, t, x, qw), b), L);
+    nl_pack(s, L, QK_NL, b + GGML_NL_32_QS);
 }
 
 // ------------------------------------------------------------------------------------------------ decoder
-static void nl_dequantize_xs(const nl_spec * s, const uint16_t * dh, const uint8_t * scales_h,
-                             const uint8_t * scales_l, const uint8_t * qs, float * y) {
+// one block of qk weights (QK_NL_XS: an _XS block, QK_NL: a _32 one)
+static void nl_dequantize_block(const nl_spec * s, int qk, const uint8_t * b, float * y) {
+    const bool xs = qk == QK_NL_XS;
     uint8_t L[QK_NL_XS];
-    nl_unpack(s, qs, QK_NL_XS, L);
-    const float d = GGML_FP16_TO_FP32(*dh);
-    for (int ib = 0; ib < QK_NL_XS / QK_NL; ++ib) {
-        const int ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf) | (((scales_h[ib / 4] >> (2 * (ib % 4))) & 3) << 4);
-        const float dl = d * (ls - 32);
+    nl_unpack(s, b + (xs ? GGML_NL_XS_QS : GGML_NL_32_QS), qk, L);
+    const float d = nl_load_scale(b);
+    for (int ib = 0; ib < qk / QK_NL; ++ib) {
+        const float dl = xs ? d * ggml_nl_sub_scale(b, ib) : d;
         for (int j = 0; j < QK_NL; ++j) {
             y[QK_NL * ib + j] = dl * s->values[L[QK_NL * ib + j]];
         }
     }
 }
 
-static void nl_dequantize_32(const nl_spec * s, const uint16_t * dh, const uint8_t * qs, float * y) {
-    uint8_t L[QK_NL];
-    nl_unpack(s, qs, QK_NL, L);
-    const float d = GGML_FP16_TO_FP32(*dh);
-    for (int j = 0; j < QK_NL; ++j) {
-        y[j] = d * s->values[L[j]];
+// ------------------------------------------------------------------------------------------------ the types
+// The row loops every type shares: blocks of qk weights and type_size bytes; the index table is built once per
+// call, and the importance (one weight per column) follows the block along the row.
+static void nl_dequantize_row(const nl_spec * s, int qk, size_t type_size, const void * vx, float * y, int64_t k) {
+    GGML_ASSERT(k % qk == 0);
+    const uint8_t * x = (const uint8_t *) vx;
+    for (int64_t i = 0; i < k / qk; ++i) {
+        nl_dequantize_block(s, qk, x + i * type_size, y + qk * i);
     }
 }
 
-// ------------------------------------------------------------------------------------------------ the types
-#define NL_IMPL_XS(B) \
-void dequantize_row_nl##B##_xs(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t k) { \
-    GGML_ASSERT(k % QK_NL_XS == 0); \
-    const block_nl##B##_xs * x = (const block_nl##B##_xs *) vx; \
-    for (int64_t i = 0; i < k / QK_NL_XS; ++i) { \
-        nl_dequantize_xs(&nl_specs[B], &x[i].d, x[i].scales_h, x[i].scales_l, x[i].qs, y + QK_NL_XS * i); \
-    } \
-} \
-size_t quantize_nl##B##_xs(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
-                          int64_t n_per_row, const float * imatrix) { \
-    GGML_ASSERT(n_per_row % QK_NL_XS == 0); \
-    const int64_t nb = n_per_row / QK_NL_XS; \
-    block_nl##B##_xs * y = (block_nl##B##_xs *) dst; \
-    nl_table t; \
-    nl_table_init(&nl_specs[B], &t); \
-    for (int64_t row = 0; row < nrows; ++row) { \
-        for (int64_t i = 0; i < nb; ++i) { \
-            block_nl##B##_xs * b = y + row * nb + i; \
-            nl_quantize_xs(&nl_specs[B], &t, src + row * n_per_row + QK_NL_XS * i, \
-                           imatrix ? imatrix + QK_NL_XS * i : NULL, &b->d, b->scales_h, b->scales_l, b->qs); \
-        } \
-    } \
-    return (size_t) nrows * nb * sizeof(block_nl##B##_xs); \
-} \
-void quantize_row_nl##B##_xs_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
-    quantize_nl##B##_xs(x, y, 1, k, NULL); \
+static size_t nl_quantize_rows(const nl_spec * s, int qk, size_t type_size, const float * src, void * dst,
+                               int64_t nrows, int64_t n_per_row, const float * imatrix) {
+    GGML_ASSERT(n_per_row % qk == 0);
+    const int64_t nb = n_per_row / qk;
+    uint8_t * y = (uint8_t *) dst;
+    nl_table t;
+    nl_table_init(s, &t);
+    for (int64_t row = 0; row < nrows; ++row) {
+        for (int64_t i = 0; i < nb; ++i) {
+            const float * x  = src + row * n_per_row + qk * i;
+            const float * qw = imatrix ? imatrix + qk * i : NULL;
+            uint8_t * b = y + (row * nb + i) * type_size;
+            if (qk == QK_NL_XS) {
+                nl_quantize_xs(s, &t, x, qw, b);
+            } else {
+                nl_quantize_32(s, &t, x, qw, b);
+            }
+        }
+    }
+    return (size_t) nrows * nb * type_size;
 }
 
-#define NL_IMPL_32(B) \
-void dequantize_row_nl##B##_32(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t k) { \
-    GGML_ASSERT(k % QK_NL == 0); \
-    const block_nl##B##_32 * x = (const block_nl##B##_32 *) vx; \
-    for (int64_t i = 0; i < k / QK_NL; ++i) { \
-        nl_dequantize_32(&nl_specs[B], &x[i].d, x[i].qs, y + QK_NL * i); \
-    } \
+#define NL_IMPL(B, L, QK) \
+void dequantize_row_nl##B##_##L(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t k) { \
+    nl_dequantize_row(&ggml_nl_specs[B], QK, sizeof(block_nl##B##_##L), vx, y, k); \
 } \
-size_t quantize_nl##B##_32(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
+size_t quantize_nl##B##_##L(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
                           int64_t n_per_row, const float * imatrix) { \
-    GGML_ASSERT(n_per_row % QK_NL == 0); \
-    const int64_t nb = n_per_row / QK_NL; \
-    block_nl##B##_32 * y = (block_nl##B##_32 *) dst; \
-    nl_table t; \
-    nl_table_init(&nl_specs[B], &t); \
-    for (int64_t row = 0; row < nrows; ++row) { \
-        for (int64_t i = 0; i < nb; ++i) { \
-            block_nl##B##_32 * b = y + row * nb + i; \
-            nl_quantize_32(&nl_specs[B], &t, src + row * n_per_row + QK_NL * i, \
-                           imatrix ? imatrix + QK_NL * i : NULL, &b->d, b->qs); \
-        } \
-    } \
-    return (size_t) nrows * nb * sizeof(block_nl##B##_32); \
+    return nl_quantize_rows(&ggml_nl_specs[B], QK, sizeof(block_nl##B##_##L), src, dst, nrows, n_per_row, imatrix); \
 } \
-void quantize_row_nl##B##_32_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
-    quantize_nl##B##_32(x, y, 1, k, NULL); \
+void quantize_row_nl##B##_##L##_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
+    quantize_nl##B##_##L(x, y, 1, k, NULL); \
 }
 
-NL_IMPL_XS(2) NL_IMPL_XS(3) NL_IMPL_XS(5) NL_IMPL_XS(6)
-NL_IMPL_32(2) NL_IMPL_32(3) NL_IMPL_32(5) NL_IMPL_32(6)
+NL_IMPL(2, xs, QK_NL_XS) NL_IMPL(3, xs, QK_NL_XS) NL_IMPL(5, xs, QK_NL_XS) NL_IMPL(6, xs, QK_NL_XS)
+NL_IMPL(2, 32, QK_NL)    NL_IMPL(3, 32, QK_NL)    NL_IMPL(5, 32, QK_NL)    NL_IMPL(6, 32, QK_NL)
 
 // ------------------------------------------------------------------------------------------------ validation
 bool ggml_nl_validate_row_data(enum ggml_type type, const void * data, size_t nbytes) {

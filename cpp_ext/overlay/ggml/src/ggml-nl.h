@@ -5,13 +5,13 @@
 //   NLb_XS  256-weight super-block: fp16 d, signed 6-bit scales per 32 (stored +32, as IQ4_XS), b-bit indices
 //   NLb_32  32-weight block: fp16 d, b-bit indices
 //
-// A weight decodes as scale * values[index]. Indices are stored in bit planes, low plane first (2 -> 2,
-// 3 -> 2+1, 5 -> 4+1, 6 -> 4+2 bits): in a group of G weights, byte j of a k-bit plane holds weight
-// j + m*G*k/8 at bit m*k, with G = 256/k in the _XS layouts (one 32-byte load and one shift give 32
-// consecutive indices) and G = 32 in the _32 layouts.
+// A weight decodes as scale * values[index]. Indices are stored in bit planes, low plane first (widths in
+// ggml_nl_specs): in a group of G weights, byte j of a k-bit plane holds weight j + m*G*k/8 at bit m*k, with
+// G = 256/k in the _XS layouts (one 32-byte load and one shift give 32 consecutive indices) and G = 32 in the
+// _32 layouts.
 //
-// The codebooks and the encoder's candidate scales come from qgguf's design study (qgguf/formats/nl.py
-// holds the same tables; the Python encoder and this one give the same bytes).
+// The codebooks, plane widths and the encoder's candidate scales come from qgguf's design study and are defined in
+// qgguf/formats/nl.py; the block below is written from there (the Python encoder and this one give the same bytes).
 
 #include "ggml.h"
 
@@ -34,7 +34,24 @@ extern "C" {
 GGML_NL_XS_BLOCK(2) GGML_NL_XS_BLOCK(3) GGML_NL_XS_BLOCK(5) GGML_NL_XS_BLOCK(6)
 GGML_NL_32_BLOCK(2) GGML_NL_32_BLOCK(3) GGML_NL_32_BLOCK(5) GGML_NL_32_BLOCK(6)
 
-// the codebooks (sorted int8, -127 first: the encoder maps each block's signed maximum there)
+// byte offsets of the fields, the same for every b of a layout (code that serves all bit-widths reads blocks as
+// bytes)
+#define GGML_NL_XS_SCALES_H 2
+#define GGML_NL_XS_SCALES_L 4
+#define GGML_NL_XS_QS       8
+#define GGML_NL_32_QS       2
+
+// One bit-width's constants, indexed by bits: index bits, the low and high plane widths (0: no high plane), the
+// codebook (2^bits sorted int8 levels, -127 first: the encoder maps each block's signed maximum there) and the
+// encoder's candidate inverse scales num/max, num = -127 - lo, ..., -127 + hi in steps of step.
+typedef struct { int lo, hi, step; } ggml_nl_candidates;
+typedef struct {
+    int bits, klo, khi;
+    const int8_t * values;
+    ggml_nl_candidates cand;
+} ggml_nl_spec;
+
+// BEGIN nl tables: written from qgguf/formats/nl.py by `python -m qgguf.formats.nl_tables --write`
 static const int8_t ggml_nl_values_2[4] = {
     -127, -45, 14, 84,
 };
@@ -51,9 +68,23 @@ static const int8_t ggml_nl_values_6[64] = {
     0, 3, 6, 9, 11, 14, 17, 20, 23, 26, 29, 32, 36, 39, 42, 46,
     49, 53, 57, 60, 64, 68, 73, 77, 82, 87, 92, 97, 103, 109, 115, 122,
 };
+static const ggml_nl_spec ggml_nl_specs[7] = {
+    { 0, 0, 0, NULL, { 0, 0, 0 } },  // no 0-bit type
+    { 0, 0, 0, NULL, { 0, 0, 0 } },  // no 1-bit type
+    { 2, 2, 0, ggml_nl_values_2, { 96, 16, 4 } },
+    { 3, 2, 1, ggml_nl_values_3, { 48, 8, 2 } },
+    { 0, 0, 0, NULL, { 0, 0, 0 } },  // no 4-bit type
+    { 5, 4, 1, ggml_nl_values_5, { 16, 8, 1 } },
+    { 6, 4, 2, ggml_nl_values_6, { 8, 4, 1 } },
+};
+// END nl tables
 
-// the encoder's candidate inverse scales num/max: num = -127 - lo, ..., -127 + hi in steps of step
-typedef struct { int lo, hi, step; } ggml_nl_candidates;
+// signed scale of sub-block ib of the _XS block b: 4 low bits from scales_l, 2 high from scales_h, minus 32
+static inline int ggml_nl_sub_scale(const uint8_t * b, int ib) {
+    const uint8_t * scales_h = b + GGML_NL_XS_SCALES_H;
+    const uint8_t * scales_l = b + GGML_NL_XS_SCALES_L;
+    return (((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf) | (((scales_h[ib / 4] >> (2 * (ib % 4))) & 3) << 4)) - 32;
+}
 
 #define GGML_NL_DECL(B, L) \
     GGML_API void   dequantize_row_nl##B##_##L(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k); \
