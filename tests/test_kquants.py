@@ -19,6 +19,7 @@ import torch
 
 from qgguf import formats
 from qgguf.formats import kquants
+from qgguf.formats.common import fdiv, fp16_round, sqrt_f32
 from qgguf.llamacpp import ggml_ref
 
 KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -134,23 +135,22 @@ def test_compile_failure_falls_back_to_eager(tmp_path, llama_build):
 
 
 def test_float_helpers_round_like_c():
-    """The helpers the bytes depend on: sqrt and scalar/tensor division correctly rounded as C's float ops
-    (PyTorch's vectorised sqrt and `float / tensor` are not), fp16 round trips kept by the compiled kernels."""
+    """The common.py helpers the bytes depend on, eagerly and inside a kernel compiled with the kernels' settings:
+    sqrt and number/tensor division correctly rounded as C's float ops (PyTorch's vectorised sqrt and
+    `number / tensor` are not), fp16 round trips kept (not fused away)."""
     rng = np.random.default_rng(6)
     a = (rng.random(200_000) * 0.01).astype(np.float32)
     a[:4] = [0.0, 1e-45, 1e-38, 3e38]
     t = torch.from_numpy(a)
-    assert np.array_equal(kquants._sqrt(t).numpy(), np.sqrt(a))
+
+    def helpers(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return sqrt_f32(v), fdiv(15, v), fp16_round(v * 3.0) * 2.0
+
     with np.errstate(divide="ignore", over="ignore"):
-        assert np.array_equal(kquants._rdiv(15, t).numpy(), np.float32(15) / a)
-
-    def fp16_round_trip(v: torch.Tensor) -> torch.Tensor:
-        return kquants._fp16(v * 3.0) * 2.0
-
-    eager = fp16_round_trip(t)
-    with np.errstate(over="ignore"):
-        assert np.array_equal(eager.numpy(), (a * np.float32(3)).astype(np.float16).astype(np.float32) * 2)
-    assert torch.equal(kquants._compiled(fp16_round_trip)(t), eager)
+        expected = (np.sqrt(a), np.float32(15) / a, (a * np.float32(3)).astype(np.float16).astype(np.float32) * 2)
+    for got in (helpers(t), kquants._compiled(helpers)(t)):
+        for g, e in zip(got, expected):
+            assert np.array_equal(g.numpy(), e)
 
 
 @pytest.mark.parametrize("nb", [1, 255, 256, 257, 2047, 2048, 2049, 4480, 5000])

@@ -7,12 +7,10 @@
     w_hat = q4k.decode(raw, w.shape)     # float32, bit-exact with ggml's to_float
 """
 
-# Importing the type modules registers their formats.
-from . import (  # noqa: F401,E402
-    floats,  # noqa: F401,E402
-    iq4,
-    kquants,  # noqa: F401,E402
-    legacy,
-    nl,  # noqa: F401,E402  (the non-linear types: need the fork, cpp_ext/)
-)
 from .base import Format, all_formats, by_id, encoder_hash, get, names, register  # noqa: F401
+
+# Importing the type modules registers their formats.
+from . import floats  # noqa: F401,E402
+from . import iq4, legacy  # noqa: F401,E402
+from . import kquants  # noqa: F401,E402
+from . import nl  # noqa: F401,E402  (the non-linear types: need the fork, cpp_ext/)

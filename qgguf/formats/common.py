@@ -10,6 +10,10 @@ CUDA, so writing every expression with the same operand order, and summing block
 scales and the same quants as ggml (byte-identical output), on the CPU and on a GPU alike. Traps: torch evaluates
 `python_float / tensor` (and, on CUDA, `tensor / python_float`) as a multiplication by a reciprocal, two roundings
 (use `fdiv`), and its vectorised CPU sqrt is not correctly rounded (use `sqrt_f32`).
+
+Compiled kernels. The K-quants run these helpers inside torch.compile'd kernels as well (kquants._EXACT keeps the
+generated code to the same float32 operations), so the helpers stay plain tensor ops that trace: one version of
+each serves the eager encoders and the compiled ones.
 """
 
 from __future__ import annotations
@@ -79,22 +83,27 @@ def fdiv(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     return a / b
 
 
+def inv_or_zero(d: torch.Tensor) -> torch.Tensor:
+    """ggml's `id = d ? 1.0f/d : 0.0f` (`1 / tensor` is torch's reciprocal, one IEEE division, times 1: exact)."""
+    return torch.where(d != 0, 1 / d, torch.zeros_like(d))
+
+
 def sqrt_f32(v: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 sqrt (C's sqrtf) of non-negative v.
+    """Correctly rounded float32 sqrt (C's sqrtf) of non-negative float32 v, as a float64 root rounded to float32.
 
     torch's vectorised CPU sqrt is not correctly rounded (it differs from sqrtf in the last bit on ~17% of
-    inputs), which changes ggml's importance weights. The float64 root rounded to float32 is then corrected
-    against the exact squares of the two neighbouring midpoints (exact in float64: 25-bit operands).
+    inputs), which changes ggml's importance weights. Rounding twice is harmless here: a square root rounded to
+    p' ≥ 2p + 2 bits and then to p bits is the correctly rounded p-bit root (float64: 53 ≥ 2·24 + 2); checked on
+    every non-negative float32. Plain element-wise ops, so it also runs inside the K-quants' compiled kernels.
     """
-    d = v.to(torch.float64)
-    s = torch.sqrt(d).to(torch.float32)
-    up = torch.nextafter(s, torch.full_like(s, float("inf")))
-    dn = torch.nextafter(s, torch.zeros_like(s))
-    sd = s.to(torch.float64)
-    hi = (sd + up.to(torch.float64)) * 0.5
-    lo = (sd + dn.to(torch.float64)) * 0.5
-    s = torch.where(d > hi * hi, up, s)
-    return torch.where((d < lo * lo) & (s > 0), dn, s)
+    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+
+
+def importance_weight(w: torch.Tensor, x: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """ggml's importance-path weight of each x: `qw[j] * sqrtf(sigma2 + x[j]*x[j])` (sigma2 broadcast to x).
+
+    The quantize_row_*_impl functions each take σ² over their own span (row, block or super-block)."""
+    return w * sqrt_f32(sigma2 + x * x)
 
 
 # ------------------------------------------------------------------------------------------------ block reductions
@@ -107,15 +116,20 @@ def seq_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def signed_absmax(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, amax) over dim 0: amax = largest |x|, max = that element with its sign (first one on ties).
+    """(max, amax) over dim 0: amax = largest |x|, max = that element with its sign.
 
-    As ggml's `if (ax > amax) { amax = ax; max = x; }` starting from 0: an all-zero block gives max = +0.
+    ggml's scan `if (ax > amax) { amax = ax; max = x; }` from amax = max = 0, position by position as element-wise
+    ops over the blocks (several times faster than argmax + gather eagerly, and one fused loop under
+    torch.compile): the first of equal maxima wins, and an all-zero block gives max = +0.
     """
-    ax = xt.abs()
-    idx = ax.argmax(dim=0)  # the first maximum, as ggml's strict `>`
-    amax = ax.gather(0, idx.unsqueeze(0)).squeeze(0)
-    mx = xt.gather(0, idx.unsqueeze(0)).squeeze(0)
-    return torch.where(amax > 0, mx, torch.zeros_like(mx)), amax
+    amax = xt[0].abs()
+    mx = torch.where(amax > 0, xt[0], torch.zeros_like(amax))  # the scan's first step, from max = +0
+    for i in range(1, xt.shape[0]):  # over the positions of one block (a constant), never over blocks
+        a = xt[i].abs()
+        gt = a > amax
+        mx = torch.where(gt, xt[i], mx)
+        amax = torch.where(gt, a, amax)
+    return mx, amax
 
 
 def best_index_int8(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -304,17 +318,20 @@ def make_qkx3_quants(xt: torch.Tensor, nmax: int, weights: torch.Tensor | None, 
 
 
 # ------------------------------------------------------------------------------------------------ bit packing
-def pack_nibbles(L: torch.Tensor) -> torch.Tensor:
-    """int[nb, 32k] in 0..15 → uint8[nb, 16k]: per group of 32, byte j = L[j] | L[j+16] << 4 (ggml's q4 layout)."""
+def pack_nibbles(L: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """int[nb, k·group] in 0..15 → uint8[nb, k·group/2]: per group, byte j = L[j] | L[j + group/2] << 4.
+
+    ggml's 4-bit layouts: group 32 in the block-32 types (q4_0, iq4_nl) and IQ4_XS, 64 in Q4_K/Q5_K, and 128 in
+    the low 4 bits of Q6_K."""
     nb, n = L.shape
-    g = L.to(torch.uint8).reshape(nb, n // 32, 2, 16)
+    g = L.to(torch.uint8).reshape(nb, n // group, 2, group // 2)
     return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(nb, n // 2)
 
 
-def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """uint8[nb, 16k] → int32[nb, 32k], the inverse of pack_nibbles."""
+def unpack_nibbles(qs: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """uint8[nb, k·group/2] → int32[nb, k·group], the inverse of pack_nibbles."""
     nb, m = qs.shape
-    g = qs.reshape(nb, m // 16, 1, 16).to(torch.int32)
+    g = qs.reshape(nb, 2 * m // group, 1, group // 2).to(torch.int32)
     return torch.cat((g & 0x0F, g >> 4), dim=2).reshape(nb, 2 * m)
 
 

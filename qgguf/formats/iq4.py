@@ -16,20 +16,8 @@ from __future__ import annotations
 import torch
 
 from .base import Format, register
-from .common import (
-    GROUP_MAX_EPS,
-    KVALUES_IQ4NL,
-    Codebook,
-    fdiv,
-    fp16_bytes,
-    fp16_from_bytes,
-    nearest_int,
-    pack_nibbles,
-    seq_sum,
-    signed_absmax,
-    sqrt_f32,
-    unpack_nibbles,
-)
+from .common import (GROUP_MAX_EPS, KVALUES_IQ4NL, Codebook, fdiv, fp16_bytes, fp16_from_bytes, importance_weight,
+                     inv_or_zero, nearest_int, pack_nibbles, seq_sum, signed_absmax, unpack_nibbles)
 
 SUB = 32   # weights per scale
 NTRY = 7   # ggml's candidate half-range for IQ4 scale search
@@ -66,7 +54,7 @@ def _search_weight(xt_super: torch.Tensor, w: torch.Tensor | None) -> torch.Tens
     if w is None:
         return xt_super * xt_super
     sigma2 = seq_sum(xt_super * xt_super) * (2.0 / xt_super.shape[0])
-    return w.t() * sqrt_f32(sigma2.unsqueeze(0) + xt_super * xt_super)
+    return importance_weight(w.t(), xt_super, sigma2.unsqueeze(0))
 
 
 def _to_sub(t: torch.Tensor) -> torch.Tensor:
@@ -74,10 +62,6 @@ def _to_sub(t: torch.Tensor) -> torch.Tensor:
     adjacent)."""
     S, nsb = t.shape
     return t.reshape(S // SUB, SUB, nsb).permute(1, 2, 0).reshape(SUB, nsb * (S // SUB))
-
-
-def _inv(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d != 0, 1 / d, torch.zeros_like(d))
 
 
 @register
@@ -88,7 +72,7 @@ class IQ4_NL(Format):
         xt = x.t().contiguous()
         scale = _block_scales(xt, _search_weight(xt, w))
         # the indices are re-chosen for the float scale (not its fp16 rounding), as ggml does
-        L = IQ4NL.index(_inv(scale) * xt)
+        L = IQ4NL.index(inv_or_zero(scale) * xt)
         return torch.cat((fp16_bytes(scale), pack_nibbles(L.t())), dim=1)
 
     def decode_blocks(self, q):
@@ -112,9 +96,9 @@ class IQ4_XS(Format):
         # super-block scale from the sub-block scale of largest magnitude; 6-bit sub-block scales in [-32, 31]
         max_scale, _ = signed_absmax(scales.t())
         d = fdiv(-max_scale, 32)
-        ls = nearest_int(_inv(d).unsqueeze(1) * scales).clamp_(-32, 31)
+        ls = nearest_int(inv_or_zero(d).unsqueeze(1) * scales).clamp_(-32, 31)
         dl = (d.unsqueeze(1) * ls).reshape(-1)
-        L = IQ4NL.index(_inv(dl) * xt)  # [32, nsb·8]
+        L = IQ4NL.index(inv_or_zero(dl) * xt)  # [32, nsb·8]
         ls = (ls + 32).to(torch.int32)
         lo = ls & 0x0F
         scales_l = (lo[:, 0::2] | (lo[:, 1::2] << 4)).to(torch.uint8)

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from .base import Format, register
+from .common import (GROUP_MAX_EPS, fdiv, fp16_bytes, fp16_from_bytes, fp16_round, importance_weight, nearest_int,
+                     pack_nibbles, seq_sum, signed_absmax, sqrt_f32, unpack_nibbles)
 
 QK_K = 256
-GROUP_MAX_EPS = 1e-15   # ggml's threshold for an all-zero group
 
 # Batches of at least this many super-blocks go through torch.compile (when enabled); smaller ones run eagerly,
 # which costs no compile time. QGGUF_COMPILE=0 turns compiling off, =1 forces it for every batch size.
@@ -49,64 +50,16 @@ def _grid(first: float, values: list[float]) -> list[float]:
     return [_f32(first)] + [_f32(v) for v in values]
 
 
-def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
-    """num / t as one IEEE division, like C's float division (PyTorch's `scalar / tensor` multiplies by a
-    reciprocal, which rounds twice)."""
-    return torch.full_like(t, num) / t
-
-
-def _sqrt(t: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 sqrt, as C's sqrtf (PyTorch's vectorised CPU sqrt is not; in float64 it is,
-    and rounding that to float32 gives the correctly rounded float32 result)."""
-    return torch.sqrt(t.double()).float()
-
-
-def _fp16(v: torch.Tensor) -> torch.Tensor:
-    """GGML_FP32_TO_FP16 then back: round to nearest even at fp16."""
-    return v.to(torch.float16).to(torch.float32)
-
-
-def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
-    """[nb] float32 → [nb, 2] little-endian fp16 bytes."""
-    return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
-
-
-def _first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The signed value of largest magnitude along the last dim (first one on ties, as ggml's strict `>` scan)."""
-    ax = x.abs()
-    i = ax.argmax(-1, keepdim=True)
-    return x.gather(-1, i).squeeze(-1), ax.gather(-1, i).squeeze(-1)
-
-
-def _first_absmax0(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """_first_absmax along the first dim, as element-wise ops over the groups."""
-    val, amax = xt[0], xt[0].abs()
-    for i in range(1, xt.shape[0]):
-        a = xt[i].abs()
-        gt = a > amax
-        val = torch.where(gt, xt[i], val)
-        amax = torch.where(gt, a, amax)
-    return val, amax
-
-
 def _pos_max(t: torch.Tensor) -> torch.Tensor:
     """max(0, largest value) along the last dim, as ggml's `if (v > m) m = v` from m = 0: +0.0, never −0.0."""
     m = t.amax(-1)
     return torch.where(m > 0, m, torch.zeros_like(m))
 
 
-def _seq_sum0(t: torch.Tensor) -> torch.Tensor:
-    """Sum along the first dim in index order: ggml's float accumulation order, so sums (and the choices made
-    on them) come out the same as ggml's."""
-    acc = t[0]
-    for i in range(1, t.shape[0]):
-        acc = acc + t[i]
-    return acc
-
-
 # ------------------------------------------------------------------------------------------ kernels
-# Groups (sub-blocks, or super-blocks for the scales of scales) are laid out transposed, [n, g]: each position of
-# a group is a contiguous vector over groups, so sums in ggml's order are element-wise adds that vectorise.
+# Groups (sub-blocks, or super-blocks for the scales of scales) are laid out position-major, [n, g] (common.py's
+# layout): each position of a group is a contiguous vector over groups, so sums in ggml's order are element-wise
+# adds that vectorise. The float helpers come from common.py, which keeps them to ggml's float32 arithmetic.
 # The searches are split into small kernels (one candidate scale, one greedy pass, a head, a tail) that the
 # Python code calls in sequence; torch.compile fuses each into one loop and compiles stay short.
 _use_compiled: contextvars.ContextVar[bool] = contextvars.ContextVar("qgguf_kquant_compiled", default=False)
@@ -152,23 +105,23 @@ def _qkx_kernels(nmax: int, use_mad: bool) -> tuple[Callable, Callable]:
     """
     def error(xt, wt, scale, m, l):
         diff = scale * l + m - xt
-        return _seq_sum0(wt * (diff.abs() if use_mad else diff * diff))
+        return seq_sum(wt * (diff.abs() if use_mad else diff * diff))
 
     def start(xt, wt):
         mn = xt.amin(0).clamp(max=0.0)
         mx = xt.amax(0)
-        iscale = _rdiv(nmax, mx - mn)
-        scale = _rdiv(1, iscale)
-        best = error(xt, wt, scale, mn, torch.clamp(torch.round(iscale * (xt - mn)), 0, nmax))
-        return mn, mx, _seq_sum0(wt), _seq_sum0(wt * xt), scale, best, iscale
+        iscale = fdiv(nmax, mx - mn)
+        scale = fdiv(1, iscale)
+        best = error(xt, wt, scale, mn, torch.clamp(nearest_int(iscale * (xt - mn)), 0, nmax))
+        return mn, mx, seq_sum(wt), seq_sum(wt * xt), scale, best, iscale
 
     def step(xt, wt, sum_w, sum_x, mx, m, scale, best, li, lm, num):
         iscale = num / (mx - m)
-        l = torch.clamp(torch.round(iscale * (xt - m)), 0, nmax)
+        l = torch.clamp(nearest_int(iscale * (xt - m)), 0, nmax)
         wl = wt * l
-        s_l = _seq_sum0(wl)
-        s_l2 = _seq_sum0(wl * l)
-        s_xl = _seq_sum0(wl * xt)
+        s_l = seq_sum(wl)
+        s_l2 = seq_sum(wl * l)
+        s_xl = seq_sum(wl * xt)
         det = sum_w * s_l2 - s_l * s_l
         this_scale = (sum_w * s_xl - sum_x * s_l) / det
         this_min = (s_l2 * sum_x - s_l * s_xl) / det
@@ -211,11 +164,11 @@ def _qx_kernel(nmax: int) -> Callable:
     nums = _grid(-nmax, [-(_f32(nmax + _f32(_f32(0.1) * i))) for i in range(-9, 10) if i])
 
     def search(xt, wt):
-        mx, amax = _first_absmax0(xt)
+        mx, amax = signed_absmax(xt)
         iscale = xt.new_tensor(nums).unsqueeze(-1) / mx               # [C, g]
-        l = torch.clamp(torch.round(iscale * xt.unsqueeze(1)), -nmax, nmax - 1)
-        slx = _seq_sum0((wt * xt).unsqueeze(1) * l)
-        sl2 = _seq_sum0((wt.unsqueeze(1) * l) * l)
+        l = torch.clamp(nearest_int(iscale * xt.unsqueeze(1)), -nmax, nmax - 1)
+        slx = seq_sum((wt * xt).unsqueeze(1) * l)
+        sl2 = seq_sum((wt.unsqueeze(1) * l) * l)
         zero_f = torch.zeros_like(mx)
         s = torch.where(sl2[0] != 0, slx[0] / sl2[0], zero_f)
         best = s * slx[0]
@@ -241,7 +194,7 @@ def _qx_quants(xt: torch.Tensor, wt: torch.Tensor, nmax: int) -> tuple[torch.Ten
 
 def _qx_levels(x: torch.Tensor, ib: torch.Tensor, nmax: int) -> torch.Tensor:
     """make_qx_quants' levels L = q + nmax from the chosen iscale; 0 for an all-zero group (NaN iscale)."""
-    L = torch.clamp(torch.round(ib * x), -nmax, nmax - 1) + nmax
+    L = torch.clamp(nearest_int(ib * x), -nmax, nmax - 1) + nmax
     return torch.where(torch.isnan(ib), torch.zeros_like(L), L)
 
 
@@ -258,7 +211,7 @@ def _greedy_pass(lo: float | None, hi: float, need_old_sl2: bool) -> Callable:
             wxi = wi * xi
             slx = sumlx - wxi * li
             sl2 = suml2 - (wi * li) * li
-            new_l = torch.clamp(torch.round(xi * sl2 / slx), lo, hi)
+            new_l = torch.clamp(nearest_int(xi * sl2 / slx), lo, hi)
             slx_n = slx + wxi * new_l
             sl2_n = sl2 + (wi * new_l) * new_l
             ok = (slx > 0) & (new_l != li) & (slx_n * slx_n * suml2 > sumlx * sumlx * sl2_n)
@@ -274,7 +227,7 @@ def _greedy_pass(lo: float | None, hi: float, need_old_sl2: bool) -> Callable:
 
 
 def _greedy_sums(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _seq_sum0((wt * xt) * Lt), _seq_sum0((wt * Lt) * Lt)
+    return seq_sum((wt * xt) * Lt), seq_sum((wt * Lt) * Lt)
 
 
 def _greedy(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor, lo: float | None, hi: float,
@@ -305,7 +258,7 @@ def _greedy(xt: torch.Tensor, wt: torch.Tensor, Lt: torch.Tensor, lo: float | No
 @functools.lru_cache(maxsize=None)
 def _q3_start(nmax: int) -> Callable:
     def start(xt, mx):
-        Lt = torch.clamp(torch.round(_rdiv(-nmax, mx) * xt), -nmax, nmax - 1)
+        Lt = torch.clamp(nearest_int(fdiv(-nmax, mx) * xt), -nmax, nmax - 1)
         wt = xt * xt
         return wt, Lt, *_greedy_sums(xt, wt, Lt)
     return start
@@ -315,7 +268,7 @@ def _q3_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor,
     """make_q3_quants with do_rmse: symmetric, weights x², then the greedy passes. xt: [n, g] → scale [g], the
     levels Lt [n, g] and max |x| [g]."""
     # the max is its own kernel: fused with the levels, it would be recomputed for every position
-    mx, amax = _call(_first_absmax0, xt)
+    mx, amax = _call(signed_absmax, xt)
     wt, Lt, sumlx, suml2 = _call(_q3_start(nmax), xt, mx)
     Lt, sumlx, suml2 = _greedy(xt, wt, Lt, -nmax, nmax - 1, False, (sumlx, suml2))
     s = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
@@ -331,12 +284,12 @@ def _qp_kernel(nmax: int) -> Callable:
     def search(xt, wt):
         mx = xt.amax(0).clamp(min=0.0)
         iscale = xt.new_tensor(nums).unsqueeze(-1) / mx               # [C, g]
-        l = torch.round(iscale * xt.unsqueeze(1))                     # [n, C, g]
+        l = nearest_int(iscale * xt.unsqueeze(1))                     # [n, C, g]
         l = torch.cat([l[:, :1], l[:, 1:].clamp(max=nmax)], 1)        # the first try is not clamped in ggml
-        diff = xt.unsqueeze(1) - _rdiv(1, iscale) * l
-        mse = _seq_sum0((wt.unsqueeze(1) * diff) * diff)              # [C, g]
+        diff = xt.unsqueeze(1) - fdiv(1, iscale) * l
+        mse = seq_sum((wt.unsqueeze(1) * diff) * diff)                # [C, g]
         best = mse.argmin(0, keepdim=True)                            # first minimum = ggml's strict `<` scan
-        return torch.round(iscale.gather(0, best) * xt).clamp(max=nmax), mx
+        return nearest_int(iscale.gather(0, best) * xt).clamp(max=nmax), mx
 
     return search
 
@@ -365,15 +318,19 @@ def _unpack_2bit(q: torch.Tensor) -> torch.Tensor:
     return ((q.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)
 
 
-def _pack_nibbles(L: torch.Tensor) -> torch.Tensor:
-    """[nb, 256] values 0..15 → [nb, 128]: byte 32c+l = L[64c+l] | L[64c+32+l] << 4."""
-    q = L.to(torch.uint8).reshape(-1, 4, 2, 32)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+def _pack_high_bits(bits: torch.Tensor) -> torch.Tensor:
+    """[nb, 256] values 0..1 → [nb, 32]: bit j of byte m is bits[32j + m] (Q3_K's hmask, Q5_K's qh)."""
+    h = bits.to(torch.uint8).reshape(-1, 8, 32)
+    q = h[:, 0]
+    for j in range(1, 8):
+        q = q | (h[:, j] << j)
+    return q
 
 
-def _unpack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    q = q.reshape(-1, 4, 1, 32)
-    return torch.cat([q & 0xF, q >> 4], 2).reshape(-1, QK_K)
+def _unpack_high_bits(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of _pack_high_bits: [nb, 32] → [nb, 256] uint8."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=q.device).reshape(1, 8, 1)
+    return ((q.unsqueeze(1) >> shifts) & 1).reshape(-1, QK_K)
 
 
 def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -425,9 +382,9 @@ def _head_importance(n: int, sigma_factor: float) -> Callable:
     [nb, 256] → the weights [nb, 256] and their per-sub-block sums sw [nb, 256/n]. (The transposition to groups
     is left to the caller: done inside a fused kernel it costs more than the rest of it.)"""
     def head(x, w):
-        sigma2 = (sigma_factor * _seq_sum0((x * x).t())) / QK_K
-        weight = w * _sqrt(sigma2.unsqueeze(-1) + x * x)
-        return weight, _seq_sum0(weight.reshape(x.shape[0], QK_K // n, n).permute(2, 0, 1))
+        sigma2 = (sigma_factor * seq_sum((x * x).t())) / QK_K
+        weight = importance_weight(w, x, sigma2.unsqueeze(-1))
+        return weight, seq_sum(weight.reshape(x.shape[0], QK_K // n, n).permute(2, 0, 1))
     return head
 
 
@@ -440,13 +397,13 @@ def _importance_groups(x: torch.Tensor, w: torch.Tensor, n: int, sigma_factor: f
 
 def _head_q45_ref(xt: torch.Tensor) -> torch.Tensor:
     """quantize_row_q{4,5}_K_ref's weights: rms of the sub-block + |x|. xt [32, g] → wt [32, g]."""
-    return _sqrt(_seq_sum0(xt * xt) / 32) + xt.abs()
+    return sqrt_f32(seq_sum(xt * xt) / 32) + xt.abs()
 
 
 def _search_levels(x: torch.Tensor, lk: torch.Tensor, n: int, nmax: int) -> torch.Tensor:
     """The levels of _qkx_quants' chosen try, [nb, 256/n, n] (ggml keeps them where a sub-block's scale is 0)."""
     li, lm = lk[0].reshape(x.shape[0], -1, 1), lk[1].reshape(x.shape[0], -1, 1)
-    return torch.clamp(torch.round(li * (x.reshape(x.shape[0], -1, n) - lm)), 0, nmax)
+    return torch.clamp(nearest_int(li * (x.reshape(x.shape[0], -1, n) - lm)), 0, nmax)
 
 
 def _requant_q2(x: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, lk: torch.Tensor
@@ -454,9 +411,9 @@ def _requant_q2(x: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, dmin: torch.
     xs = x.reshape(-1, 16, 16)
     dd = d.unsqueeze(-1) * (sc & 0xF).to(torch.float32)
     dm = dmin.unsqueeze(-1) * (sc >> 4).to(torch.float32)
-    L = torch.clamp(torch.round((xs + dm.unsqueeze(-1)) / dd.unsqueeze(-1)), 0, 3)
+    L = torch.clamp(nearest_int((xs + dm.unsqueeze(-1)) / dd.unsqueeze(-1)), 0, 3)
     L = torch.where((dd == 0).unsqueeze(-1), _search_levels(x, lk, 16, 3), L).reshape(-1, QK_K)
-    return torch.cat([sc.to(torch.uint8), _pack_2bit(L), _fp16_bytes(d), _fp16_bytes(dmin)], 1)
+    return torch.cat([sc.to(torch.uint8), _pack_2bit(L), fp16_bytes(d), fp16_bytes(dmin)], 1)
 
 
 def _tail_q2_ref(x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, lk: torch.Tensor) -> torch.Tensor:
@@ -464,18 +421,18 @@ def _tail_q2_ref(x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, lk: 
     max_scale = _pos_max(scales)
     max_min = _pos_max(mins)
     has_s, has_m = max_scale > 0, max_min > 0
-    ls = torch.round(_rdiv(15, max_scale).unsqueeze(-1) * scales)
-    lm = torch.round(_rdiv(15, max_min).unsqueeze(-1) * mins)
+    ls = nearest_int(fdiv(15, max_scale).unsqueeze(-1) * scales)
+    lm = nearest_int(fdiv(15, max_min).unsqueeze(-1) * mins)
     ls = torch.where(has_s.unsqueeze(-1), ls, torch.zeros_like(ls)).to(torch.int32)
     lm = torch.where(has_m.unsqueeze(-1), lm, torch.zeros_like(lm)).to(torch.int32)
-    d = torch.where(has_s, _fp16(max_scale / 15.0), torch.zeros_like(max_scale))
-    dmin = torch.where(has_m, _fp16(max_min / 15.0), torch.zeros_like(max_min))
+    d = torch.where(has_s, fp16_round(max_scale / 15.0), torch.zeros_like(max_scale))
+    dmin = torch.where(has_m, fp16_round(max_min / 15.0), torch.zeros_like(max_min))
     return _requant_q2(x, (ls & 0xFF) | ((lm << 4) & 0xFF), d, dmin, lk)
 
 
 def _tail_q2_imp(x: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, dm: torch.Tensor, mm: torch.Tensor,
                  lk: torch.Tensor) -> torch.Tensor:
-    return _requant_q2(x, (ls.to(torch.int32) | (lm.to(torch.int32) << 4)) & 0xFF, _fp16(dm), _fp16(mm), lk)
+    return _requant_q2(x, (ls.to(torch.int32) | (lm.to(torch.int32) << 4)) & 0xFF, fp16_round(dm), fp16_round(mm), lk)
 
 
 def _encode_q2_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -495,13 +452,9 @@ def _encode_q2_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 def _requant_q3(x: torch.Tensor, l6: torch.Tensor, d: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     nb = x.shape[0]
     dd = d.unsqueeze(-1) * (l6 - 32)
-    L = torch.clamp(torch.round(x.reshape(nb, 16, 16) / dd.unsqueeze(-1)), -4, 3) + 4
+    L = torch.clamp(nearest_int(x.reshape(nb, 16, 16) / dd.unsqueeze(-1)), -4, 3) + 4
     L = torch.where((dd == 0).unsqueeze(-1), fallback, L).reshape(nb, QK_K).to(torch.uint8)
-    hbit = (L >> 2).reshape(nb, 8, 32)                                # bit b of hmask[m] is L[32b + m] > 3
-    hmask = hbit[:, 0]
-    for b in range(1, 8):
-        hmask = hmask | (hbit[:, b] << b)
-    return torch.cat([hmask, _pack_2bit(L & 3), _pack_scales_q3(l6), _fp16_bytes(d)], 1)
+    return torch.cat([_pack_high_bits(L >> 2), _pack_2bit(L & 3), _pack_scales_q3(l6), fp16_bytes(d)], 1)
 
 
 def _tail_q3_ref(x: torch.Tensor, scales: torch.Tensor, Lt: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -510,12 +463,12 @@ def _tail_q3_ref(x: torch.Tensor, scales: torch.Tensor, Lt: torch.Tensor, amax: 
     fallback = torch.where((amax < GROUP_MAX_EPS).reshape(nb, 16, 1), torch.zeros_like(x.reshape(nb, 16, 16)),
                            Lt.t().reshape(nb, 16, 16) + 4)
     scales = scales.reshape(-1, 16)
-    max_scale, _ = _first_absmax(scales)
+    max_scale, _ = signed_absmax(scales.t())
     nz = max_scale != 0
-    iscale = _rdiv(-32, max_scale)
-    l6 = torch.clamp(torch.round(iscale.unsqueeze(-1) * scales), -32, 31) + 32
+    iscale = fdiv(-32, max_scale)
+    l6 = torch.clamp(nearest_int(iscale.unsqueeze(-1) * scales), -32, 31) + 32
     l6 = torch.where(nz.unsqueeze(-1), l6, torch.zeros_like(l6))
-    return _requant_q3(x, l6, torch.where(nz, _fp16(_rdiv(1, iscale)), torch.zeros_like(max_scale)), fallback)
+    return _requant_q3(x, l6, torch.where(nz, fp16_round(fdiv(1, iscale)), torch.zeros_like(max_scale)), fallback)
 
 
 def _tail_q3_imp(x: torch.Tensor, ib: torch.Tensor, d_block: torch.Tensor, ib_block: torch.Tensor,
@@ -523,7 +476,7 @@ def _tail_q3_imp(x: torch.Tensor, ib: torch.Tensor, d_block: torch.Tensor, ib_bl
     nb = x.shape[0]
     l6 = _qx_levels(scales.reshape(nb, 16), ib_block.unsqueeze(-1), 32)
     fallback = _qx_levels(x.reshape(nb, 16, 16), ib.reshape(nb, 16, 1), 4)
-    return _requant_q3(x, l6, _fp16(d_block), fallback)
+    return _requant_q3(x, l6, fp16_round(d_block), fallback)
 
 
 def _encode_q3_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -547,28 +500,24 @@ def _tail_q45(nmax: int, ref: bool) -> Callable:
             scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
             max_scale = _pos_max(scales)
             max_min = _pos_max(mins)
-            inv_s = torch.where(max_scale > 0, _rdiv(63, max_scale), torch.zeros_like(max_scale))
-            inv_m = torch.where(max_min > 0, _rdiv(63, max_min), torch.zeros_like(max_min))
+            inv_s = torch.where(max_scale > 0, fdiv(63, max_scale), torch.zeros_like(max_scale))
+            inv_m = torch.where(max_min > 0, fdiv(63, max_min), torch.zeros_like(max_min))
             # uint8_t ls = nearest_int(...): the int wraps modulo 256 before MIN(63, ·)
-            ls = (torch.round(inv_s.unsqueeze(-1) * scales).to(torch.int32) & 0xFF).clamp(max=63)
-            lm = (torch.round(inv_m.unsqueeze(-1) * mins).to(torch.int32) & 0xFF).clamp(max=63)
-            d, dmin = _fp16(max_scale / 63.0), _fp16(max_min / 63.0)
+            ls = (nearest_int(inv_s.unsqueeze(-1) * scales).to(torch.int32) & 0xFF).clamp(max=63)
+            lm = (nearest_int(inv_m.unsqueeze(-1) * mins).to(torch.int32) & 0xFF).clamp(max=63)
+            d, dmin = fp16_round(max_scale / 63.0), fp16_round(max_min / 63.0)
         else:
             ls, lm = scales.to(torch.int32), mins.to(torch.int32)
-            d, dmin = _fp16(d_block), _fp16(m_block)
+            d, dmin = fp16_round(d_block), fp16_round(m_block)
         dd = d.unsqueeze(-1) * ls.to(torch.float32)
         dm = dmin.unsqueeze(-1) * lm.to(torch.float32)
-        L = torch.clamp(torch.round((x.reshape(nb, 8, 32) + dm.unsqueeze(-1)) / dd.unsqueeze(-1)), 0, nmax)
+        L = torch.clamp(nearest_int((x.reshape(nb, 8, 32) + dm.unsqueeze(-1)) / dd.unsqueeze(-1)), 0, nmax)
         L = torch.where((dd == 0).unsqueeze(-1), _search_levels(x, lk, 32, nmax), L)
         L = L.reshape(nb, QK_K).to(torch.uint8)
-        head = [_fp16_bytes(d), _fp16_bytes(dmin), _pack_scales_k4(ls, lm)]
+        head = [fp16_bytes(d), fp16_bytes(dmin), _pack_scales_k4(ls, lm)]
         if nmax == 15:
-            return torch.cat(head + [_pack_nibbles(L)], 1)
-        h = (L >> 4).reshape(nb, 8, 32)                               # bit j of qh[l] is L[32j + l] > 15
-        qh = h[:, 0]
-        for j in range(1, 8):
-            qh = qh | (h[:, j] << j)
-        return torch.cat(head + [qh, _pack_nibbles(L & 0xF)], 1)
+            return torch.cat(head + [pack_nibbles(L, 64)], 1)
+        return torch.cat(head + [_pack_high_bits(L >> 4), pack_nibbles(L & 0xF, 64)], 1)
     return tail
 
 
@@ -599,21 +548,19 @@ def _encode_q5_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 def _tail_q6(x: torch.Tensor, scales: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
     nb = x.shape[0]
     scales = scales.reshape(nb, 16)
-    max_scale, max_abs = _first_absmax(scales)
+    max_scale, max_abs = signed_absmax(scales.t())
     zero = max_abs < GROUP_MAX_EPS
-    iscale = _rdiv(-128, max_scale)
-    d = torch.where(zero, torch.zeros_like(max_scale), _fp16(_rdiv(1, iscale)))
-    sc = torch.round(iscale.unsqueeze(-1) * scales).clamp(max=127)
+    iscale = fdiv(-128, max_scale)
+    d = torch.where(zero, torch.zeros_like(max_scale), fp16_round(fdiv(1, iscale)))
+    sc = nearest_int(iscale.unsqueeze(-1) * scales).clamp(max=127)
     sc = torch.where(zero.unsqueeze(-1), torch.zeros_like(sc), sc)
     dd = d.unsqueeze(-1) * sc
-    L = torch.clamp(torch.round(x.reshape(nb, 16, 16) / dd.unsqueeze(-1)), -32, 31) + 32
+    L = torch.clamp(nearest_int(x.reshape(nb, 16, 16) / dd.unsqueeze(-1)), -32, 31) + 32
     L = torch.where((dd == 0).unsqueeze(-1), _qx_levels(x.reshape(nb, 16, 16), ib.reshape(nb, 16, 1), 32), L)
-    L = torch.where(zero[:, None, None], torch.zeros_like(L), L).reshape(nb, 2, 4, 32).to(torch.uint8)
-    lo = L & 0xF
-    ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], 2).reshape(nb, 128)
-    hi = L >> 4
-    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
-    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], 1)
+    L = torch.where(zero[:, None, None], torch.zeros_like(L), L).reshape(nb, QK_K).to(torch.uint8)
+    # ql: the low 4 bits in ggml's nibble layout over groups of 128; qh: the high 2 bits as Q2_K's quants
+    return torch.cat([pack_nibbles(L & 0xF, 128), _pack_2bit(L >> 4), sc.to(torch.int8).view(torch.uint8),
+                      fp16_bytes(d)], 1)
 
 
 def _encode_q6_k(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -707,8 +654,8 @@ class Q2_K(_KQuant):
 
     def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
         sc, qs = q[:, :16], q[:, 16:80]
-        d = q[:, 80:82].contiguous().view(torch.float16).to(torch.float32)
-        dmin = q[:, 82:84].contiguous().view(torch.float16).to(torch.float32)
+        d = fp16_from_bytes(q[:, 80:82]).unsqueeze(-1)
+        dmin = fp16_from_bytes(q[:, 82:84]).unsqueeze(-1)
         dl = (d * (sc & 0xF).to(torch.float32)).unsqueeze(-1)
         ml = (dmin * (sc >> 4).to(torch.float32)).unsqueeze(-1)
         L = _unpack_2bit(qs).reshape(-1, 16, 16).to(torch.float32)
@@ -724,11 +671,9 @@ class Q3_K(_KQuant):
 
     def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
         hmask, qs, sc = q[:, :32], q[:, 32:96], q[:, 96:108]
-        d = q[:, 108:110].contiguous().view(torch.float16).to(torch.float32)
+        d = fp16_from_bytes(q[:, 108:110]).unsqueeze(-1)
         dl = (d * _unpack_scales_q3(sc).to(torch.float32)).unsqueeze(-1)
-        shifts = torch.arange(8, dtype=torch.uint8, device=q.device).reshape(1, 8, 1)
-        high = ((hmask.unsqueeze(1) >> shifts) & 1).reshape(-1, QK_K)
-        L = _unpack_2bit(qs).to(torch.int16) - ((high ^ 1).to(torch.int16) << 2)
+        L = _unpack_2bit(qs).to(torch.int16) - ((_unpack_high_bits(hmask) ^ 1).to(torch.int16) << 2)
         return (dl * L.to(torch.float32).reshape(-1, 16, 16)).reshape(-1, QK_K)
 
 
@@ -736,8 +681,8 @@ class _Q45(_KQuant):
     sub_block = 32
 
     def _scales(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = q[:, 0:2].contiguous().view(torch.float16).to(torch.float32)
-        dmin = q[:, 2:4].contiguous().view(torch.float16).to(torch.float32)
+        d = fp16_from_bytes(q[:, 0:2]).unsqueeze(-1)
+        dmin = fp16_from_bytes(q[:, 2:4]).unsqueeze(-1)
         sc, mn = _unpack_scales_k4(q[:, 4:16])
         return (d * sc.to(torch.float32)).unsqueeze(-1), (dmin * mn.to(torch.float32)).unsqueeze(-1)
 
@@ -751,7 +696,7 @@ class Q4_K(_Q45):
 
     def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
         d, m = self._scales(q)
-        L = _unpack_nibbles(q[:, 16:144]).reshape(-1, 8, 32).to(torch.float32)
+        L = unpack_nibbles(q[:, 16:144], 64).reshape(-1, 8, 32).to(torch.float32)
         return (d * L - m).reshape(-1, QK_K)
 
 
@@ -764,9 +709,8 @@ class Q5_K(_Q45):
 
     def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
         d, m = self._scales(q)
-        shifts = torch.arange(8, dtype=torch.uint8, device=q.device).reshape(1, 8, 1)
-        high = ((q[:, 16:48].unsqueeze(1) >> shifts) & 1).reshape(-1, QK_K)
-        L = (_unpack_nibbles(q[:, 48:176]) | (high << 4)).reshape(-1, 8, 32).to(torch.float32)
+        high = _unpack_high_bits(q[:, 16:48]) << 4
+        L = (unpack_nibbles(q[:, 48:176], 64) | high).reshape(-1, 8, 32).to(torch.float32)
         return (d * L - m).reshape(-1, QK_K)
 
 
@@ -779,12 +723,7 @@ class Q6_K(_KQuant):
 
     def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
         ql, qh, sc = q[:, :128], q[:, 128:192], q[:, 192:208]
-        d = q[:, 208:210].contiguous().view(torch.float16).to(torch.float32)
+        d = fp16_from_bytes(q[:, 208:210]).unsqueeze(-1)
         dl = (d * sc.contiguous().view(torch.int8).to(torch.float32)).unsqueeze(-1)
-        ql = ql.reshape(-1, 2, 2, 1, 32)                              # [nb, half, byte-group, nibble, l]
-        lo = torch.cat([ql & 0xF, ql >> 4], 3)                        # nibble k of group g is L[128h + 32(g+2k) + l]
-        lo = lo.transpose(2, 3).reshape(-1, 2, 4, 32)
-        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device).reshape(1, 1, 4, 1)
-        hi = (qh.reshape(-1, 2, 1, 32) >> shifts) & 3
-        L = ((lo | (hi << 4)).to(torch.int16) - 32).to(torch.float32).reshape(-1, 16, 16)
+        L = ((unpack_nibbles(ql, 128) | (_unpack_2bit(qh) << 4)) - 32).to(torch.float32).reshape(-1, 16, 16)
         return (dl * L).reshape(-1, QK_K)

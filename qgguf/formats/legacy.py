@@ -19,22 +19,9 @@ from __future__ import annotations
 import torch
 
 from .base import Format, register
-from .common import (
-    fdiv,
-    fp16_bytes,
-    fp16_from_bytes,
-    make_qkx3_quants,
-    make_qx_quants,
-    pack_bits32,
-    pack_nibbles,
-    round_away,
-    seq_sum,
-    signed_absmax,
-    sqrt_f32,
-    trunc_u8,
-    unpack_bits32,
-    unpack_nibbles,
-)
+from .common import (fdiv, fp16_bytes, fp16_from_bytes, importance_weight, inv_or_zero, make_qkx3_quants,
+                     make_qx_quants, pack_bits32, pack_nibbles, round_away, seq_sum, signed_absmax, trunc_u8,
+                     unpack_bits32, unpack_nibbles)
 
 QK = 32
 
@@ -47,7 +34,7 @@ class _Block32(Format):
         if w is None:
             return self.encode_ref(xt)
         # the importance path weighs each weight by sqrt(σ² of its row + x²), as quantize_row_q*_impl
-        weight = w.t() * sqrt_f32(_row_sigma2(x, row_len).unsqueeze(0) + xt * xt)
+        weight = importance_weight(w.t(), xt, _row_sigma2(x, row_len).unsqueeze(0))
         return self.encode_weighted(xt, weight)
 
     def encode_ref(self, xt: torch.Tensor) -> torch.Tensor:
@@ -73,7 +60,7 @@ def _ref_symmetric(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Ten
     """quantize_row_q4_0_ref / q5_0_ref: d = max/-nmax, q = min(2·nmax-1, (int)(x/d + nmax + 0.5))."""
     mx, _ = signed_absmax(xt)
     d = fdiv(mx, -nmax)
-    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    inv = inv_or_zero(d)
     L = trunc_u8(xt * inv + (nmax + 0.5)).clamp_(max=2 * nmax - 1)
     return d, L.t()
 
@@ -83,7 +70,7 @@ def _ref_affine(xt: torch.Tensor, nmax: int, clamp: bool) -> tuple[torch.Tensor,
     mn = xt.min(dim=0).values
     mx = xt.max(dim=0).values
     d = fdiv(mx - mn, nmax)
-    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    inv = inv_or_zero(d)
     L = trunc_u8((xt - mn) * inv + 0.5)
     if clamp:
         L = L.clamp_(max=nmax)
@@ -177,7 +164,7 @@ class Q8_0(_Block32):
         # quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d); ggml ignores importance for Q8_0
         amax = x.abs().max(dim=1).values
         d = fdiv(amax, 127)
-        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        inv = inv_or_zero(d)
         q = round_away(x * inv.unsqueeze(1)).to(torch.int8)
         return _bytes(fp16_bytes(d), q.view(torch.uint8))
 
