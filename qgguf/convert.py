@@ -3,8 +3,9 @@
     qgguf convert MODEL -o OUT.gguf (--target-bpw B | --target-size 1.2GiB) [--palette stock|extended]
 
 MODEL is an HF folder or an asset name (`smollm2-135m`). Caches (under the qgguf cache folder), so an
-interrupted run resumes: the converter's F32 GGUF (per model hash), the calibration statistics (per model hash and
-calibration settings), and every (tensor, type) measurement. Beside OUT.gguf it writes OUT.plan.json,
+interrupted run resumes: the converter's GGUF (per model hash; in the source's own float type, so BF16 for a bf16
+model and F32 for an F32 one: `converter_gguf`), the calibration statistics (per model hash and calibration
+settings), and every (tensor, type) measurement. Beside OUT.gguf it writes OUT.plan.json,
 OUT.tensor-types.txt (stock palette: reproduces the plan with stock llama-quantize) and OUT.heatmap.png.
 """
 
@@ -20,22 +21,27 @@ from qgguf.devices import resolve_device
 from qgguf.errors import QggufError, step
 from qgguf.files import atomic_outputs, cache_dir, check_output_path, require_file, seal, sealed, writable_folder
 from qgguf.llamacpp.converter import convert_hf
-from qgguf.models import check_model_dir, resolve_model
+from qgguf.models import check_model_dir, resolve_model, source_float_type
 from qgguf.plan.budget import HEADER_SLACK, Budget, FileLayout, parse_size
 from qgguf.plan.outputs import summary, write_heatmap, write_plan_json, write_tensor_type_file
 from qgguf.plan.planner import plan
 from qgguf.plan.rules import PALETTES, llama_quantizes, palette_types, parse_overrides, read_tensor_type_file
 
 
-def f32_gguf(model_dir: Path, model_hash: str) -> Path:
-    """The converter's F32 GGUF of the model, made once per (model content, converter tree and code)."""
+def converter_gguf(model_dir: Path, model_hash: str) -> Path:
+    """The converter's GGUF of the model, made once per (model content, converter tree and code, type). Its type
+    is the source's own (`source_float_type`: BF16 or F16 when every matrix is stored so, else F32), so the file
+    holds every weight exactly and is no larger than the source; measure and export upcast one tensor at a time."""
     from qgguf.llamacpp.converter import converter_sha256
 
-    key = hashlib.sha256(f"{model_hash}|{converter_sha256()}".encode()).hexdigest()
-    out = cache_dir("convert", key[:16]) / "model-f32.gguf"
+    outtype = source_float_type(model_dir)
+    key = hashlib.sha256((f"{model_hash}|{converter_sha256()}" + ("" if outtype == "f32" else f"|{outtype}"))
+                         .encode()).hexdigest()
+    out = cache_dir("convert", key[:16]) / f"model-{outtype}.gguf"
     if not sealed(out, key):
-        print(f"qgguf: converting {model_dir} to F32 GGUF with llama.cpp's converter ...", file=sys.stderr)
-        convert_hf(model_dir, out, "f32")
+        print(f"qgguf: converting {model_dir} to a {outtype.upper()} GGUF with llama.cpp's converter ...",
+              file=sys.stderr)
+        convert_hf(model_dir, out, outtype)
         seal(out, key)
     return out
 
@@ -65,7 +71,7 @@ def stats_for(model_dir: Path, model_hash: str, args) -> Path:
         print(f"qgguf: calibrating on {args.tokens:,} tokens of {text.name} (diagonal Fisher, sampled labels) ...",
               file=sys.stderr)
         calibrate(model_dir, out, text=text, tokens=args.tokens, seq_len=args.seq_len, device=args.device,
-                  seed=args.seed)
+                  seed=args.seed, grad_checkpoint=args.grad_checkpoint)
         seal(out, key)
     return out
 
@@ -82,7 +88,7 @@ def run(args) -> int:
     from qgguf.models import model_sha256
     from qgguf.plan.measure import TensorInput, measure_tensors
 
-    resolve_device(args.device)  # before any work: a bad --device fails at once
+    device = str(resolve_device(args.device))  # before any work: a bad --device fails at once
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model)
@@ -109,7 +115,7 @@ def run(args) -> int:
                          f"{str(stats.meta.get('model_sha256'))[:12]}…, this one is {model_hash[:12]}…); "
                          f"run `qgguf calibrate {args.model} -o FILE` or drop --stats")
     with step("convert to GGUF"):
-        src = f32_gguf(model_dir, model_hash)
+        src = converter_gguf(model_dir, model_hash)
     reader = open_gguf(src)
 
     planned = [t for t in reader.tensors if llama_quantizes(t.name, len(t.shape))]
@@ -125,11 +131,12 @@ def run(args) -> int:
     def inputs():
         for t in planned:
             imp = torch.from_numpy(stats[t.name].importance)
-            yield TensorInput(name=t.name, weights=tensor_f32(t), importance=imp, channel_fisher=imp)
+            yield TensorInput(name=t.name, weights=tensor_f32(t, device, reader), importance=imp,
+                              channel_fisher=imp)
 
     with step("measure"):
-        measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device,
-                                   total=len(planned))
+        measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=device,
+                                   shapes=[tuple(int(s) for s in reversed(t.shape.tolist())) for t in planned])
     with step("plan"):
         choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
         the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
@@ -144,7 +151,7 @@ def run(args) -> int:
     outs = [out, side["plan"], side["heatmap"]] + ([side["tensor_types"]] if stock else [])
     # The GGUF and its side files appear together or not at all
     with step("export"), atomic_outputs(outs, inputs=[model_dir, src]) as tmps:
-        export_gguf(src, tmps[0], the_plan.types, importance, extra_metadata=meta, device=args.device,
+        export_gguf(src, tmps[0], the_plan.types, importance, extra_metadata=meta, device=device,
                     reader=reader, encode_cache=encode_cache)
         size = tmps[0].stat().st_size
         if budget.kind == "size" and size > budget.value:
@@ -179,7 +186,11 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="calibration sequence length")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration seed")
-    p.add_argument("--device", default="cpu", help="cpu or cuda, for calibration, measurement and encoding")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when torch sees a GPU, else the CPU), cpu "
+                   "or cuda, for calibration, measurement and encoding")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="calibrate with gradient checkpointing (recompute each layer in the backward pass: for "
+                        "models whose activations do not fit)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="force a type on tensors matching a regex (llama-quantize syntax); repeatable")

@@ -43,8 +43,9 @@ def make_tokenizer(out: Path, vocab_size: int = 320) -> None:
 
 def make_tiny_llama(out: Path, hidden: int = 256, ffn: int = 512, layers: int = 2, heads: int = 4,
                     kv_heads: int = 2, vocab_size: int = 320, tie: bool = False, seed: int = 0,
-                    dtype: str = "float32") -> Path:
-    """A random Llama in `out` (config.json, model.safetensors, tokenizer). Rows are multiples of 256 by default."""
+                    dtype: str = "float32", max_shard_size: str | None = None) -> Path:
+    """A random Llama in `out` (config.json, model.safetensors, tokenizer). Rows are multiples of 256 by default.
+    `max_shard_size` (e.g. "1MB"): sharded weights, model-0000X-of-0000N.safetensors with their index."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -61,5 +62,6 @@ def make_tiny_llama(out: Path, hidden: int = 256, ffn: int = 512, layers: int = 
         for p in model.parameters():  # larger than the default init, so outputs depend clearly on the weights
             if p.ndim == 2:
                 p.normal_(0.0, 0.08)
-    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True, **kw)
     return out
