@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def run(args) -> int:
     device = str(resolve_device(args.device))  # before any work: a bad --device fails at once
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for llama.cpp's converter, a child process
     model_dir = resolve_model(args.model)
     check_model_dir(model_dir)
     out = check_output_path(Path(args.out), [model_dir] + ([Path(args.stats)] if args.stats else []))

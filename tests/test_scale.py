@@ -156,7 +156,7 @@ def _peak_memory(model: Path, stats: Path, out: Path, cache: Path) -> dict[str, 
     return {"anon": max(a for _, a, _ in s.timeline), "total": max(a + f for _, a, f in s.timeline)}
 
 
-def test_memory_does_not_grow_with_depth(tmp_path, llama_build):
+def test_memory_does_not_grow_with_depth(tmp_path):
     """Two bf16 models alike but for depth (6 and 36 layers: 36 layers hold 0.45 GB of float32 weights more, the
     largest tensor 3 MiB): the peak anonymous memory and the peak resident memory (anonymous + mapped file pages) of
     measure and export are the same within 48 MiB, because one tensor is upcast at a time and the mapped
