@@ -40,8 +40,9 @@ def converter_gguf(model_dir: Path, model_hash: str) -> Path:
                          .encode()).hexdigest()
     out = cache_dir("convert", key[:16]) / f"model-{outtype}.gguf"
     if not sealed(out, key):
-        print(f"qgguf: converting {model_dir} to a {outtype.upper()} GGUF with llama.cpp's converter ...",
-              file=sys.stderr)
+        size = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+        print(f"qgguf: converting {model_dir} ({size / 1e9:.3g} GB of safetensors) to a {outtype.upper()} GGUF "
+              "with llama.cpp's converter ...", file=sys.stderr)
         convert_hf(model_dir, out, outtype)
         seal(out, key)
     return out

@@ -12,7 +12,8 @@ head) and model.safetensors.index.json, a tiny SentencePiece tokenizer (the conv
 `run` builds each model (once), then runs `python -m qgguf convert MODEL -o OUT ARGS` with an empty cache
 (QGGUF_CACHE=<work>/cache-L<n>, the built llama.cpp and the assets linked in), samples the process's RssAnon and
 RssFile every 50 ms, and times each step from the lines convert prints when a step starts (calibrating …,
-converting …, measure: …, export: …). Per run: seconds and peak anonymous / total RSS per step, peak RSS
+converting …, measure: …, export: …; the log, convert-L<n>.log, stamps every line with the seconds since the
+start, so per-tensor times can be read from the progress bars). Per run: seconds and peak anonymous / total RSS per step, peak RSS
 (wait4), the source folder's size, the cache's size on disk and the output's. With two or more layer counts it
 fits t = a + b·layers per step and extrapolates to 32 layers (8B) and to 70B shapes (80 layers, hidden 8192,
 FFN 28672, 64 / 8 heads: each layer has 3.92× the weights of an 8B layer, the embedding and head 2×).
@@ -21,11 +22,15 @@ FFN 28672, 64 / 8 heads: each layer has 3.92× the weights of an 8B layer, the e
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import pty
 import shlex
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -126,6 +131,26 @@ def du(path: Path) -> int:
     return total
 
 
+def _pty_lines(fd: int):
+    """Lines (split at \\n or \\r) read from a pseudo-terminal's master side until the child closes it."""
+    buf = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child side is closed
+            chunk = b""
+        if not chunk:
+            break
+        buf += chunk
+        *done, buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        for line in done:
+            if line.strip():
+                yield line.decode("utf-8", "replace")
+    os.close(fd)
+    if buf.strip():
+        yield buf.decode("utf-8", "replace")
+
+
 def run_one(model: Path, layers: int, work: Path, device: str, extra: list[str]) -> dict:
     from qgguf.files import cache_dir
 
@@ -140,13 +165,17 @@ def run_one(model: Path, layers: int, work: Path, device: str, extra: list[str])
     env = dict(os.environ, QGGUF_CACHE=str(cache), PYTHONPATH=str(ROOT))
     log_path = work / f"convert-L{layers}.log"
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    # a pseudo-terminal, so that convert shows its progress bars (they are off when output goes to a pipe)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # tqdm draws nothing at 0 columns
+    proc = subprocess.Popen(cmd, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+    os.close(slave)
     sampler = Sampler(proc.pid)
     sampler.start()
     marks: list[tuple[str, float]] = []
     with open(log_path, "w") as log:
-        for line in proc.stdout:  # type: ignore[union-attr]  # tqdm's \r updates arrive as lines too
-            log.write(line)
+        for line in _pty_lines(master):  # tqdm's \r updates arrive as lines too
+            log.write(f"{time.monotonic() - t0:.1f}\t{line}\n")  # seconds since the start: per-tensor times
             log.flush()
             for prefix, stepname in MARKERS:
                 if line.startswith(prefix) and stepname not in dict(marks):
@@ -160,7 +189,6 @@ def run_one(model: Path, layers: int, work: Path, device: str, extra: list[str])
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise SystemExit(f"qgguf convert failed (exit {rc}); see {log_path}")
-    # measure's end: the last 'measure' progress line; plan = from there to export's first line
     text = log_path.read_text()
     steps = {}
     times = dict(marks)
@@ -218,6 +246,70 @@ def extrapolate(recs: list[dict]) -> list[dict]:
     return rows
 
 
+def _count(text: str) -> float:
+    """tqdm's unit_scale count ('525M', '1.49G', '812k', '16') as a number."""
+    mult = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    return float(text[:-1]) * mult[text[-1]] if text[-1] in mult else float(text)
+
+
+def tensor_times(log: Path, gguf_path: Path) -> dict[str, dict[str, float]]:
+    """Seconds per tensor in measure and in export, from a log whose lines start with a time stamp (seconds) and
+    the converter's GGUF (tensor order and sizes). measure: from the first bar line naming a tensor to the first
+    naming the next; export: from the first bar line whose count reaches the weights before a tensor to the first
+    reaching the weights up to it (the counts are rounded to 3 digits, so small tensors blur into their neighbours;
+    per layer the sums are sound)."""
+    import re
+
+    import gguf
+
+    tensors = [(t.name, int(t.n_elements)) for t in gguf.GGUFReader(gguf_path).tensors]
+    lines = []
+    for raw in log.read_text(errors="replace").splitlines():
+        stamp, _, text = raw.partition("\t")
+        try:
+            lines.append((float(stamp), text))
+        except ValueError:
+            continue
+    out: dict[str, dict[str, float]] = {"measure": {}, "export": {}}
+    starts = []
+    for t, text in lines:
+        m = re.match(r"measure:.*\]\s*$", text) and re.search(r", ([\w.]+)\]\s*$", text)
+        if m and (not starts or starts[-1][1] != m.group(1)):
+            starts.append((t, m.group(1)))
+    end_measure = next((t for t, text in lines if text.startswith("qgguf: export:")), None)
+    for i, (t, name) in enumerate(starts):
+        t_next = starts[i + 1][0] if i + 1 < len(starts) else end_measure
+        if t_next is not None:
+            out["measure"][name] = round(t_next - t, 2)
+    counts = []
+    for t, text in lines:
+        m = re.match(r"export:.*\| ([\d.]+[kMGT]?)/([\d.]+[kMGT]?) \[", text)
+        if m:
+            counts.append((t, _count(m.group(1))))
+    t_export = next((t for t, text in lines if text.startswith("qgguf: export:")), None)
+    done, prev_t = 0, t_export
+    for name, n in tensors:
+        done += n
+        hit = next((t for t, c in counts if c >= done * 0.999), None)
+        if hit is None or prev_t is None:
+            break
+        out["export"][name] = round(hit - prev_t, 2)
+        prev_t = hit
+    return out
+
+
+def per_layer(times: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per step, seconds of each layer (blk.N tensors) and of the rest (embedding, head, norms)."""
+    res = {}
+    for stepname, per in times.items():
+        acc: dict[str, float] = {}
+        for name, s in per.items():
+            key = f"blk.{name.split('.')[1]}" if name.startswith("blk.") else "other"
+            acc[key] = round(acc.get(key, 0.0) + s, 1)
+        res[stepname] = acc
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -231,10 +323,16 @@ def main() -> int:
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--json", type=Path, default=None, help="append each run's record to this JSON-lines file")
     r.add_argument("--seed", type=int, default=0)
+    sp = sub.add_parser("split", help="seconds per layer in measure and export, from a run's log")
+    sp.add_argument("log", type=Path, help="convert-L<n>.log of a run")
+    sp.add_argument("gguf", type=Path, help="the converter's GGUF of that run (in its cache folder)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
     extra = argv[cut + 1:]
+    if args.cmd == "split":
+        print(json.dumps(per_layer(tensor_times(args.log, args.gguf))))
+        return 0
     if args.cmd == "build":
         print(build(args.out, args.layers, args.seed))
         return 0

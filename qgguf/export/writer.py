@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
@@ -67,8 +68,10 @@ def tensor_f32(reader_tensor, device: str | torch.device = "cpu", reader=None) -
     if fmt.name == "F32":
         out = torch.from_numpy(np.array(reader_tensor.data, dtype=np.float32).reshape(shape)).to(device)  # one copy in flight
     else:
-        out = fmt.decode(np.asarray(reader_tensor.data).view(np.uint8).reshape(-1), shape, device=device,
-                         tensor=reader_tensor.name)
+        with warnings.catch_warnings():  # the mapped file is read-only, and decode only reads it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            out = fmt.decode(np.asarray(reader_tensor.data).view(np.uint8).reshape(-1), shape, device=device,
+                             tensor=reader_tensor.name)
     if reader is not None:
         release_pages(reader, reader_tensor)
     return out
