@@ -157,14 +157,15 @@ def _peak_memory(model: Path, stats: Path, out: Path, cache: Path) -> dict[str, 
 
 
 def test_memory_does_not_grow_with_depth(tmp_path):
-    """Two bf16 models alike but for depth (6 and 36 layers: 36 layers hold 0.45 GB of float32 weights more, the
+    """Two bf16 models alike but for depth (4 and 28 layers: 28 layers hold 0.3 GB of float32 weights more, the
     largest tensor 3 MiB): the peak anonymous memory and the peak resident memory (anonymous + mapped file pages) of
-    measure and export are the same within 48 MiB, because one tensor is upcast at a time and the mapped
+    measure and export are the same within 48 MiB (what remains grows with the number of tensors, not their size:
+    tensor infos, measurements, the plan, the heat map), because one tensor is upcast at a time and the mapped
     intermediate's pages are released after each tensor."""
     text = tmp_path / "calib.txt"
     text.write_text(tiny_text(seed=2))
     peaks, sizes = {}, {}
-    for layers in (6, 36):
+    for layers in (4, 28):
         model = make_tiny_llama(tmp_path / f"m{layers}", hidden=512, ffn=1536, layers=layers, heads=8, kv_heads=4,
                                 dtype="bfloat16", seed=1)
         sizes[layers] = sum(p.stat().st_size for p in model.glob("*.safetensors"))
@@ -177,10 +178,10 @@ def test_memory_does_not_grow_with_depth(tmp_path):
         peaks[layers] = _peak_memory(model, stats, tmp_path / f"o{layers}.gguf", cache)
         print(layers, "layers:", {k: v // 1024 for k, v in peaks[layers].items()}, "MiB",
               f"{time.monotonic() - t:.0f} s")
-    grown = 2 * (sizes[36] - sizes[6])  # float32 bytes the deeper model adds
-    assert grown > 400 << 20
+    grown = 2 * (sizes[28] - sizes[4])  # float32 bytes the deeper model adds
+    assert grown > 280e6
     for kind in ("anon", "total"):
-        assert peaks[36][kind] - peaks[6][kind] < 48 << 10, (kind, peaks)
+        assert peaks[28][kind] - peaks[4][kind] < 48 << 10, (kind, peaks)
 
 
 def test_gradient_checkpointing_gives_the_same_statistics(tiny_llama, tmp_path):
