@@ -10,7 +10,7 @@ head) and model.safetensors.index.json, a tiny SentencePiece tokenizer (the conv
 128256). Tensors are drawn one at a time (seeded, in row chunks), so building needs about one tensor in memory.
 
 `run` builds each model (once), then runs `python -m qgguf convert MODEL -o OUT ARGS` with an empty cache
-(QGGUF_CACHE=<work>/cache-L<n>, the built llama.cpp and the assets linked in), samples the process's RssAnon and
+(QGGUF_CACHE=<work>/cache-L<n>, the built llama.cpp, the assets and the compiled kernels linked in), samples the process's RssAnon and
 RssFile every 50 ms, and times each step from the lines convert prints when a step starts (calibrating …,
 converting …, measure: …, export: …; the log, convert-L<n>.log, stamps every line with the seconds since the
 start, so per-tensor times can be read from the progress bars). Per run: seconds and peak anonymous / total RSS per step, peak RSS
@@ -156,7 +156,7 @@ def run_one(model: Path, layers: int, work: Path, device: str, extra: list[str])
 
     cache = work / f"cache-L{layers}"
     cache.mkdir(parents=True, exist_ok=True)
-    for shared in ("llama", "assets"):
+    for shared in ("llama", "assets", "torch-compile"):  # compiled kernels are shared: a run measures the model's cost
         link = cache / shared
         if not link.exists():
             link.symlink_to(cache_dir(shared), target_is_directory=True)
