@@ -3,8 +3,9 @@
     qgguf convert MODEL -o OUT.gguf (--target-bpw B | --target-size 1.2GiB) [--palette stock|extended]
 
 MODEL is an HF folder or an asset name (`smollm2-135m`). Caches (under the qgguf cache folder), so an
-interrupted run resumes: the converter's F32 GGUF (per model hash), the calibration statistics (per model hash and
-calibration settings), and every (tensor, type) measurement. Beside OUT.gguf it writes OUT.plan.json,
+interrupted run resumes: the converter's GGUF (per model hash; in the source's own float type, so BF16 for a bf16
+model and F32 for an F32 one: `converter_gguf`), the calibration statistics (per model hash and calibration
+settings), and every (tensor, type) measurement. Beside OUT.gguf it writes OUT.plan.json,
 OUT.tensor-types.txt (stock palette: reproduces the plan with stock llama-quantize) and OUT.heatmap.png.
 """
 
@@ -25,7 +26,7 @@ from qgguf.devices import resolve_device
 from qgguf.errors import QggufError, step
 from qgguf.files import atomic_outputs, cache_dir, check_output_path, require_file, seal, sealed, writable_folder
 from qgguf.llamacpp.converter import convert_hf
-from qgguf.models import check_model_dir, resolve_model
+from qgguf.models import check_model_dir, resolve_model, source_float_type
 from qgguf.plan.budget import HEADER_SLACK, Budget, FileLayout, parse_size
 from qgguf.plan.outputs import summary, write_heatmap, write_plan_json, write_tensor_type_file
 from qgguf.plan.planner import Plan, plan
@@ -112,15 +113,21 @@ def _exact_size(the_plan: Plan, written: int) -> Plan:
     return dataclasses.replace(the_plan, layout=dataclasses.replace(the_plan.layout, header_bytes=header))
 
 
-def f32_gguf(model_dir: Path, model_hash: str) -> Path:
-    """The converter's F32 GGUF of the model, made once per (model content, converter tree and code)."""
+def converter_gguf(model_dir: Path, model_hash: str) -> Path:
+    """The converter's GGUF of the model, made once per (model content, converter tree and code, type). Its type
+    is the source's own (`source_float_type`: BF16 or F16 when every matrix is stored so, else F32), so the file
+    holds every weight exactly and is no larger than the source; measure and export upcast one tensor at a time."""
     from qgguf.llamacpp.converter import converter_sha256
 
-    key = hashlib.sha256(f"{model_hash}|{converter_sha256()}".encode()).hexdigest()
-    out = cache_dir("convert", key[:16]) / "model-f32.gguf"
+    outtype = source_float_type(model_dir)
+    key = hashlib.sha256((f"{model_hash}|{converter_sha256()}" + ("" if outtype == "f32" else f"|{outtype}"))
+                         .encode()).hexdigest()
+    out = cache_dir("convert", key[:16]) / f"model-{outtype}.gguf"
     if not sealed(out, key):
-        print(f"qgguf: converting {model_dir} to F32 GGUF with llama.cpp's converter ...", file=sys.stderr)
-        convert_hf(model_dir, out, "f32")
+        size = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+        print(f"qgguf: converting {model_dir} ({size / 1e9:.3g} GB of safetensors) to a {outtype.upper()} GGUF "
+              "with llama.cpp's converter ...", file=sys.stderr)
+        convert_hf(model_dir, out, outtype)
         seal(out, key)
     return out
 
@@ -150,7 +157,7 @@ def stats_for(model_dir: Path, model_hash: str, args) -> Path:
         print(f"qgguf: calibrating on {args.tokens:,} tokens of {text.name} (diagonal Fisher, sampled labels) ...",
               file=sys.stderr)
         calibrate(model_dir, out, text=text, tokens=args.tokens, seq_len=args.seq_len, device=args.device,
-                  seed=args.seed)
+                  seed=args.seed, grad_checkpoint=args.grad_checkpoint)
         seal(out, key)
     return out
 
@@ -167,9 +174,10 @@ def run(args) -> int:
     from qgguf.models import model_sha256
     from qgguf.plan.measure import TensorInput, measure_tensors
 
-    resolve_device(args.device)  # before any stage announces itself
+    device = str(resolve_device(args.device))  # before any stage announces itself
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for llama.cpp's converter, a child process
     model_dir = resolve_model(args.model)
     check_model_dir(model_dir)
     out = check_output_path(Path(args.out), [model_dir] + ([Path(args.stats)] if args.stats else []))
@@ -195,7 +203,7 @@ def run(args) -> int:
                          f"{str(stats.meta.get('model_sha256'))[:12]}…, this one is {model_hash[:12]}…); "
                          f"run `qgguf calibrate {args.model} -o FILE` or drop --stats")
     with times.stage("convert to F32 GGUF"):
-        src = f32_gguf(model_dir, model_hash)
+        src = converter_gguf(model_dir, model_hash)
         reader = open_gguf(src)
 
     planned = [t for t in reader.tensors if llama_quantizes(t.name, len(t.shape))]
@@ -215,18 +223,19 @@ def run(args) -> int:
     def inputs():
         for t in planned:
             imp = torch.from_numpy(stats[t.name].importance)
-            yield TensorInput(name=t.name, weights=tensor_f32(t), importance=imp, channel_fisher=imp)
+            yield TensorInput(name=t.name, weights=tensor_f32(t, device, reader), importance=imp,
+                              channel_fisher=imp)
 
     shapes = [(int(t.n_elements) // int(t.shape[0]), int(t.shape[0])) for t in planned]
-    with _compile_choice(types, args.device, _kquant_weights(shapes, args.max_rows)) as compile_key:
+    with _compile_choice(types, device, _kquant_weights(shapes, args.max_rows)) as compile_key:
         if compile_key is not None and not compile_is_warm(compile_key):
             minutes = max(1, round(COLD_COMPILE_CPU_S / (os.cpu_count() or 1) / 60))
             print(f"qgguf: first run: compiling the K-quant encoders (torch.compile), about {minutes} min on "
                   f"{os.cpu_count()} cores; later runs reuse the compiled kernels in {compile_cache_dir()}",
                   file=sys.stderr)
         with times.stage("measure"):
-            measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=args.device,
-                                       total=len(planned))
+            measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=device,
+                                       shapes=[tuple(int(s) for s in reversed(t.shape.tolist())) for t in planned])
         with times.stage("plan"):
             choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
             the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
@@ -240,7 +249,7 @@ def run(args) -> int:
         outs = [out, side["plan"], side["heatmap"]] + ([side["tensor_types"]] if stock else [])
         # The GGUF and its side files appear together or not at all
         with times.stage("export"), atomic_outputs(outs, inputs=[model_dir, src]) as tmps:
-            export_gguf(src, tmps[0], the_plan.types, importance, extra_metadata=meta, device=args.device,
+            export_gguf(src, tmps[0], the_plan.types, importance, extra_metadata=meta, device=device,
                         reader=reader, encode_cache=encode_cache)
             size = tmps[0].stat().st_size
             if budget.kind == "size" and size > budget.value:
@@ -279,7 +288,11 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="calibration sequence length")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration seed")
-    p.add_argument("--device", default="cpu", help="cpu or cuda, for calibration, measurement and encoding")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when torch sees a GPU, else the CPU), cpu "
+                   "or cuda, for calibration, measurement and encoding")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="calibrate with gradient checkpointing (recompute each layer in the backward pass: for "
+                        "models whose activations do not fit)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="force a type on tensors matching a regex (llama-quantize syntax); repeatable")

@@ -41,7 +41,7 @@ def hash_array(h, a) -> None:
     t = a.detach().to("cpu", torch.float32).contiguous() if isinstance(a, torch.Tensor) else \
         torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     h.update(repr(tuple(t.shape)).encode())
-    h.update(t.numpy().tobytes())
+    h.update(t.numpy().reshape(-1).view(np.uint8))  # the bytes in place: no second copy of a large tensor
 
 
 PACKAGE = Path(__file__).resolve().parent

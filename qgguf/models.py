@@ -7,6 +7,7 @@ writes."""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 from qgguf.errors import QggufError
@@ -55,3 +56,32 @@ def check_model_dir(model_dir: Path) -> dict:
 def model_sha256(model_dir: Path) -> str:
     """The model's content hash (every file of its folder)."""
     return folder_sha256(Path(model_dir))
+
+
+# safetensors dtype → the converter's lossless --outtype for it
+_OUTTYPE = {"BF16": "bf16", "F16": "f16"}
+
+
+def source_float_type(model_dir: Path) -> str:
+    """The converter's --outtype that holds every weight of the folder exactly: `bf16` or `f16` when every matrix
+    (a floating tensor of 2 or more dimensions) in its safetensors files has that type, else `f32`. Vectors
+    (norms, biases) do not count: the converter writes them as F32 whatever the outtype. Reads the files'
+    headers only."""
+    dtypes = set()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return "f32"  # PyTorch .bin weights: their types are not known without loading them
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                if n > 100_000_000:
+                    raise ValueError(f"header of {n} bytes")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            raise QggufError(f"{f} is not a readable safetensors file ({e}); the model folder is corrupt") from None
+        for name, info in header.items():
+            if name != "__metadata__" and isinstance(info, dict) and len(info.get("shape", ())) >= 2 \
+                    and str(info.get("dtype", "")).startswith(("F", "BF")):
+                dtypes.add(info["dtype"])
+    return _OUTTYPE.get(dtypes.pop(), "f32") if len(dtypes) == 1 else "f32"

@@ -221,7 +221,7 @@ def test_side_files_are_one_unit_and_a_stale_type_file_goes(setup, tmp_path):
 def test_bad_device_fails_before_any_work(setup, tmp_path):
     model, stats, _ = setup
     out = tmp_path / "x.gguf"
-    for device, words in (("tpu", "is not cpu or cuda"), ("cuda", "CUDA")):
+    for device, words in (("tpu", "is not auto, cpu or cuda"), ("cuda", "CUDA")):
         res = qgguf("convert", str(model), "-o", str(out), "--target-bpw", "5", "--stats", str(stats),
                     "--device", device)
         if device == "cuda" and res.returncode == 0:

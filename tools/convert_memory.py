@@ -20,62 +20,25 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _status_kib(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(val.split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-class Sampler(threading.Thread):
-    """Peaks of the /proc status fields of a process tree, polled until stopped."""
-
-    def __init__(self, pid: int, every: float = 0.05):
-        super().__init__(daemon=True)
-        self.pid, self.every = pid, every
-        self.peak: dict[str, dict[str, int]] = {}  # "main" / "children" -> field -> KiB
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for who, pids in (("main", [self.pid]), ("children", _children(self.pid))):
-                for p in pids:
-                    st = _status_kib(p)
-                    peak = self.peak.setdefault(who, {})
-                    for k, v in st.items():
-                        peak[k] = max(peak.get(k, 0), v)
-            time.sleep(self.every)
+from qgguf.procmem import Sampler  # noqa: E402
 
 
 def model_facts(model: str) -> dict:
-    """F32 GGUF bytes, weights, the largest tensor (name, bytes in F32) of the model, from the convert cache."""
+    """The converter's GGUF bytes, weights, the largest tensor (name, bytes as stored there) of the model, from the
+    convert cache (keys keep their names from when that GGUF was always F32)."""
     import gguf
 
-    from qgguf.convert import f32_gguf
+    from qgguf.convert import converter_gguf
     from qgguf.models import model_sha256, resolve_model
 
     model_dir = resolve_model(model)
-    f32 = f32_gguf(model_dir, model_sha256(model_dir))
+    f32 = converter_gguf(model_dir, model_sha256(model_dir))
     reader = gguf.GGUFReader(f32)
     largest = max(reader.tensors, key=lambda t: int(t.n_bytes))
     return {"f32_gguf": str(f32), "f32_bytes": f32.stat().st_size,

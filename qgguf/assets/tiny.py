@@ -78,7 +78,7 @@ ARCHS: dict[str, tuple[str, str, dict]] = {
 
 def make_tiny(arch: str, out: Path, hidden: int = 256, ffn: int = 512, layers: int = 2, heads: int = 4,
               kv_heads: int = 2, vocab_size: int = 320, tie: bool | None = None, seed: int = 0,
-              dtype: str = "float32", tokenizer_from: Path | None = None) -> Path:
+              dtype: str = "float32", tokenizer_from: Path | None = None, max_shard_size: str | None = None) -> Path:
     """A random model of architecture `arch` (a key of ARCHS) in `out`: config.json, model.safetensors and a
     tokenizer trained here. `tie` None keeps the architecture's default (Gemma ties, the others do not).
 
@@ -126,13 +126,15 @@ def make_tiny(arch: str, out: Path, hidden: int = 256, ffn: int = 512, layers: i
         for p in model.parameters():  # larger than the default init, so outputs depend clearly on the weights
             if p.ndim >= 2:
                 p.normal_(0.0, 0.08)
-    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True, **kw)
     return out
 
 
 def make_tiny_llama(out: Path, hidden: int = 256, ffn: int = 512, layers: int = 2, heads: int = 4,
                     kv_heads: int = 2, vocab_size: int = 320, tie: bool = False, seed: int = 0,
-                    dtype: str = "float32") -> Path:
-    """A random Llama in `out` (config.json, model.safetensors, tokenizer). Rows are multiples of 256 by default."""
+                    dtype: str = "float32", max_shard_size: str | None = None) -> Path:
+    """A random Llama in `out` (config.json, model.safetensors, tokenizer). Rows are multiples of 256 by default.
+    `max_shard_size` (e.g. "1MB"): sharded weights, model-0000X-of-0000N.safetensors with their index."""
     return make_tiny("llama", out, hidden=hidden, ffn=ffn, layers=layers, heads=heads, kv_heads=kv_heads,
-                     vocab_size=vocab_size, tie=tie, seed=seed, dtype=dtype)
+                     vocab_size=vocab_size, tie=tie, seed=seed, dtype=dtype, max_shard_size=max_shard_size)

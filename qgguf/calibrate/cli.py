@@ -19,7 +19,11 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to read (default {DEFAULT_TOKENS})")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                    help=f"sequence length (default {DEFAULT_SEQ_LEN})")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when torch sees a GPU, else the CPU), cpu, "
+                   "cuda (spread over the GPUs, then the CPU, when the model is larger than one) or cuda:N")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each layer's activations in the backward pass (for models whose activations "
+                        "do not fit)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the sampled labels (default 0)")
     p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
                    help="compute dtype of the model (default: as stored); statistics accumulate in fp32")
@@ -48,7 +52,7 @@ def _cmd(args) -> int:
     stats = calibrate(args.model_dir, args.out, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
                       device=args.device, seed=args.seed, per_element=args.per_element, dtype=args.dtype,
                       batch_size=args.batch_size, imatrix_out=args.imatrix, imatrix_from=args.imatrix_from,
-                      estimator=args.estimator, probe=args.probe)
+                      estimator=args.estimator, probe=args.probe, grad_checkpoint=args.grad_checkpoint)
     total = sum(t.fisher_sum for t in stats.tensors.values())
     print(f"{args.out}: {len(stats.tensors)} tensors, {stats.meta['tokens']} tokens, ΣF over all = {total:.4g}")
     if args.imatrix:

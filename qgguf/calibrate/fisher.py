@@ -299,10 +299,11 @@ class FisherCollector:
         try:
             with torch.enable_grad():
                 logits = self.model(input_ids=input_ids, use_cache=False).logits
-                if cotangent is None:
-                    cotangent = (label_cotangent(logits, sample_labels(logits, generator)) if self.probe == "label"
-                                 else gaussian_cotangent(logits, generator))
-                logits.backward(cotangent.to(logits.dtype))
+                if cotangent is None:  # drawn on the generator's device (the last layers may sit elsewhere)
+                    lg = logits if generator is None else logits.to(generator.device)
+                    cotangent = (label_cotangent(lg, sample_labels(lg, generator)) if self.probe == "label"
+                                 else gaussian_cotangent(lg, generator))
+                logits.backward(cotangent.to(logits.device, logits.dtype))
                 del logits
         finally:
             self._x_cache.clear()

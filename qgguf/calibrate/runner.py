@@ -35,19 +35,41 @@ DEFAULT_SEED = 0
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: str = "auto") -> nn.Module:
+def load_model(model_dir: Path, device: torch.device, dtype: str = "auto", grad_checkpoint: bool = False
+               ) -> nn.Module:
+    """The model, frozen, in eval mode. On the CPU in its stored dtype (`auto`). On CUDA, `auto` means bf16 weights
+    (the statistics still accumulate in fp32), and `cuda` (no index) lets accelerate place the layers
+    (`device_map="auto"`): a model larger than one GPU is spread over the GPUs, then the CPU.
+    `grad_checkpoint`: recompute each layer's activations in the backward pass instead of keeping them."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise QggufError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    kw = {"dtype": DTYPES[dtype]}
+    if device.type == "cuda":
+        kw["device_map"] = "auto" if device.index is None else {"": device}
+        if dtype == "auto":
+            kw["dtype"] = torch.bfloat16
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise QggufError(f"transformers cannot load a causal LM from {str(model_dir)!r} ({e}); give a Hugging "
                          "Face causal-LM folder") from None
     model.eval()  # no dropout: the Fisher of the model as it is used
     model.requires_grad_(False)
-    return model.to(device)
+    if grad_checkpoint:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise QggufError(f"{model.__class__.__name__} does not support gradient checkpointing in transformers; "
+                             "calibrate without --grad-checkpoint")
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        for mod in model.modules():  # transformers checkpoints only layers in training mode: set that flag on the
+            if getattr(mod, "gradient_checkpointing", False):  # layers alone, so dropout modules stay in eval
+                mod.training = True
+    return model if "device_map" in kw else model.to(device)
 
 
 def collect_weights(model: nn.Module, name_map) -> tuple[dict[int, str], dict[str, object]]:
@@ -123,7 +145,7 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
               seq_len: int = DEFAULT_SEQ_LEN, device: str = "cpu", seed: int = DEFAULT_SEED,
               per_element: Sequence[str] = (), dtype: str = "auto", batch_size: int = 1,
               imatrix_out: Path | None = None, imatrix_from: str = "act", estimator: str = DEFAULT_ESTIMATOR,
-              probe: str = "label", progress: bool = True) -> Stats:
+              probe: str = "label", progress: bool = True, grad_checkpoint: bool = False) -> Stats:
     """Run the calibration and write the statistics file (and optionally an llama.cpp imatrix GGUF)."""
     from qgguf.calibrate.names import TensorNameMap
     from qgguf.models import check_model_dir
@@ -166,7 +188,8 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
     chunks = token_chunks(tokenizer, raw, tokens, seq_len, where=f"calibration text {str(text_path)!r}")
 
     t_start = time.perf_counter()
-    model = load_model(model_dir, dev, dtype)
+    model = load_model(model_dir, dev, dtype, grad_checkpoint)
+    in_dev = model.get_input_embeddings().weight.device  # where the first layer sits (accelerate may spread them)
     name_map = TensorNameMap(model_dir)
     weights, targets = collect_weights(model, name_map)
     if not weights:
@@ -178,19 +201,31 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
+    n_tok = sum(c.numel() for c in chunks)
+    n_par = sum(p.numel() for p in model.parameters())
+    placed = sorted({str(p.device) for p in model.parameters()})
+    if progress:
+        print(f"qgguf: calibrate: {n_tok:,} tokens in {len(chunks)} sequences of ≤ {seq_len} on "
+              f"{', '.join(placed)} ({next(model.parameters()).dtype}, {n_par / 1e9:.3g} G parameters: "
+              f"≈ {6 * n_par * n_tok / 1e12:.3g} TFLOP forward and backward)", file=sys.stderr)
     try:
         t_loop = time.perf_counter()
-        with tqdm(total=tokens, unit="tok", unit_scale=True, desc="calibrate", disable=not progress,
-                  file=sys.stderr) as bar:
+        with tqdm(total=n_tok, unit="tok", unit_scale=True, desc="calibrate", disable=not progress,
+                  file=sys.stderr, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
+                                              "{rate_fmt}{postfix}]") as bar:
             i = 0
             while i < len(chunks):
                 # batch sequences of equal length (only the last may be shorter)
                 j = i + 1
                 while j < len(chunks) and j - i < batch_size and chunks[j].numel() == chunks[i].numel():
                     j += 1
-                batch = torch.stack(chunks[i:j]).to(dev)
+                batch = torch.stack(chunks[i:j]).to(in_dev)
                 collector.step(batch, generator=gen)
                 bar.update(batch.numel())
+                if i == 0 and progress:
+                    took = time.perf_counter() - t_loop
+                    bar.write(f"qgguf: calibrate: the first {batch.numel():,} tokens took {took:.1f} s: about "
+                              f"{took * n_tok / batch.numel() / 60:.1f} min for all {n_tok:,}", file=sys.stderr)
                 i = j
         t_done = time.perf_counter()
     finally:

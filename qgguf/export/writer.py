@@ -4,7 +4,9 @@ Export: rewrite a GGUF made by llama.cpp's own converter with each tensor in its
 
 The converter's F32 (or F16/BF16) GGUF carries the metadata, tokenizer, tensor names, order and the Q/K
 permutation; we copy all of it and only re-encode tensor data with qgguf.formats, one tensor at a time
-(memory-mapped in, streamed out), so memory does not grow with the model.
+(memory-mapped in, streamed out), so memory does not grow with the model: each tensor is upcast to float32 on
+its own, and the pages of the mapped file it occupied are handed back to the kernel once it is read
+(`release_pages`), so neither anonymous nor file-backed memory grows with the model's depth.
 
 With an encode cache (a folder), each encoded tensor is kept under a key of its weights, importance, type and
 that type's encoder sources: runs that export the same model at several budgets (`qgguf bench`) encode each
@@ -13,6 +15,9 @@ that type's encoder sources: runs that export the same model at several budgets 
 
 from __future__ import annotations
 
+import mmap
+import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
@@ -41,14 +46,35 @@ def open_gguf(path: Path):
         raise QggufError(f"{path} is not a readable GGUF file ({e}); re-create it with `qgguf convert-hf`") from None
 
 
-def tensor_f32(reader_tensor, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A GGUF tensor as float32 torch, GGUF layout (rows × row length), decoded with the registry."""
+def release_pages(reader, reader_tensor) -> None:
+    """Drop this process's mapping of a tensor's pages (madvise MADV_DONTNEED on the read-only file mapping): the
+    data stays in the page cache and is read again if touched, but it no longer counts in this process's memory.
+    A no-op where the platform has no madvise."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = int(reader_tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(len(mm), int(reader_tensor.data_offset) + int(reader_tensor.n_bytes))
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def tensor_f32(reader_tensor, device: str | torch.device = "cpu", reader=None) -> torch.Tensor:
+    """A GGUF tensor as float32 torch, GGUF layout (rows × row length), decoded with the registry (a BF16 or F16
+    tensor is upcast exactly). With `reader` (the tensor's GGUFReader) the tensor's mapped pages are released once
+    it is read (`release_pages`)."""
     fmt = formats.by_id(int(reader_tensor.tensor_type))
     shape = tuple(int(s) for s in reversed(reader_tensor.shape.tolist()))
     if fmt.name == "F32":
-        return torch.from_numpy(np.array(reader_tensor.data, dtype=np.float32).reshape(shape)).to(device)  # one copy in flight
-    return fmt.decode(np.asarray(reader_tensor.data).view(np.uint8).reshape(-1), shape, device=device,
-                      tensor=reader_tensor.name)
+        out = torch.from_numpy(np.array(reader_tensor.data, dtype=np.float32).reshape(shape)).to(device)  # one copy in flight
+    else:
+        with warnings.catch_warnings():  # the mapped file is read-only, and decode only reads it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            out = fmt.decode(np.asarray(reader_tensor.data).view(np.uint8).reshape(-1), shape, device=device,
+                             tensor=reader_tensor.name)
+    if reader is not None:
+        release_pages(reader, reader_tensor)
+    return out
 
 
 def export_gguf(src: Path, out: Path, types: Mapping[str, str],
@@ -108,17 +134,26 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         total = sum(int(t.n_elements) for t in reader.tensors)
+        if progress:
+            coded = [t for t in reader.tensors if t.name in types]
+            kinds = Counter(types[t.name] for t in coded)
+            print(f"qgguf: export: {len(coded)} tensors to encode ({sum(int(t.n_elements) for t in coded) / 1e9:.3g} "
+                  f"G weights; {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}), "
+                  f"{len(reader.tensors) - len(coded)} copied as they are", file=sys.stderr)
         with tqdm(total=total, desc="export", unit="w", unit_scale=True, disable=not progress or None) as bar:
             for t in reader.tensors:
                 fmt = plan_fmt[t.name]
                 if t.name in types:
-                    w = tensor_f32(t, device)
+                    w = tensor_f32(t, device, reader)
                     imp = importance.get(t.name)
                     raw = (cache.encode(fmt, w, imp, t.name, device) if cache is not None
                            else fmt.encode(w, imp, tensor=t.name, device=device))
-                else:  # not planned: copy the bytes unchanged
+                    del w
+                else:  # not planned: copy the bytes unchanged (as the converter wrote them)
                     raw = np.asarray(t.data).view(np.uint8)
                 writer.write_tensor_data(np.ascontiguousarray(raw).reshape(-1))
+                del raw
+                release_pages(reader, t)
                 bar.update(int(t.n_elements))
         writer.close()
         verify_gguf(tmp, {n: f.name for n, f in plan_fmt.items()})

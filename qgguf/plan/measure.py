@@ -381,11 +381,32 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
                       fisher_mse=fisher_mse)
 
 
+def estimate(shapes: Sequence[tuple[int, ...]], types: Sequence[str], max_rows: int | None) -> str:
+    """What measuring tensors of these shapes costs before it starts: tensors × types × rows, in weights."""
+    coded = passes = 0
+    for shape in shapes:
+        row_len, rows = shape[-1], math.prod(shape[:-1])
+        fmts = [formats.get(n) for n in types if formats.get(n).accepts(row_len)]
+        sampled = rows if not max_rows or rows <= max_rows else max_rows
+        coded += len(fmts) * sampled * row_len
+        if sampled < rows:  # row sizes, then the scale energy of every row per distinct scale block
+            passes += (1 + len({_scale_block(f) for f in fmts})) * rows * row_len
+    rows_note = f"≤ {max_rows:,} rows each" if max_rows else "every row"
+    return (f"measure: {len(shapes)} tensors × {len(types)} types ({rows_note}): {coded / 1e9:.3g} G weights "
+            f"to encode and decode, {passes / 1e9:.3g} G weights read in whole-tensor passes")
+
+
 def measure_tensors(items: Iterable[TensorInput], types: Sequence[str], *, max_rows: int | None = DEFAULT_MAX_ROWS,
                     seed: int = 0, cache: bool = True, device: str | torch.device | None = None,
-                    progress: bool = True, total: int | None = None) -> dict[str, TensorMeasurement]:
-    """Measure a stream of tensors (one in flight at a time), with a progress bar."""
+                    progress: bool = True, total: int | None = None,
+                    shapes: Sequence[tuple[int, ...]] | None = None) -> dict[str, TensorMeasurement]:
+    """Measure a stream of tensors (one in flight at a time), with a progress bar. `shapes` (of the tensors the
+    stream will give): print what it will cost before starting (`estimate`)."""
     out: dict[str, TensorMeasurement] = {}
+    if shapes is not None:
+        total = len(shapes)
+        if progress:
+            print(f"qgguf: {estimate(shapes, types, max_rows)}", file=sys.stderr)
     with tqdm(items, total=total, desc="measure", unit="tensor", disable=not progress or None) as bar:
         for t in bar:
             bar.set_postfix_str(t.name, refresh=False)
