@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qgguf import __version__, formats
+from qgguf.formats import engines
 from qgguf.devices import resolve_device
 from qgguf.errors import QggufError, step
 from qgguf.files import atomic_outputs, cache_dir, check_output_path, require_file, seal, sealed, writable_folder
@@ -82,7 +83,8 @@ def _compile_choice(types: list[str], device: str, kquant_weights: int) -> Itera
     cache key when they do, None when they run eagerly."""
     kq = [t for t in types if t.endswith("_K")]
     user = os.environ.get("QGGUF_COMPILE", "").strip().lower()
-    if not kq or user in ("0", "false", "no", "off"):
+    # ggml's quantiser encodes on the CPU (formats/engines.py): the torch kernels are not used, nothing to compile
+    if not kq or user in ("0", "false", "no", "off") or engines.choose(device).name == "ggml":
         yield None
         return
     key = device.split(":")[0] + ":" + formats.encoder_hash(kq[0])  # one module holds every K-quant encoder

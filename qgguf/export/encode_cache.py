@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from qgguf import formats
+from qgguf.formats.engines import Engine
 from qgguf.files import atomic_output
 from qgguf.hashing import code_sha256, hash_array
 
@@ -22,8 +23,8 @@ class EncodeCache:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
-    def path(self, w: torch.Tensor, importance: torch.Tensor | None, fmt: formats.Format) -> Path:
-        code = f"{formats.encoder_hash(fmt.name)}|{code_sha256('export')}"
+    def path(self, w: torch.Tensor, importance: torch.Tensor | None, fmt: formats.Format, engine: Engine) -> Path:
+        code = f"{engine.key(fmt)}|{code_sha256('export')}"
         h = hashlib.blake2b(f"{fmt.name}|{code}|v{ENCODE_CACHE_VERSION}".encode(), digest_size=20)
         hash_array(h, w)
         hash_array(h, importance)
@@ -31,13 +32,13 @@ class EncodeCache:
         return self.folder / d[:2] / f"{d}.bin"
 
     def encode(self, fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor | None, name: str,
-               device: str) -> np.ndarray:
-        path = self.path(w, importance, fmt)
+               device: str, engine: Engine) -> np.ndarray:
+        path = self.path(w, importance, fmt, engine)
         nbytes = fmt.nbytes(tuple(w.shape))
         cached = self._read(path, nbytes)
         if cached is not None:
             return cached
-        raw = np.ascontiguousarray(fmt.encode(w, importance, tensor=name, device=device)).reshape(-1)
+        raw = np.ascontiguousarray(fmt.encode(w, importance, tensor=name, device=device, engine=engine)).reshape(-1)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
             with open(tmp, "wb") as f:

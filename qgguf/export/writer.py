@@ -29,6 +29,7 @@ from tqdm import tqdm
 from qgguf import __version__, formats
 from qgguf.errors import QggufError
 from qgguf.export.encode_cache import EncodeCache
+from qgguf.formats import engines
 from qgguf.files import atomic_output, require_file
 
 # llama_ftype values for general.file_type: llama.cpp only displays it; we name the type holding most weights.
@@ -92,6 +93,7 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
     src, out = Path(src), Path(out)
     reader = reader if reader is not None else open_gguf(src)
     cache = EncodeCache(encode_cache) if encode_cache is not None else None
+    engine = engines.choose(device)
     by_name = {t.name: t for t in reader.tensors}
     unknown = sorted(set(types) - set(by_name))
     if unknown:
@@ -146,8 +148,8 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                 if t.name in types:
                     w = tensor_f32(t, device, reader)
                     imp = importance.get(t.name)
-                    raw = (cache.encode(fmt, w, imp, t.name, device) if cache is not None
-                           else fmt.encode(w, imp, tensor=t.name, device=device))
+                    raw = (cache.encode(fmt, w, imp, t.name, device, engine) if cache is not None
+                           else fmt.encode(w, imp, tensor=t.name, device=device, engine=engine))
                     del w
                 else:  # not planned: copy the bytes unchanged (as the converter wrote them)
                     raw = np.asarray(t.data).view(np.uint8)

@@ -16,7 +16,8 @@ proportional to each row's Fisher-weighted energy, and the sums over the sample 
 by the ratio of error to block-scale energy, which is known exactly for every row (sample_rows, _ratio).
 
 Results are cached on disk (cache_dir("measure")), keyed by the tensor's bytes, the importance and Fisher bytes,
-the row subset, the type, and the source of qgguf.formats (a changed encoder is measured afresh).
+the row subset, the type, and the encoder's code (`Engine.key`: the torch kernels' source or ggml's library; a
+changed encoder is measured afresh). On a CPU ggml's quantiser encodes (formats/engines.py: same bytes, faster).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 from tqdm import tqdm
 
 from qgguf import formats
+from qgguf.formats import engines
+from qgguf.formats.engines import Engine
 from qgguf.errors import QggufError
 from qgguf.files import atomic_output, cache_dir
 from qgguf.hashing import code_sha256, hash_array
@@ -144,8 +147,8 @@ def sample_rows(sizes: np.ndarray | int, max_rows: int | None, seed: int = 0) ->
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def _cache_file(key: str, type_name: str) -> Path:
-    code = f"{formats.encoder_hash(type_name)}|{code_sha256('plan/measure.py')}"
+def _cache_file(key: str, type_name: str, engine: Engine) -> Path:
+    code = f"{engine.key(formats.get(type_name))}|{code_sha256('plan/measure.py')}"
     h = hashlib.blake2b(f"{key}|{type_name}|{code}|v{CACHE_VERSION}".encode(), digest_size=20)
     d = h.hexdigest()
     return cache_dir("measure", d[:2]) / f"{d}.json"
@@ -165,9 +168,11 @@ def _cache_write(path: Path, r: TypeResult) -> None:
 
 # ------------------------------------------------------------------------------------------------ measure
 def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None = DEFAULT_MAX_ROWS,
-                   seed: int = 0, cache: bool = True, device: str | torch.device | None = None
-                   ) -> TensorMeasurement:
-    """Encode and decode `t` in every type of `types` that accepts its row length; see the module docstring."""
+                   seed: int = 0, cache: bool = True, device: str | torch.device | None = None,
+                   engine: Engine | None = None) -> TensorMeasurement:
+    """Encode and decode `t` in every type of `types` that accepts its row length; see the module docstring.
+    `engine`: whose code encodes (formats.engines; default: the one for `device`)."""
+    engine = engine or engines.choose(device)
     w = _tensor(t.weights)
     if device is not None:
         w = w.to(device)
@@ -216,14 +221,14 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
         fmt = formats.get(name)
         if not fmt.accepts(row_len):
             continue
-        path = _cache_file(key, fmt.name) if key else None
+        path = _cache_file(key, fmt.name, engine) if key else None
         r = _cache_read(path) if path else None
         if r is None:
             size = _scale_block(fmt)
             if size not in energies:  # not needed when every row is measured: the sample is the tensor
                 energies[size] = _energy(w3, fisher, size) if len(rows) < n_total else None
             r = _measure_type(fmt, w3, rows, inv_pi, rows_per_group, imp, chf, fisher, energies[size], shape,
-                              t.name)
+                              t.name, engine)
             if path and _finite(r):
                 _cache_write(path, r)
         if not _finite(r):  # e.g. a scale past fp16's range: the type cannot hold this tensor
@@ -337,7 +342,7 @@ def _ratio(err_s: float, energy_s: float, energy_all: float, fallback: float) ->
 
 def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_pi: np.ndarray, rows_per_group: int,
                   imp: torch.Tensor | None, chf: torch.Tensor | None, fisher: torch.Tensor | None,
-                  energy: _Energy | None, shape: tuple[int, ...], name: str) -> TypeResult:
+                  energy: _Energy | None, shape: tuple[int, ...], name: str, engine: Engine) -> TypeResult:
     groups, _, row_len = w3.shape
     dev = w3.device
     per_chunk = max(1, CHUNK_WEIGHTS // row_len)
@@ -353,7 +358,8 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
             idx = torch.as_tensor(rg[r0:r0 + per_chunk], device=dev)
             wr = torch.as_tensor(wg[r0:r0 + per_chunk], device=dev)[:, None]  # 1/π: Horvitz–Thompson sums
             x = w3[g].index_select(0, idx)
-            d2 = (fmt.roundtrip(x, None if imp is None else imp[g], tensor=name) - x).to(torch.float64) ** 2
+            d2 = (fmt.roundtrip(x, None if imp is None else imp[g], tensor=name, engine=engine) - x
+                  ).to(torch.float64) ** 2
             x2 = _scale_sq(x, _scale_block(fmt))
             col_d[g] += (wr * d2).sum(dim=0)
             col_x[g] += (wr * x2).sum(dim=0)
@@ -403,6 +409,7 @@ def measure_tensors(items: Iterable[TensorInput], types: Sequence[str], *, max_r
     """Measure a stream of tensors (one in flight at a time), with a progress bar. `shapes` (of the tensors the
     stream will give): print what it will cost before starting (`estimate`)."""
     out: dict[str, TensorMeasurement] = {}
+    engine = engines.choose(device)
     if shapes is not None:
         total = len(shapes)
         if progress:
@@ -410,5 +417,6 @@ def measure_tensors(items: Iterable[TensorInput], types: Sequence[str], *, max_r
     with tqdm(items, total=total, desc="measure", unit="tensor", disable=not progress or None) as bar:
         for t in bar:
             bar.set_postfix_str(t.name, refresh=False)
-            out[t.name] = measure_tensor(t, types, max_rows=max_rows, seed=seed, cache=cache, device=device)
+            out[t.name] = measure_tensor(t, types, max_rows=max_rows, seed=seed, cache=cache, device=device,
+                                         engine=engine)
     return out
