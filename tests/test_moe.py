@@ -78,3 +78,116 @@ def test_tiny_moe_converts_with_stacked_experts_and_runs(arch, moe_models, tmp_p
     gen = run_completion(out)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.lstrip().startswith("The world") and len(gen.stdout.strip()) > len("The world")
+
+
+# ---------------------------------------------------------------------------------------------------- calibrate
+
+def per_sequence_expert_fisher(model, names: list[str], ids, cotangent) -> dict:
+    """Σ_seq (∂ℓ_seq/∂W)² / N for 3-D expert parameters from autograd, one sequence at a time, through the
+    model's own experts implementation."""
+    import torch
+
+    params = {n: p for n, p in model.named_parameters() if n in names}
+    F = {n: torch.zeros_like(p) for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        for b in range(ids.shape[0]):
+            for p in params.values():
+                p.grad = None
+            with torch.enable_grad():
+                logits = model(input_ids=ids[b:b + 1], use_cache=False).logits
+                (logits * cotangent[b:b + 1]).sum().backward()
+            for n, p in params.items():
+                F[n] += p.grad.square()
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    return {n: f / ids.numel() for n, f in F.items()}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "ernie4_5_moe"])
+def test_expert_fisher_matches_brute_force(arch, moe_models):
+    """Per expert and input channel, the Fisher of each GGUF expert tensor (gate and up rows of the fused
+    gate_up_proj apart) equals brute-force per-sequence weight gradients of the 3-D parameters; the routed-token
+    counts add up to tokens × experts per token."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from qgguf.assets.tiny import tiny_text
+    from qgguf.calibrate.fisher import FisherCollector
+    from qgguf.calibrate.names import TensorNameMap
+    from qgguf.calibrate.runner import collect_experts, collect_weights, load_model
+    from qgguf.calibrate.text import token_chunks
+
+    model_dir = moe_models(arch)
+    model = load_model(model_dir, torch.device("cpu"), "float32")
+    name_map = TensorNameMap(model_dir)
+    weights, _ = collect_weights(model, name_map)
+    experts = collect_experts(model, name_map)
+    ids = torch.stack(token_chunks(AutoTokenizer.from_pretrained(model_dir), tiny_text(3000, seed=2), 96, 32))
+    col = FisherCollector(model, weights, estimator="sequence", experts=experts)
+    cotangent = col.step(ids, generator=torch.Generator().manual_seed(1))
+    col.close()
+    ref = per_sequence_expert_fisher(model, list(experts), ids, cotangent)
+    k = model.config.num_experts_per_tok if hasattr(model.config, "num_experts_per_tok") else model.config.moe_k
+    names = set()
+    for hf_name, targets in experts.items():
+        acc = col.expert_accs[hf_name]
+        assert int(acc.counts.sum()) == ids.numel() * k
+        for s, t in enumerate(targets):
+            names.add(t.name.split(".", 2)[2])
+            want = ref[hf_name][:, torch.as_tensor(t.rows)].sum(1)[torch.as_tensor(t.experts)]  # experts × in
+            got = acc.importance[s][torch.as_tensor(t.experts)] / col.n_tokens
+            torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6 * float(want.max()))
+    assert names == {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"}
+
+
+def never_route(model_dir: Path, expert: int) -> Path:
+    """ERNIE's router picks experts by softmax probability plus a per-expert score correction (in both transformers
+    and llama.cpp): a correction of −10 on `expert` means it is never picked, in calibration or in use."""
+    from safetensors.torch import load_file, save_file
+
+    f = model_dir / "model.safetensors"
+    sd = load_file(f)
+    keys = [k for k in sd if k.endswith("e_score_correction_bias")]
+    assert keys
+    for k in keys:
+        sd[k][..., expert] = -10.0
+    save_file(sd, f, metadata={"format": "pt"})
+    return model_dir
+
+
+def test_never_routed_expert_gets_the_prior_and_is_flagged(moe_models, tmp_path, capfd):
+    """An expert that receives no token: its statistics are the other experts' mean Fisher per routed token (× 1
+    token) and mean E[x²], never zero; the log names it; the statistics list it; the imatrix counts it as one token
+    (llama-quantize would otherwise use all ones)."""
+    import shutil
+
+    import numpy as np
+
+    from qgguf.assets.tiny import tiny_text
+    from qgguf.calibrate.imatrix import read_imatrix
+    from qgguf.calibrate.runner import calibrate
+    from qgguf.calibrate.stats import load_stats
+
+    model = never_route(Path(shutil.copytree(moe_models("ernie4_5_moe"), tmp_path / "m")), 3)
+    text = tmp_path / "cal.txt"
+    text.write_text(tiny_text(3000, seed=3))
+    calibrate(model, tmp_path / "s.safetensors", text=text, tokens=256, seq_len=64, progress=False,
+              imatrix_out=tmp_path / "im.gguf")
+    err = capfd.readouterr().err
+    stats = load_stats(tmp_path / "s.safetensors")
+    im = read_imatrix(tmp_path / "im.gguf")
+    exps = [n for n in stats.names() if "_exps" in n]
+    assert len(exps) == 6  # two MoE layers × gate, up, down (layer 0 is dense)
+    for name in exps:
+        t = stats[name]
+        assert t.expert_tokens[3] == 0 and t.expert_tokens.sum() == 256 * 2 and t.prior_experts == [3]
+        per_token = (t.importance[:3] / t.expert_tokens[:3, None]).mean(0)
+        np.testing.assert_allclose(t.importance[3], per_token * 1, rtol=1e-5)
+        assert (t.importance[3] > 0).all() and (t.act_sq[3] > 0).all()
+        np.testing.assert_allclose(t.act_sq[3], t.act_sq[:3].mean(0), rtol=1e-5)
+        assert f"{name} experts 3 (0)" in err
+        assert im.entries[name].counts.tolist() == [*t.expert_tokens[:3].tolist(), 1.0]
+        np.testing.assert_allclose(im.entries[name].mean().reshape(4, -1), t.act_sq, rtol=1e-5)
