@@ -113,6 +113,15 @@ def _exact_size(the_plan: Plan, written: int) -> Plan:
     return dataclasses.replace(the_plan, layout=dataclasses.replace(the_plan.layout, header_bytes=header))
 
 
+def _expert_info(t) -> dict | None:
+    """What the plan JSON records about a stacked expert tensor's calibration: tokens routed to each expert and
+    the experts whose statistics are the prior."""
+    if t.expert_tokens is None:
+        return None
+    return {"count": int(len(t.expert_tokens)), "tokens": [int(c) for c in t.expert_tokens],
+            "prior": [int(e) for e in t.prior_experts]}
+
+
 def converter_gguf(model_dir: Path, model_hash: str) -> Path:
     """The converter's GGUF of the model, made once per (model content, converter tree and code, type). Its type
     is the source's own (`source_float_type`: BF16 or F16 when every matrix is stored so, else F32), so the file
@@ -237,7 +246,8 @@ def run(args) -> int:
             measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=device,
                                        shapes=[tuple(int(s) for s in reversed(t.shape.tolist())) for t in planned])
         with times.stage("plan"):
-            choices = [measured[t.name].choices(stats[t.name].fisher_sum) for t in planned]
+            choices = [dataclasses.replace(measured[t.name].choices(stats[t.name].fisher_sum),
+                                           experts=_expert_info(stats[t.name])) for t in planned]
             the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
                             max_type=args.max_type)
         importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}

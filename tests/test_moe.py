@@ -191,3 +191,54 @@ def test_never_routed_expert_gets_the_prior_and_is_flagged(moe_models, tmp_path,
         assert f"{name} experts 3 (0)" in err
         assert im.entries[name].counts.tolist() == [*t.expert_tokens[:3].tolist(), 1.0]
         np.testing.assert_allclose(im.entries[name].mean().reshape(4, -1), t.act_sq, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+def qgguf(*args) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "qgguf", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    from qgguf.assets.tiny import tiny_text
+
+    p = tmp_path_factory.mktemp("text") / "cal.txt"
+    p.write_text(tiny_text(6000, seed=1))
+    return p
+
+
+def convert_args(model: Path, out: Path, text: Path, *budget) -> list:
+    return ["convert", model, "-o", out, *(budget or ("--target-bpw", "5")), "--tokens", "256", "--seq-len", "64",
+            "--text", text, "--max-rows", "64", "--min-type", "Q4_0"]
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_moe_converts_plans_stacked_experts_and_runs(arch, moe_models, text, tmp_path, llama_build):
+    """calibrate → convert → llama-completion: one planned type per stacked expert tensor, written in it (read back
+    by gguf-py), with its routed-token counts and its shares of bytes and predicted KL in the plan JSON."""
+    import json
+
+    import gguf
+
+    out = tmp_path / "q.gguf"
+    res = qgguf(*convert_args(moe_models(arch), out, text))
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan = json.loads((tmp_path / "q.plan.json").read_text())
+    tensors = {t["name"]: t for t in plan["tensors"]}
+    exps = [n for n in tensors if "_exps" in n]
+    assert exps and all(tensors[n]["experts"]["count"] == MOE[arch][1] for n in exps)
+    assert all(sum(tensors[n]["experts"]["tokens"]) == 256 * 2 for n in exps)
+    assert sum(t["share"]["bytes"] for t in tensors.values()) == pytest.approx(1.0)
+    assert sum(t["share"]["dkl"] for t in tensors.values()) == pytest.approx(1.0)
+    r = gguf.GGUFReader(out)
+    seen = {t.name: t for t in r.tensors}
+    for n in exps:
+        assert seen[n].tensor_type.name == tensors[n]["type"] and len(seen[n].shape) == 3
+        assert int(seen[n].n_bytes) == tensors[n]["bytes"]
+    assert "bytes%" in res.stdout and "ΔKL%" in res.stdout
+    gen = run_completion(out)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.lstrip().startswith("The world") and len(gen.stdout.strip()) > len("The world")

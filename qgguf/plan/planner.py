@@ -36,6 +36,7 @@ class TensorChoices:
     options: Mapping[str, tuple[int, float]]
     fisher_sum: float = math.nan
     rms: float = math.nan
+    experts: Mapping | None = None  # stacked experts: {"count", "tokens" per expert, "prior" experts}
 
     @property
     def n_weights(self) -> int:
@@ -54,6 +55,7 @@ class PlannedTensor:
     continuous_bits: float
     options: dict[str, tuple[int, float]]
     forced: bool = False  # set by an override
+    experts: dict | None = None  # stacked experts (TensorChoices.experts)
 
     @property
     def n_weights(self) -> int:
@@ -134,9 +136,16 @@ class Plan:
                 "name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.bytes, "bpw": t.bpw,
                 "fisher_sum": _num(t.fisher_sum), "rms": _num(t.rms), "dkl": t.dkl,
                 "continuous_bits": _num(t.continuous_bits), "forced": t.forced,
+                "share": self.shares(t),
                 "options": {k: [int(b), float(d)] for k, (b, d) in t.options.items()},
+                **({"experts": t.experts} if t.experts is not None else {}),
             } for t in self.tensors],
         }
+
+    def shares(self, t: PlannedTensor) -> dict[str, float]:
+        """The tensor's share of the planned bytes and of the predicted KL."""
+        kl = self.predicted_kl
+        return {"bytes": t.bytes / self.planned_bytes, "dkl": t.dkl / kl if kl > 0 else 0.0}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
@@ -145,7 +154,8 @@ class Plan:
         tensors = [PlannedTensor(
             name=t["name"], shape=tuple(t["shape"]), type=t["type"], bytes=int(t["bytes"]), dkl=float(t["dkl"]),
             fisher_sum=_unnum(t["fisher_sum"]), rms=_unnum(t["rms"]), continuous_bits=_unnum(t["continuous_bits"]),
-            options={k: (int(b), float(v)) for k, (b, v) in t["options"].items()}, forced=bool(t["forced"]))
+            options={k: (int(b), float(v)) for k, (b, v) in t["options"].items()}, forced=bool(t["forced"]),
+            experts=t.get("experts"))
             for t in d["tensors"]]
         return cls(tensors=tensors, budget=Budget(d["budget"]["kind"], float(d["budget"]["value"])),
                    layout=FileLayout(**d["layout"]), lam=float(d["lambda"]), capacity=int(d["capacity"]),
@@ -274,7 +284,8 @@ def plan(tensors: Sequence[TensorChoices], budget: Budget, layout: FileLayout = 
                              bytes=int(t.options[chosen[i]][0]), dkl=float(t.options[chosen[i]][1]),
                              fisher_sum=float(t.fisher_sum), rms=float(t.rms), continuous_bits=math.nan,
                              options={k: (int(b), float(v)) for k, (b, v) in t.options.items()},
-                             forced=forced[i] is not None)
+                             forced=forced[i] is not None,
+                             experts=dict(t.experts) if t.experts is not None else None)
                for i, t in enumerate(tensors)]
     result = Plan(tensors=planned, budget=budget, layout=layout, lam=sol.lam, capacity=capacity,
                   ties=[[names[i] for i in g] for g in groups if len(g) > 1])
