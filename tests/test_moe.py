@@ -242,3 +242,54 @@ def test_moe_converts_plans_stacked_experts_and_runs(arch, moe_models, text, tmp
     gen = run_completion(out)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.lstrip().startswith("The world") and len(gen.stdout.strip()) > len("The world")
+
+
+# ---------------------------------------------------------------------------------------------------- split budgets
+
+@pytest.mark.parametrize("arch,gpu,cpu", [("ernie4_5_moe", 1_000_000, 1_200_000), ("mixtral", 600_000, 1_300_000)])
+def test_split_budgets_place_every_tensor_and_llama_cpp_options_realise_it(arch, gpu, cpu, moe_models, text,
+                                                                             tmp_path, llama_build):
+    """Both budgets hold for the tensor bytes gguf-py reads per device, where the device of each tensor is what
+    the written llama.cpp options give it (-ngl, --n-cpu-moe / -ot applied with llama.cpp's rules and regex search);
+    the expert tensors are on the CPU before anything else; llama-completion runs with those options."""
+    import json
+
+    import gguf
+
+    from qgguf.plan.placement import apply_overrides, is_expert
+
+    out = tmp_path / "s.gguf"
+    res = qgguf(*convert_args(moe_models(arch), out, text, "--budget-gpu", gpu, "--budget-cpu", cpu))
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan = json.loads((tmp_path / "s.plan.json").read_text())
+    pl = plan["placement"]
+    r = gguf.GGUFReader(out)
+    n_layer = int(r.fields[f"{r.fields['general.architecture'].contents()}.block_count"].contents())
+    names = [t.name for t in r.tensors]
+    device = apply_overrides(pl["llama_args"], names, n_layer)
+    assert device == pl["device"]
+    used = {"GPU": 0, "CPU": 0}
+    for t in r.tensors:
+        used[device[t.name]] += int(t.n_bytes)
+    assert used == pl["bytes"] and used["GPU"] <= gpu and used["CPU"] <= cpu
+    assert device["token_embd.weight"] == "CPU"
+    # experts leave the GPU first: no expert on the GPU while a non-expert tensor (but the embedding) is on the CPU
+    cpu_dense = [n for n in names if device[n] == "CPU" and not is_expert(n) and n != "token_embd.weight"]
+    assert not cpu_dense or all(device[n] == "CPU" for n in names if is_expert(n))
+    assert f"GPU tensors       {used['GPU']:,} bytes" in res.stdout
+    gen = run_completion(out, *pl["llama_args"])
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.lstrip().startswith("The world")
+
+
+def test_infeasible_split_budgets_give_the_achievable_range(moe_models, text, tmp_path):
+    out = tmp_path / "x.gguf"
+    res = qgguf(*convert_args(moe_models("ernie4_5_moe"), out, text, "--budget-gpu", "500000", "--budget-cpu",
+                              "100000"))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    errors = [l for l in res.stderr.splitlines() if "error" in l]
+    assert len(errors) == 1 and "cannot be met" in errors[0], res.stderr[-2000:]
+    assert "with --budget-cpu 100,000 the GPU needs at least" in errors[0] and "in all buys nothing" in errors[0]
+    assert not out.exists() and list(tmp_path.glob("x.*")) == []
+    res = qgguf(*convert_args(moe_models("ernie4_5_moe"), out, text, "--budget-gpu", "500000"))
+    assert res.returncode != 0 and "give both --budget-gpu" in res.stderr

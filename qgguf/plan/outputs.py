@@ -94,7 +94,20 @@ def summary(plan: Plan) -> str:
               f"llama.cpp BPW     {plan.bpw:.4f} (all tensors); planned weights {plan.weights_bpw:.4f}",
               f"predicted KL      {plan.predicted_kl:.6g} nats/token",
               f"lambda            {plan.lam:.4g} ΔKL per byte"]
+    if plan.placement is not None:
+        pl = plan.placement
+        for dev, cap in (("GPU", pl.budget_gpu), ("CPU", pl.budget_cpu)):
+            n = sum(1 for d in pl.device.values() if d == dev)
+            lines.append(f"{dev} tensors       {pl.bytes[dev]:,} bytes ({pl.bytes[dev] / 2**20:.2f} MiB) of "
+                         f"{cap:,} budgeted, {n} tensors")
+        lines.append(f"llama.cpp options {' '.join(_quote(a) for a in pl.args)}")
     return "\n".join(lines)
+
+
+def _quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(a)
 
 
 def write_heatmap(plan: Plan, out: Path) -> Path:

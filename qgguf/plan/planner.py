@@ -85,6 +85,7 @@ class Plan:
     lam: float
     capacity: int
     ties: list[list[str]] = field(default_factory=list)
+    placement: object | None = None  # split budgets: qgguf.plan.placement.Placement
 
     # ------------------------------------------------------------ totals
     @property
@@ -139,7 +140,9 @@ class Plan:
                 "share": self.shares(t),
                 "options": {k: [int(b), float(d)] for k, (b, d) in t.options.items()},
                 **({"experts": t.experts} if t.experts is not None else {}),
+                **({"device": self.placement.device[t.name]} if self.placement is not None else {}),
             } for t in self.tensors],
+            **({"placement": self.placement.to_dict()} if self.placement is not None else {}),
         }
 
     def shares(self, t: PlannedTensor) -> dict[str, float]:
@@ -157,9 +160,17 @@ class Plan:
             options={k: (int(b), float(v)) for k, (b, v) in t["options"].items()}, forced=bool(t["forced"]),
             experts=t.get("experts"))
             for t in d["tensors"]]
+        placement = None
+        if "placement" in d:
+            from qgguf.plan.placement import Placement
+
+            pl = d["placement"]
+            placement = Placement(device=dict(pl["device"]), budget_gpu=int(pl["budget"]["GPU"]),
+                                  budget_cpu=int(pl["budget"]["CPU"]), bytes=dict(pl["bytes"]),
+                                  args=list(pl["llama_args"]))
         return cls(tensors=tensors, budget=Budget(d["budget"]["kind"], float(d["budget"]["value"])),
                    layout=FileLayout(**d["layout"]), lam=float(d["lambda"]), capacity=int(d["capacity"]),
-                   ties=[list(g) for g in d["ties"]])
+                   ties=[list(g) for g in d["ties"]], placement=placement)
 
 
 def _num(x: float) -> float | None:
