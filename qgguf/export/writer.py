@@ -148,8 +148,13 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                 if t.name in types:
                     w = tensor_f32(t, device, reader)
                     imp = importance.get(t.name)
-                    raw = (cache.encode(fmt, w, imp, t.name, device, engine) if cache is not None
-                           else fmt.encode(w, imp, tensor=t.name, device=device, engine=engine))
+                    if w.ndim == 3 and imp is not None and imp.ndim == 2:
+                        # stacked experts with one importance vector each: encoded expert by expert, which is
+                        # the tensor's byte layout (llama-quantize does the same with a per-expert imatrix)
+                        raw = np.concatenate([np.asarray(_encode(fmt, w[g], imp[g], t.name, device, cache, engine))
+                                              .view(np.uint8).reshape(-1) for g in range(w.shape[0])])
+                    else:
+                        raw = _encode(fmt, w, imp, t.name, device, cache, engine)
                     del w
                 else:  # not planned: copy the bytes unchanged (as the converter wrote them)
                     raw = np.asarray(t.data).view(np.uint8)
@@ -160,6 +165,11 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
         writer.close()
         verify_gguf(tmp, {n: f.name for n, f in plan_fmt.items()})
     return out
+
+
+def _encode(fmt, w: torch.Tensor, imp, name: str, device, cache: EncodeCache | None, engine: engines.Engine):
+    return (cache.encode(fmt, w, imp, name, device, engine) if cache is not None
+            else fmt.encode(w, imp, tensor=name, device=device, engine=engine))
 
 
 def verify_gguf(path: Path, expected: Mapping[str, str]) -> None:

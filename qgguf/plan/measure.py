@@ -36,10 +36,10 @@ import torch
 from tqdm import tqdm
 
 from qgguf import formats
-from qgguf.formats import engines
-from qgguf.formats.engines import Engine
 from qgguf.errors import QggufError
 from qgguf.files import atomic_output, cache_dir
+from qgguf.formats import engines
+from qgguf.formats.engines import Engine
 from qgguf.hashing import code_sha256, hash_array
 from qgguf.plan.planner import TensorChoices
 
@@ -146,6 +146,19 @@ def sample_rows(sizes: np.ndarray | int, max_rows: int | None, seed: int = 0) ->
     return rows, 1.0 / pi[rows]
 
 
+def _sample_per_expert(sizes: np.ndarray, groups: int, rows_per_group: int, max_rows: int, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """sample_rows within each expert of a stacked tensor, max_rows shared equally (at least one row each): every
+    expert is measured, even one whose statistics carry little Fisher (a rarely routed expert's prior)."""
+    k = max(1, max_rows // groups)
+    rows, inv_pi = [], []
+    for g in range(groups):
+        r, w = sample_rows(sizes[g * rows_per_group:(g + 1) * rows_per_group], k, seed + g)
+        rows.append(r + g * rows_per_group)
+        inv_pi.append(w)
+    return np.concatenate(rows), np.concatenate(inv_pi)
+
+
 # ------------------------------------------------------------------------------------------------ cache
 def _cache_file(key: str, type_name: str, engine: Engine) -> Path:
     code = f"{engine.key(formats.get(type_name))}|{code_sha256('plan/measure.py')}"
@@ -204,7 +217,10 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
 
     n_total = groups * rows_per_group
     sizes = _row_sizes(w3, chf, fisher) if max_rows and n_total > max_rows else n_total
-    rows, inv_pi = sample_rows(sizes, max_rows, seed)
+    if groups > 1 and max_rows and n_total > max_rows:
+        rows, inv_pi = _sample_per_expert(sizes, groups, rows_per_group, max_rows, seed)
+    else:
+        rows, inv_pi = sample_rows(sizes, max_rows, seed)
     rms = math.sqrt(float(_energy(w3, None, 1).col.sum()) / w3.numel())
     energies: dict[int, _Energy | None] = {}
     out = TensorMeasurement(name=t.name, shape=shape, rms=rms, rows_measured=len(rows), rows_total=n_total)
