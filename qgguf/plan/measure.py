@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -403,16 +404,21 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
                       fisher_mse=fisher_mse)
 
 
+def _work(shape: tuple[int, ...], types: Sequence[str], max_rows: int | None) -> tuple[int, int]:
+    """(weights encoded and decoded, weights read in whole-tensor passes) to measure one tensor of `shape`."""
+    row_len, rows = shape[-1], math.prod(shape[:-1])
+    fmts = [formats.get(n) for n in types if formats.get(n).accepts(row_len)]
+    sampled = rows if not max_rows or rows <= max_rows else max_rows
+    passes = (1 + len({_scale_block(f) for f in fmts})) * rows * row_len if sampled < rows else 0
+    return len(fmts) * sampled * row_len, passes
+
+
 def estimate(shapes: Sequence[tuple[int, ...]], types: Sequence[str], max_rows: int | None) -> str:
     """What measuring tensors of these shapes costs before it starts: tensors × types × rows, in weights."""
     coded = passes = 0
     for shape in shapes:
-        row_len, rows = shape[-1], math.prod(shape[:-1])
-        fmts = [formats.get(n) for n in types if formats.get(n).accepts(row_len)]
-        sampled = rows if not max_rows or rows <= max_rows else max_rows
-        coded += len(fmts) * sampled * row_len
-        if sampled < rows:  # row sizes, then the scale energy of every row per distinct scale block
-            passes += (1 + len({_scale_block(f) for f in fmts})) * rows * row_len
+        c, p = _work(shape, types, max_rows)
+        coded, passes = coded + c, passes + p
     rows_note = f"≤ {max_rows:,} rows each" if max_rows else "every row"
     return (f"measure: {len(shapes)} tensors × {len(types)} types ({rows_note}): {coded / 1e9:.3g} G weights "
             f"to encode and decode, {passes / 1e9:.3g} G weights read in whole-tensor passes")
@@ -430,9 +436,25 @@ def measure_tensors(items: Iterable[TensorInput], types: Sequence[str], *, max_r
         total = len(shapes)
         if progress:
             print(f"qgguf: {estimate(shapes, types, max_rows)}", file=sys.stderr)
+    # a weight read in a whole-tensor pass costs about a tenth of one encoded and decoded (SmolLM2, ggml encoder)
+    work = [c + p / 10 for c, p in (_work(sh, types, max_rows) for sh in shapes)] if shapes is not None else None
+    done, t0, told = 0, time.monotonic(), not progress or work is None
     with tqdm(items, total=total, desc="measure", unit="tensor", disable=not progress or None) as bar:
-        for t in bar:
+        for i, t in enumerate(bar):
             bar.set_postfix_str(t.name, refresh=False)
             out[t.name] = measure_tensor(t, types, max_rows=max_rows, seed=seed, cache=cache, device=device,
                                          engine=engine)
+            if not told:  # once the first tensors took a few seconds: the time they predict for all (logs too)
+                done += work[i]
+                spent = time.monotonic() - t0
+                if spent >= 10.0 and done >= 0.03 * sum(work) and i + 1 < len(work):
+                    told = True
+                    left = spent * (sum(work) - done) / max(done, 1)
+                    print(f"qgguf: measure: the first {i + 1} tensors took {spent:.0f} s: about "
+                          f"{_duration(spent + left)} for all ({engine.name} encoder; cached results are quicker)",
+                          file=sys.stderr)
     return out
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
