@@ -119,7 +119,9 @@ static const ggml_nl_spec ggml_nl_specs[7] = {
 
 // signed scale of sub-block ib of an _XS block: 4 low bits from scales_l, 2 high from scales_h, minus 32
 static inline int ggml_nl_sub_scale(const ggml_nl_block * b, int ib) {
-    return (((b->scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf) | (((b->scales_h[ib / 4] >> (2 * (ib % 4))) & 3) << 4)) - 32;
+    const int lo = (b->scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf;
+    const int hi = (b->scales_h[ib / 4] >> (2 * (ib % 4))) & 3;
+    return (lo | (hi << 4)) - 32;
 }
 
 #define GGML_NL_DECL(B, L) \

@@ -189,8 +189,8 @@ static inline float nl_hsum(__m256 v) {
 
 // ------------------------------------------------------------------------------------------------ the kernels
 // One kernel for both layouts: weight blocks of qk (QK_K: _XS, one Q8_K block each; QK_NL: _32, one Q8_0 block
-// each), read through the type's accessor (ggml-nl.h; inlined with the kernel). Each block is 32-weight sub-blocks with an int scale (the _XS 6-bit scales, 1 in _32),
-// and one float scale d = (weight d) * (activation d).
+// each), read through the type's accessor (ggml-nl.h; inlined with the kernel). Each block is 32-weight sub-blocks
+// with an int scale (the _XS 6-bit scales, 1 in _32), and one float scale d = (weight d) * (activation d).
 
 // scalar kernel, compiled on every target (exported as *_generic so tests can check it on SIMD machines too)
 static inline void nl_vec_dot_generic(int bits, int qk, ggml_nl_block_fn block, int n, float * GGML_RESTRICT s,
