@@ -122,7 +122,8 @@ def main() -> int:
     print(md)
     if update:
         slug = re.sub(r"[^a-z0-9.]+", "-", f"{res['model']}-{res['text']}-{res['backend']}".lower()).strip("-")
-        write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "stability", slug, md)
+        write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "stability", slug, md,
+                      heading="## Calibration stability: two seeds, one plan")
     return 0
 
 
