@@ -41,7 +41,8 @@ PRINT_SLACK = 0.005 * 2**20  # the MiB are printed with two decimals
 # tiny model -> (make_tiny arguments, (GPU, CPU) budget pairs as fractions of the F32 tensor bytes)
 MODELS = {
     "mixtral": ({"hidden": 512, "ffn": 512, "layers": 4}, [(0.05, 0.08), (0.09, 0.05)]),
-    "ernie4_5_moe": ({"hidden": 512, "ffn": 1024, "layers": 4}, [(0.05, 0.08), (0.09, 0.05)]),
+    # ERNIE's dense FFN must be its shared expert's width × kv heads for llama.cpp: the default 256 / 512 keeps that
+    "ernie4_5_moe": ({"layers": 4}, [(0.05, 0.08), (0.09, 0.05)]),
     "llama": ({"hidden": 512, "ffn": 1024, "layers": 4}, [(0.05, 0.08), (0.09, 0.05)]),
 }
 
@@ -94,7 +95,7 @@ def check_case(case: dict, work: Path, bin_dir: Path, cpu_only: bool, threads: i
     pl = plan["placement"]
     n_tensors = {d: sum(1 for v in pl["device"].values() if v == d) for d in ("GPU", "CPU")}
     cmd = [str(bin_dir / "llama-completion"), "-m", str(work / case["gguf"]), *pl["llama_args"], "--load-mode",
-           "none", "-p", "The world", "-n", "4", "--temp", "0", "-no-cnv", "-t", str(threads)]
+           "none", "-lv", "4", "-p", "The world", "-n", "4", "--temp", "0", "-no-cnv", "-t", str(threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
     bufs = buffers(res.stdout + res.stderr)
     reported = {"GPU": sum(v for k, v in bufs.items() if k.startswith("CUDA") and k != "CUDA_Host"),
