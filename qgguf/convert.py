@@ -270,7 +270,7 @@ def run(args) -> int:
                 the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
                                 max_type=args.max_type)
         importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
-        meta = {"qgguf.version": __version__, "qgguf.budget": str(the_plan.budget), "qgguf.palette": args.palette,
+        meta = {"qgguf.version": __version__, "qgguf.budget": the_plan.budget_text, "qgguf.palette": args.palette,
                 "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
         base = out.with_suffix("")
         side = {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_FILES.items()}

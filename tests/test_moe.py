@@ -13,6 +13,9 @@ import pytest
 from qgguf.assets.tiny import make_tiny
 from qgguf.llamacpp.build import tool_path
 
+# E[x²] from llama.cpp's graph against transformers': float32 sums in another order, through two layers
+RTOL_IMATRIX = 3e-3
+
 # tiny model -> (llama.cpp architecture, experts, whether it has a shared expert, make_tiny arguments)
 MOE = {
     "mixtral": ("llama", 4, False, {"ffn": 256}),
@@ -193,6 +196,101 @@ def test_never_routed_expert_gets_the_prior_and_is_flagged(moe_models, tmp_path,
         np.testing.assert_allclose(im.entries[name].mean().reshape(4, -1), t.act_sq, rtol=1e-5)
 
 
+IM_CTX, IM_CHUNKS = 128, 4
+IM_TEXT_SEED = 7  # a text on which no token's routing is a near-tie in either model (the test checks it)
+
+
+def least_routing_margin(model_dir: Path, ids) -> float:
+    """The least gap, over tokens and MoE layers, between the k-th and (k+1)-th router probability: below
+    rounding, the token's k-th expert is a coin toss between implementations."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    k = AutoConfig.from_pretrained(model_dir).num_experts_per_tok
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    gaps = []
+
+    def hook(mod, inp, out):
+        p = torch.softmax((out[0] if isinstance(out, tuple) else out).float(), -1).sort(-1, descending=True).values
+        gaps.append(float((p[:, k - 1] - p[:, k]).min()))
+    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m).__name__.endswith("Router")]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    assert len(gaps) == model.config.num_hidden_layers
+    return min(gaps)
+
+
+def test_tiny_tokenizer_reads_alike_everywhere(moe_models):
+    """The tiny models' SentencePiece tokenizer gives the same ids through every transformers path (Llama's
+    tokenizer class, and the conversion of the .model that Mixtral's and ERNIE's configs get) and through
+    sentencepiece itself (which llama.cpp's tokenizer follows): newlines and runs of spaces are kept, not
+    normalised away, as in Llama's and Mistral's own tokenizer.model."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from qgguf.assets.tiny import make_tiny_llama, tiny_text
+
+    text = tiny_text(200, seed=5) + "  two  spaces\n\n\ttab é"
+    mixtral = moe_models("mixtral")
+    llama = make_tiny_llama(mixtral.parent / "llama")
+    ref = [1] + spm.SentencePieceProcessor(model_file=str(mixtral / "tokenizer.model")).encode(text)
+    assert 13 in ref  # <0x0A>: a newline is a byte token, as llama.cpp encodes it
+    for d in (mixtral, llama, moe_models("ernie4_5_moe")):
+        assert AutoTokenizer.from_pretrained(d)(text).input_ids == ref, d.name
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_llama_imatrix_agrees_with_our_expert_statistics(arch, moe_models, tmp_path, llama_build):
+    """llama-imatrix on the converted model and our calibration on the same text: per expert (llama-imatrix's
+    layout, one matrix and one count per expert) the same routed-token counts and E[x²] of every stacked expert
+    tensor, and the same E[x²] of every dense tensor (attention, routers, shared expert)."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from qgguf.assets.tiny import tiny_text
+    from qgguf.calibrate.imatrix import read_imatrix
+    from qgguf.calibrate.runner import calibrate
+    from qgguf.calibrate.stats import load_stats
+    from qgguf.calibrate.text import token_chunks
+    from qgguf.llamacpp.converter import convert_hf
+
+    model = moe_models(arch)
+    text = tmp_path / "cal.txt"
+    text.write_text(tiny_text(6000, seed=IM_TEXT_SEED))
+    ids = torch.stack(token_chunks(AutoTokenizer.from_pretrained(model), text.read_text(), IM_CTX * IM_CHUNKS,
+                                   IM_CTX))
+    assert least_routing_margin(model, ids) > 1e-4, "a near-tie in routing: choose another IM_TEXT_SEED"
+    f32 = convert_hf(model, tmp_path / "f32.gguf")
+    calibrate(model, tmp_path / "s.safetensors", text=text, tokens=IM_CTX * IM_CHUNKS, seq_len=IM_CTX,
+              progress=False, imatrix_out=tmp_path / "ours.gguf")
+    res = subprocess.run([str(tool_path("llama-imatrix")), "-m", str(f32), "-f", str(text), "-o",
+                          str(tmp_path / "theirs.gguf"), "-c", str(IM_CTX), "--chunks", str(IM_CHUNKS), "-t", "1",
+                          "--no-ppl", "--output-format", "gguf"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs, ours = read_imatrix(tmp_path / "theirs.gguf"), read_imatrix(tmp_path / "ours.gguf")
+    stats = load_stats(tmp_path / "s.safetensors")
+    n_tok, k = IM_CTX * IM_CHUNKS, 2
+    blk = sorted(n for n in stats.names() if n.startswith("blk."))
+    assert sorted(theirs.entries) == blk  # llama-imatrix collects every blk.* matmul weight, routers included
+    n_exps = 0
+    for name in blk:
+        e, t = theirs.entries[name], stats[name]
+        if "_exps" in name:
+            n_exps += 1
+            assert e.sums.shape == t.act_sq.shape == (MOE[arch][1], t.act_sq.shape[1])
+            assert e.counts.tolist() == t.expert_tokens.tolist() == ours.entries[name].counts.tolist(), name
+            assert e.counts.sum() == n_tok * k and (e.counts > 0).all()
+            got = e.sums / e.counts[:, None]
+        else:
+            assert e.counts.tolist() == [n_tok], name
+            got = theirs.mean(name)
+        np.testing.assert_allclose(got, t.act_sq, rtol=RTOL_IMATRIX, atol=1e-6, err_msg=name)
+    assert n_exps == 6  # two layers × gate, up, down
+
+
 # ---------------------------------------------------------------------------------------------------- convert
 
 def qgguf(*args) -> subprocess.CompletedProcess:
@@ -277,6 +375,10 @@ def test_split_budgets_place_every_tensor_and_llama_cpp_options_realise_it(arch,
     cpu_dense = [n for n in names if device[n] == "CPU" and not is_expert(n) and n != "token_embd.weight"]
     assert not cpu_dense or all(device[n] == "CPU" for n in names if is_expert(n))
     assert f"GPU tensors       {used['GPU']:,} bytes" in res.stdout
+    # the budgets as given (no whole-file budget was): the summary, the plan JSON and the GGUF's metadata
+    given = f"--budget-gpu {gpu:,} --budget-cpu {cpu:,} bytes"
+    assert f"budget            {given}\n" in res.stdout and plan["budget"] is None
+    assert r.fields["qgguf.budget"].contents() == given
     gen = run_completion(out, *pl["llama_args"])
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.lstrip().startswith("The world")

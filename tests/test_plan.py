@@ -325,3 +325,28 @@ def test_tensor_type_file_reproduces_the_plan_in_stock_llama_quantize(tiny_f32, 
                                                                            for t in fixed]), p.lam, p.capacity)
     assert at.file_bytes == out.stat().st_size
     assert at.bpw <= 6.0
+
+
+def test_split_budgets_alone_are_reported_as_given(tmp_path):
+    """With only --budget-gpu/--budget-cpu the plan has no whole-file budget: the summary's budget line, the plan
+    JSON and its reading back give the two budgets as given, not a --target-size of their sum; with a file budget
+    as well, both."""
+    from qgguf.plan.placement import plan_split
+
+    ts = choices()
+    fixed = {f"blk.{i}.attn_norm.weight": 1024 for i in range(3)}
+    total_min = sum(min(b for b, _ in t.options.values()) for t in ts) + sum(fixed.values())
+    gpu, cpu = total_min, 2 * total_min
+    p, pl = plan_split(ts, fixed, gpu, cpu, n_layer=3)
+    assert p.budget is None and pl.bytes["GPU"] <= gpu and pl.bytes["CPU"] <= cpu
+    given = f"--budget-gpu {gpu:,} --budget-cpu {cpu:,} bytes"
+    assert p.budget_text == given
+    assert f"budget            {given}\n" in summary(p) and "--target-size" not in summary(p)
+    write_plan_json(p, tmp_path / "split.json")
+    d = json.loads((tmp_path / "split.json").read_text())
+    assert d["budget"] is None and d["placement"]["budget"] == {"GPU": gpu, "CPU": cpu}
+    back = read_plan_json(tmp_path / "split.json")
+    assert back.to_dict() == p.to_dict() and back.budget_text == given
+    size = 4 * total_min
+    both, _ = plan_split(ts, fixed, gpu, cpu, n_layer=3, total=Budget.target_size(size))
+    assert both.budget_text == f"--target-size {size:,} bytes; {given}"

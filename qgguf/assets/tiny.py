@@ -33,7 +33,7 @@ def make_tokenizer(out: Path, vocab_size: int = 320, control: tuple[str, ...] = 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(tiny_text().splitlines()), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        control_symbols=list(control),
+        control_symbols=list(control), normalization_rule_name="identity", remove_extra_whitespaces=False,
         num_threads=1, minloglevel=2)
     (out / "tokenizer.model").write_bytes(model.getvalue())
     (out / "tokenizer_config.json").write_text(json.dumps({

@@ -165,8 +165,9 @@ def stale_rows(results: dict) -> list[str]:
             if r["spec"].get("tools") != tools or (r["kind"] == "qgguf" and r["spec"].get("code") != code)]
 
 
-def update_docs(results: dict, plot: Path, docs: Path) -> Path:
+def update_docs(results: dict, plot: Path, docs: Path, note: str = "") -> Path:
     """Put this bench's section (between its own markers) and its plot into `docs`; other sections stay as they are.
+    `note`: a paragraph placed under the section's heading (what the numbers can and cannot say).
 
     Refuses rows that other code made: a published number must be reproducible from the checkout."""
     stale = stale_rows(results)
@@ -181,7 +182,11 @@ def update_docs(results: dict, plot: Path, docs: Path) -> Path:
     img.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(img) as tmp:
         shutil.copyfile(plot, tmp)
-    return write_section(docs, "bench", slug, report_markdown(results, img_rel.as_posix(), heading="##"))
+    md = report_markdown(results, img_rel.as_posix(), heading="##")
+    if note:
+        head, _, rest = md.partition("\n\n")
+        md = f"{head}\n\n{note.strip()}\n\n{rest}"
+    return write_section(docs, "bench", slug, md)
 
 
 def print_summary(results: dict) -> None:

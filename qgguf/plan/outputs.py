@@ -89,7 +89,7 @@ def summary(plan: Plan) -> str:
     if prior:
         lines += ["", "experts routed too few calibration tokens (their statistics are a prior): " + "; ".join(prior)]
     lines += ["",
-              f"budget            {plan.budget}",
+              f"budget            {plan.budget_text}",
               f"file size         {plan.file_bytes:,} bytes ({plan.file_bytes / 2**20:.2f} MiB)",
               f"llama.cpp BPW     {plan.bpw:.4f} (all tensors); planned weights {plan.weights_bpw:.4f}",
               f"predicted KL      {plan.predicted_kl:.6g} nats/token",

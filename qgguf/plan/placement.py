@@ -168,7 +168,7 @@ def plan_split(tensors: Sequence[TensorChoices], fixed: dict[str, int], budget_g
     placement = Placement(device, int(budget_gpu), int(budget_cpu), used, llama_args(device, names, n_layer))
     lam = max((p.lam for p in parts if p is not None), default=0.0)
     capacity = sum(p.capacity for p in parts if p is not None)
-    combined = Plan(tensors=order, budget=total or Budget.target_size(budget_gpu + budget_cpu), layout=layout,
+    combined = Plan(tensors=order, budget=total, layout=layout,
                     lam=lam, capacity=capacity, placement=placement)
     return combined, placement
 

@@ -80,7 +80,7 @@ class PlannedTensor:
 @dataclass
 class Plan:
     tensors: list[PlannedTensor]
-    budget: Budget
+    budget: Budget | None  # the whole-file budget; None when only split budgets were given (see placement)
     layout: FileLayout
     lam: float
     capacity: int
@@ -121,11 +121,19 @@ class Plan:
     def predicted_kl(self) -> float:
         return float(sum(t.dkl for t in self.tensors))
 
+    @property
+    def budget_text(self) -> str:
+        """The budgets as the user gave them: the whole file's, the two devices', or both."""
+        parts = [str(self.budget)] if self.budget is not None else []
+        if self.placement is not None:
+            parts.append(f"--budget-gpu {self.placement.budget_gpu:,} --budget-cpu {self.placement.budget_cpu:,} bytes")
+        return "; ".join(parts)
+
     # ------------------------------------------------------------ files
     def to_dict(self) -> dict:
         return {
             "version": PLAN_VERSION,
-            "budget": {"kind": self.budget.kind, "value": self.budget.value},
+            "budget": {"kind": self.budget.kind, "value": self.budget.value} if self.budget is not None else None,
             "layout": vars(self.layout).copy(),
             "lambda": self.lam,
             "capacity": self.capacity,
@@ -168,7 +176,8 @@ class Plan:
             placement = Placement(device=dict(pl["device"]), budget_gpu=int(pl["budget"]["GPU"]),
                                   budget_cpu=int(pl["budget"]["CPU"]), bytes=dict(pl["bytes"]),
                                   args=list(pl["llama_args"]))
-        return cls(tensors=tensors, budget=Budget(d["budget"]["kind"], float(d["budget"]["value"])),
+        budget = Budget(d["budget"]["kind"], float(d["budget"]["value"])) if d["budget"] is not None else None
+        return cls(tensors=tensors, budget=budget,
                    layout=FileLayout(**d["layout"]), lam=float(d["lambda"]), capacity=int(d["capacity"]),
                    ties=[list(g) for g in d["ties"]], placement=placement)
 
