@@ -5,6 +5,9 @@ Per GGUF tensor `T` (a weight of rows × row_len in GGUF layout, i.e. HF out_fea
   T.act_sq      float32[row_len]       E[x_j²], the input's second moment (what llama.cpp's imatrix holds);
                                        absent for an input embedding that is not also the output head
   T.fisher      float32[rows, row_len] per-element diagonal Fisher, GGUF row order (only when asked for)
+  T.row_fisher  float32[rows]          E_t[g_r²] per output row r, GGUF row order (Linear weights, only with
+                                       `--covariance`): the row factor d of the Kronecker-factored Fisher
+                                       F ≈ diag(d) ⊗ E[x xᵀ] (calibrate/covariance.py)
 All Fisher values are per token: F is the expected diagonal Fisher of one token's predictive distribution, so
 adding a weight error δ to the tensor costs about ½ Σ F δ² nats of KL per token.
 The JSON metadata (key "qgguf") holds the run (model hash, tokens, sequence length, seed, version) and, per
@@ -37,6 +40,7 @@ class TensorStats:
     importance: np.ndarray  # float32[row_len]: Σ_rows of the per-token diagonal Fisher
     act_sq: np.ndarray | None = None  # float32[row_len]: E[x²] of the input (None for a pure embedding)
     fisher: np.ndarray | None = None  # float32[rows, row_len]: per-element diagonal Fisher, GGUF row order
+    row_fisher: np.ndarray | None = None  # float32[rows]: E_t[g_r²] per output row, GGUF row order (K-FAC)
 
     @property
     def fisher_sum(self) -> float:
@@ -100,6 +104,8 @@ def save_stats(stats: Stats, out: Path, inputs: list[Path] = ()) -> Path:
             arrays[f"{name}.act_sq"] = np.ascontiguousarray(t.act_sq, dtype=np.float32)
         if t.fisher is not None:
             arrays[f"{name}.fisher"] = np.ascontiguousarray(t.fisher, dtype=np.float32)
+        if t.row_fisher is not None:
+            arrays[f"{name}.row_fisher"] = np.ascontiguousarray(t.row_fisher, dtype=np.float32)
         per_tensor[name] = {"hf_name": t.hf_name, "shape": list(t.shape), "kind": t.kind,
                             "fisher_sum": t.fisher_sum, "fisher_mean": t.fisher_mean}
     meta = dict(stats.meta, format=FORMAT_VERSION, tensors=per_tensor)
@@ -131,7 +137,8 @@ def load_stats(path: Path, per_element: bool = False) -> Stats:
                     name=name, hf_name=info["hf_name"], shape=tuple(info["shape"]), kind=info["kind"],
                     importance=f.get_tensor(f"{name}.importance"),
                     act_sq=f.get_tensor(f"{name}.act_sq") if f"{name}.act_sq" in keys else None,
-                    fisher=f.get_tensor(f"{name}.fisher") if per_element and f"{name}.fisher" in keys else None)
+                    fisher=f.get_tensor(f"{name}.fisher") if per_element and f"{name}.fisher" in keys else None,
+                    row_fisher=f.get_tensor(f"{name}.row_fisher") if f"{name}.row_fisher" in keys else None)
     except SafetensorError as e:
         raise QggufError(f"{path} is not a readable safetensors file ({e}); make one with `qgguf calibrate`") from None
     except (ValueError, KeyError) as e:
