@@ -1,0 +1,206 @@
+"""Error-feedback rounding (GPTQ / LDLQ) into the registry's own GGUF blocks.
+
+Plain rounding (Format.encode) chooses every weight's level on its own. With the input covariance H = E[x xᵀ] of
+the layer, the output error of row r is δ_r H δ_rᵀ, and rounding the input channels one after the other lets the
+channels not yet rounded absorb the error of those already rounded. For each row (all rows at once, as tensors):
+
+    U = the upper Cholesky factor of (H + λI)⁻¹,   λ = DAMP · mean diag(H)
+    for each block of the type, in row order (a super-block for the K-quants and _XS types):
+        choose the block's scales from the current weights with the type's own scale search (Format.encode of
+        the block, with the same importance as plain rounding; the block's indices come with it)
+        for each column j of the block:
+            w_j → its level under those fixed scales: the encoder's own index if no earlier column moved w_j,
+                  else the nearest level (Format.levels / grid / level_values)
+            e_j = (w_j − ŵ_j) / U_jj;   w_k −= e_j · U_jk for the columns k > j
+        write the block with its new indices (Format.with_levels): the same layout, scales and decoders
+
+The updates inside a lazy batch of LAZY_COLUMNS columns are applied column by column, and those to the columns
+after it as one matrix product (GPTQ's lazy batch updates). Why it is exact for a diagonal H: U is then diagonal,
+every update is a zero, no column moves, and each block gets plain rounding's scales and indices — byte for byte
+what Format.encode writes (tests/test_feedback.py checks it for every type).
+
+Fallbacks (one log line per tensor, then plain rounding or a reduced problem, never NaN scales):
+  - H with NaN or Inf, or every diagonal entry zero (an input that never fired): plain rounding.
+  - Channels whose H_jj is zero (never fired, or a zero input column): taken out of the coupling (their row and
+    column of H set to zero and their diagonal to the mean), so they are rounded on their own and pass no error.
+  - H singular after damping (rank-deficient beyond λ, e.g. a constant or duplicated input column with λ → 0):
+    λ grows tenfold up to three times; if the factorisation still fails, plain rounding.
+  - Weights that leave the finite range during the updates: plain rounding.
+Q8_0 and the float types have no levels here (Format.feedback is False) and are always rounded plainly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..errors import QggufError
+from .base import Format
+from .common import fdiv, seq_sum
+
+DAMP = 0.01          # λ = DAMP · mean diag(H), as GPTQ's default percdamp
+DAMP_GROWTH = 10.0   # λ ← 10·λ when the damped H still does not factorise
+DAMP_TRIES = 3
+LAZY_COLUMNS = 256   # columns updated one by one; a multiple of every block size (32, 256)
+
+
+def _log(name: str, msg: str) -> None:
+    print(f"qgguf: {name}: {msg}", file=sys.stderr)
+
+
+class Feedback:
+    """The Cholesky factor of one tensor's damped H⁻¹, computed once and used for every type.
+
+    H: the input covariance (n × n, any float dtype, any device). `importance`: the per-input-channel weight the
+    plain encoder uses (the Fisher importance); None → diag(H). `fallback` holds the reason when the tensor is
+    rounded plainly (H unusable)."""
+
+    def __init__(self, H, name: str = "tensor", damp: float = DAMP, device: torch.device | str | None = None,
+                 log: bool = True):
+        self.name = name
+        self.fallback: str | None = None
+        self.events: list[str] = []
+        self.U: torch.Tensor | None = None
+        self.diag: torch.Tensor | None = None
+        H = torch.as_tensor(H)
+        if device is not None:
+            H = H.to(device)
+        H = H.to(torch.float64)
+        if H.ndim != 2 or H.shape[0] != H.shape[1]:
+            raise ValueError(f"{name}: H must be square, not {tuple(H.shape)}")
+        self.n = int(H.shape[0])
+        if not bool(torch.isfinite(H).all()):
+            self._fail("its input covariance holds NaN or Inf", log)
+            return
+        H = (H + H.T) / 2
+        d = H.diagonal().clone()
+        dead = d <= 0
+        if bool(dead.all()):
+            self._fail("its input never fired in calibration (H = 0)", log)
+            return
+        mean = float(d[~dead].mean())
+        self.diag = torch.where(dead, torch.zeros_like(d), d).to(torch.float32)
+        if bool(dead.any()):
+            H[dead, :] = 0
+            H[:, dead] = 0
+            H[dead, dead] = mean
+            self.events.append(f"{int(dead.sum())} input channel(s) never fired: rounded on their own")
+        lam = damp * mean
+        eye = torch.eye(self.n, dtype=H.dtype, device=H.device)
+        for attempt in range(DAMP_TRIES + 1):
+            L, info = torch.linalg.cholesky_ex(H + lam * eye)
+            if int(info) == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if int(info) == 0 and bool(torch.isfinite(U).all()):
+                    break
+            if attempt < DAMP_TRIES:
+                lam *= DAMP_GROWTH
+        else:
+            self._fail(f"its damped input covariance does not factorise (λ up to {lam:.3g}): rank-deficient", log)
+            return
+        if attempt:
+            self.events.append(f"H is rank-deficient: damping raised to λ = {lam:.3g}")
+        self.damping = lam
+        self.U = U.to(torch.float32)
+        if log:
+            for e in self.events:
+                _log(name, f"error feedback: {e}")
+
+    def _fail(self, why: str, log: bool) -> None:
+        self.fallback = why
+        if log:
+            _log(self.name, f"{why}; plain rounding instead of error feedback")
+
+    # ------------------------------------------------------------------------------------------ encoding
+    def encode(self, fmt: Format, weights: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw GGUF bytes [rows, bytes per row] of `weights` (rows × n) in `fmt`, rounded with error feedback
+        (plain rounding for types without levels and when H is unusable)."""
+        W = torch.as_tensor(weights).to(torch.float32)
+        if self.U is not None:
+            W = W.to(self.U.device)
+        imp = importance
+        if imp is None and self.diag is not None:
+            imp = self.diag
+        if self.U is None or not fmt.feedback:
+            return fmt.encode_torch(W, imp, tensor=self.name)
+        imp = torch.as_tensor(imp).to(W.device, torch.float32).reshape(-1)
+        rows, n = W.shape
+        fmt.check_row_len(n, self.name)
+        if n != self.n:
+            raise ValueError(f"{self.name}: rows of {n} weights, H of {self.n} channels")
+        if not bool(torch.isfinite(W).all()):
+            raise QggufError(f"{self.name}: weights hold NaN or Inf; fix the checkpoint before quantising")
+        if imp.numel() != n or not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+            raise QggufError(f"{self.name}: importance must be {n} finite non-negative values")
+        out = _feedback(fmt, W.clone(), imp, self.U)
+        if out is None:
+            _log(self.name, f"{fmt.name}: weights left the finite range during error feedback; plain rounding")
+            return fmt.encode_torch(W, imp, tensor=self.name)
+        return out
+
+
+def _nearest_values(V: torch.Tensor, uniform: bool, t: torch.Tensor) -> torch.Tensor:
+    """The value of sorted V nearest to t (the lower one on ties; NaN stays NaN)."""
+    if uniform:  # V = V[0], V[0] + 1, …: one rounding
+        return t.round_().clamp_(float(V[0]), float(V[-1]))
+    k = V.numel()
+    hi = torch.searchsorted(V, t).clamp_(1, k - 1)
+    lo, hv = V[hi - 1], V[hi]
+    return torch.where(t - lo <= hv - t, lo, hv)
+
+
+def _row_sigma2(W: torch.Tensor) -> torch.Tensor:
+    """Σx²/n of each row in row order (the block-32 types' importance path, as legacy._row_sigma2)."""
+    return fdiv(seq_sum((W * W).t().contiguous()), W.shape[1])
+
+
+def _feedback(fmt: Format, W: torch.Tensor, imp: torch.Tensor, U: torch.Tensor) -> torch.Tensor | None:
+    rows, n = W.shape
+    B = fmt.block_size
+    nblk = n // B
+    out = torch.empty((rows, nblk, fmt.type_size), dtype=torch.uint8, device=W.device)
+    V = fmt.level_values(W.device)
+    uniform = bool(torch.equal(V - V[0], torch.arange(V.numel(), dtype=V.dtype, device=V.device)))
+    sigma2 = _row_sigma2(W)  # of the weights as given: the statistic plain rounding uses
+    # channel-major copy: a column is a contiguous vector over the rows, and so is each rank-1 update
+    Wt = W.t().contiguous()
+    inv_u = 1 / U.diagonal()
+    lazy = max(B, LAZY_COLUMNS // B * B)
+    for c0 in range(0, n, lazy):
+        c1 = min(c0 + lazy, n)
+        E = torch.empty((c1 - c0, rows), dtype=torch.float32, device=W.device)
+        for b0 in range(c0, c1, B):
+            xbt = Wt[b0:b0 + B].clone()  # [B, rows]: the block as its scales are chosen
+            if not bool(torch.isfinite(xbt).all()):
+                return None
+            q = fmt.encode_blocks_sigma(xbt.t().contiguous(), imp[b0:b0 + B].expand(rows, B).contiguous(), sigma2)
+            L0 = fmt.levels(q)
+            a, b = (g.t().contiguous() for g in fmt.grid(q))
+            v0 = V[L0.t()]                             # [B, rows]: the plain encoder's level values
+            # a zero scale (a, and so 1/a, zero): every level decodes to b, t = 0 picks any, the bytes decode alike
+            inv_a = torch.where(a != 0, 1 / torch.where(a != 0, a, torch.ones_like(a)), torch.zeros_like(a))
+            vals = torch.empty_like(v0)
+            for p in range(B):
+                j = b0 + p
+                w = Wt[j]
+                t = (w - b[p]).mul_(inv_a[p])
+                # moved by feedback: the nearest level of the block's fixed grid, else the encoder's own level
+                v = torch.where(w != xbt[p], _nearest_values(V, uniform, t), v0[p], out=vals[p])
+                e = torch.mul(w - torch.addcmul(b[p], a[p], v), inv_u[j], out=E[j - c0])
+                if j + 1 < c1:
+                    Wt[j + 1:c1].addr_(U[j, j + 1:c1], e, alpha=-1.0)
+            L = torch.searchsorted(V, vals.t().contiguous())  # the values are levels: exact indices
+            out[:, b0 // B] = fmt.with_levels(q, L)
+        if c1 < n:
+            Wt[c1:].addmm_(U[c0:c1, c1:].t(), E, alpha=-1.0)
+    return out.reshape(rows, nblk * fmt.type_size)
+
+
+def h_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, row_weight: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """Σ_r d_r · δ_r H δ_rᵀ per row (float64 [rows]; d = 1 without `row_weight`), δ = W_hat − W."""
+    D = (W_hat.to(torch.float64) - W.to(torch.float64))
+    per_row = ((D @ H.to(torch.float64)) * D).sum(1)
+    return per_row if row_weight is None else per_row * row_weight.to(torch.float64)
