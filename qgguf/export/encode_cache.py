@@ -17,27 +17,34 @@ DIGEST_BYTES = 16
 
 
 class EncodeCache:
-    """Encoded tensor bytes in a folder, one file per (weights, importance, type, encoder sources)."""
+    """Encoded tensor bytes in a folder, one file per (weights, importance, type, encoder sources; and for
+    error-feedback rounding the input covariance and the feedback code)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
-    def path(self, w: torch.Tensor, importance: torch.Tensor | None, fmt: formats.Format) -> Path:
+    def path(self, w: torch.Tensor, importance: torch.Tensor | None, fmt: formats.Format, covariance=None) -> Path:
         code = f"{formats.encoder_hash(fmt.name)}|{code_sha256('export')}"
+        if covariance is not None:  # error-feedback rounding: its code and H are inputs too
+            code += f"|feedback|{code_sha256('formats/feedback.py')}"
         h = hashlib.blake2b(f"{fmt.name}|{code}|v{ENCODE_CACHE_VERSION}".encode(), digest_size=20)
         hash_array(h, w)
         hash_array(h, importance)
+        if covariance is not None:
+            hash_array(h, covariance)
         d = h.hexdigest()
         return self.folder / d[:2] / f"{d}.bin"
 
     def encode(self, fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor | None, name: str,
-               device: str) -> np.ndarray:
-        path = self.path(w, importance, fmt)
+               device: str, covariance=None) -> np.ndarray:
+        from qgguf.export.writer import encode_tensor
+
+        path = self.path(w, importance, fmt, covariance)
         nbytes = fmt.nbytes(tuple(w.shape))
         cached = self._read(path, nbytes)
         if cached is not None:
             return cached
-        raw = np.ascontiguousarray(fmt.encode(w, importance, tensor=name, device=device)).reshape(-1)
+        raw = np.ascontiguousarray(encode_tensor(fmt, w, importance, name, device, covariance)).reshape(-1)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
             with open(tmp, "wb") as f:

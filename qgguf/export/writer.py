@@ -80,12 +80,15 @@ def tensor_f32(reader_tensor, device: str | torch.device = "cpu", reader=None) -
 def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                 importance: Mapping[str, torch.Tensor] | None = None, *,
                 extra_metadata: Mapping[str, str] | None = None, device: str = "cpu",
-                progress: bool = True, reader=None, encode_cache: Path | None = None) -> Path:
+                progress: bool = True, reader=None, encode_cache: Path | None = None,
+                roundings: Mapping[str, str] | None = None, covariance=None) -> Path:
     """Write `out`: `src` with every tensor named in `types` encoded in that type (others copied as they are).
 
     `importance` maps tensor names to per-input-channel vectors for the importance-weighted encoders.
     `reader`: `src` already opened with open_gguf (reading a GGUF's metadata takes seconds on a large
     vocabulary). `encode_cache`: a folder that keeps encoded tensors for later exports (see the module docstring).
+    `roundings`: tensor name → "plain" | "feedback" (the plan's); the feedback tensors are rounded with error
+    feedback (formats/feedback.py) against `covariance(name)`, their input covariance H (one tensor's at a time).
     """
     import gguf
 
@@ -101,6 +104,10 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
         fmt = formats.get(tname)
         fmt.check_row_len(int(by_name[name].shape[0]), name)
     importance = importance or {}
+    roundings = roundings or {}
+    if any(v == "feedback" for v in roundings.values()) and covariance is None:
+        raise QggufError("the plan rounds tensors with error feedback but no input covariance was given; "
+                         "calibrate with --covariance")
 
     arch = reader.fields["general.architecture"].contents()
     with atomic_output(out, inputs=[src]) as tmp:
@@ -146,8 +153,9 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                 if t.name in types:
                     w = tensor_f32(t, device, reader)
                     imp = importance.get(t.name)
-                    raw = (cache.encode(fmt, w, imp, t.name, device) if cache is not None
-                           else fmt.encode(w, imp, tensor=t.name, device=device))
+                    H = covariance(t.name) if roundings.get(t.name) == "feedback" else None
+                    raw = (cache.encode(fmt, w, imp, t.name, device, H) if cache is not None
+                           else encode_tensor(fmt, w, imp, t.name, device, H))
                     del w
                 else:  # not planned: copy the bytes unchanged (as the converter wrote them)
                     raw = np.asarray(t.data).view(np.uint8)
@@ -158,6 +166,16 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
         writer.close()
         verify_gguf(tmp, {n: f.name for n, f in plan_fmt.items()})
     return out
+
+
+def encode_tensor(fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor | None, name: str, device: str,
+                  covariance=None) -> np.ndarray:
+    """One tensor's bytes: plain rounding, or error feedback against `covariance` (H) when given."""
+    if covariance is None:
+        return fmt.encode(w, importance, tensor=name, device=device)
+    from qgguf.formats.feedback import Feedback
+
+    return Feedback(covariance, name, device=device).encode(fmt, w.to(device), importance).cpu().numpy()
 
 
 def verify_gguf(path: Path, expected: Mapping[str, str]) -> None:
