@@ -261,8 +261,9 @@ def run(args) -> int:
                             max_type=args.max_type)
         importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
         meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
-                "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")}),
-                "qgguf.rounding": args.rounding}
+                "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
+        if args.rounding != "plain":  # plain files keep the keys (and bytes) they had
+            meta["qgguf.rounding"] = args.rounding
         base = out.with_suffix("")
         side = {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_FILES.items()}
         stock = all(formats.get(t).stock for t in the_plan.types.values())

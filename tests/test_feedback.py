@@ -161,3 +161,16 @@ def test_unusable_covariances_fall_back_with_a_log_line(name, capsys):
     fb = Feedback(bad, "blk.5.t")
     assert fb.fallback and torch.equal(fb.encode(f, x, imp), plain)
     assert "blk.5.t: its damped input covariance does not factorise" in capsys.readouterr().err
+
+
+def test_lockstep_types_give_each_types_own_bytes():
+    """encode_many (measure's path: every type's column loop at once) = encode one type at a time, byte for byte,
+    with block-32 and super-block types, uniform grids and codebooks mixed, and a plain-only type among them."""
+    names = ["Q4_K", "Q4_0", "IQ4_NL", "NL3_XS", "Q6_K", "Q5_1", "Q8_0"]
+    x = _student(ROWS, N, 9)
+    imp = torch.rand(N, generator=torch.Generator().manual_seed(10)) + 0.1
+    fb = Feedback(_ar1(N, RHO), "t")
+    many = fb.encode_many([formats.get(n) for n in names], x, imp)
+    assert list(many) == names
+    for n in names:
+        assert torch.equal(many[n], fb.encode(formats.get(n), x, imp)), n

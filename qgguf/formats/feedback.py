@@ -117,38 +117,50 @@ class Feedback:
     def encode(self, fmt: Format, weights: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         """Raw GGUF bytes [rows, bytes per row] of `weights` (rows × n) in `fmt`, rounded with error feedback
         (plain rounding for types without levels and when H is unusable)."""
+        return self.encode_many([fmt], weights, importance)[fmt.name]
+
+    def encode_many(self, fmts: list[Format], weights: torch.Tensor, importance: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+        """encode() for several types at once: the same bytes per type, but their column loops run in lockstep,
+        one set of vector operations over all types' copies of the rows (measure tries every type)."""
         W = torch.as_tensor(weights).to(torch.float32)
         if self.U is not None:
             W = W.to(self.U.device)
         imp = importance
         if imp is None and self.diag is not None:
             imp = self.diag
-        if self.U is None or not fmt.feedback:
-            return fmt.encode_torch(W, imp, tensor=self.name)
+        out = {f.name: fmt_plain(f, W, imp, self.name) for f in fmts if self.U is None or not f.feedback}
+        todo = [f for f in fmts if f.name not in out]
+        if not todo:
+            return out
         imp = torch.as_tensor(imp).to(W.device, torch.float32).reshape(-1)
         rows, n = W.shape
-        fmt.check_row_len(n, self.name)
+        for f in todo:
+            f.check_row_len(n, self.name)
         if n != self.n:
             raise ValueError(f"{self.name}: rows of {n} weights, H of {self.n} channels")
         if not bool(torch.isfinite(W).all()):
             raise QggufError(f"{self.name}: weights hold NaN or Inf; fix the checkpoint before quantising")
         if imp.numel() != n or not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
             raise QggufError(f"{self.name}: importance must be {n} finite non-negative values")
-        out = _feedback(fmt, W.clone(), imp, self.U)
-        if out is None:
-            _log(self.name, f"{fmt.name}: weights left the finite range during error feedback; plain rounding")
-            return fmt.encode_torch(W, imp, tensor=self.name)
-        return out
+        # types in groups whose copies of the weights stay within LOCKSTEP_FLOATS
+        per = max(1, LOCKSTEP_FLOATS // max(1, rows * n))
+        for g0 in range(0, len(todo), per):
+            group = todo[g0:g0 + per]
+            res = _feedback(group, W, imp, self.U)
+            for f in group:
+                if res[f.name] is None:
+                    _log(self.name, f"{f.name}: weights left the finite range during error feedback; plain rounding")
+                    res[f.name] = fmt_plain(f, W, imp, self.name)
+            out.update(res)
+        return {f.name: out[f.name] for f in fmts}
 
 
-def _nearest_values(V: torch.Tensor, uniform: bool, t: torch.Tensor) -> torch.Tensor:
-    """The value of sorted V nearest to t (the lower one on ties; NaN stays NaN)."""
-    if uniform:  # V = V[0], V[0] + 1, …: one rounding
-        return t.round_().clamp_(float(V[0]), float(V[-1]))
-    k = V.numel()
-    hi = torch.searchsorted(V, t).clamp_(1, k - 1)
-    lo, hv = V[hi - 1], V[hi]
-    return torch.where(t - lo <= hv - t, lo, hv)
+LOCKSTEP_FLOATS = 1 << 26  # weights held by one lockstep group (its types' copies of the rows): 256 MiB
+
+
+def fmt_plain(fmt: Format, W: torch.Tensor, imp: torch.Tensor | None, name: str) -> torch.Tensor:
+    return fmt.encode_torch(W, imp, tensor=name)
 
 
 def _row_sigma2(W: torch.Tensor) -> torch.Tensor:
@@ -156,46 +168,85 @@ def _row_sigma2(W: torch.Tensor) -> torch.Tensor:
     return fdiv(seq_sum((W * W).t().contiguous()), W.shape[1])
 
 
-def _feedback(fmt: Format, W: torch.Tensor, imp: torch.Tensor, U: torch.Tensor) -> torch.Tensor | None:
+def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.Tensor
+              ) -> dict[str, torch.Tensor | None]:
+    """Error-feedback rounding of W in every type of `fmts`, lockstep. Each type k has its own copy of the
+    weights (channel-major, Wt[k]: a column is a contiguous vector over the rows) and its own grid; per column the
+    same few vector operations update all of them."""
     rows, n = W.shape
-    B = fmt.block_size
-    nblk = n // B
-    out = torch.empty((rows, nblk, fmt.type_size), dtype=torch.uint8, device=W.device)
-    V = fmt.level_values(W.device)
-    uniform = bool(torch.equal(V - V[0], torch.arange(V.numel(), dtype=V.dtype, device=V.device)))
+    T, dev = len(fmts), W.device
     sigma2 = _row_sigma2(W)  # of the weights as given: the statistic plain rounding uses
-    # channel-major copy: a column is a contiguous vector over the rows, and so is each rank-1 update
-    Wt = W.t().contiguous()
+    Wt = W.t().contiguous().unsqueeze(0).repeat(T, 1, 1)              # [T, n, rows]
+    # level values of every type, padded with +inf to the longest (searchsorted over each type's own row)
+    vals = [f.level_values(dev) for f in fmts]
+    kmax = max(v.numel() for v in vals)
+    Vpad = torch.full((T, kmax), float("inf"), device=dev)
+    for k, v in enumerate(vals):
+        Vpad[k, :v.numel()] = v
+    top = torch.tensor([v.numel() - 1 for v in vals], device=dev).unsqueeze(1)  # [T, 1]
     inv_u = 1 / U.diagonal()
-    lazy = max(B, LAZY_COLUMNS // B * B)
+    step = min(f.block_size for f in fmts)
+    lazy = max(max(f.block_size for f in fmts), LAZY_COLUMNS)
+    out = {f.name: torch.empty((rows, n // f.block_size, f.type_size), dtype=torch.uint8, device=dev)
+           for f in fmts}
+    bad = [False] * T
+    blocks: list[tuple | None] = [None] * T                            # each type's open block: (b0, q)
     for c0 in range(0, n, lazy):
         c1 = min(c0 + lazy, n)
-        E = torch.empty((c1 - c0, rows), dtype=torch.float32, device=W.device)
-        for b0 in range(c0, c1, B):
-            xbt = Wt[b0:b0 + B].clone()  # [B, rows]: the block as its scales are chosen
-            if not bool(torch.isfinite(xbt).all()):
-                return None
-            q = fmt.encode_blocks_sigma(xbt.t().contiguous(), imp[b0:b0 + B].expand(rows, B).contiguous(), sigma2)
-            L0 = fmt.levels(q)
-            a, b = (g.t().contiguous() for g in fmt.grid(q))
-            v0 = V[L0.t()]                             # [B, rows]: the plain encoder's level values
-            # a zero scale (a, and so 1/a, zero): every level decodes to b, t = 0 picks any, the bytes decode alike
-            inv_a = torch.where(a != 0, 1 / torch.where(a != 0, a, torch.ones_like(a)), torch.zeros_like(a))
-            vals = torch.empty_like(v0)
-            for p in range(B):
-                j = b0 + p
-                w = Wt[j]
-                t = (w - b[p]).mul_(inv_a[p])
+        m = c1 - c0
+        # each type's grid over this lazy batch, filled as its blocks open
+        A = torch.zeros((T, m, rows), device=dev)
+        Bo = torch.zeros_like(A)
+        IA = torch.zeros_like(A)
+        V0 = torch.zeros_like(A)
+        X0 = torch.zeros_like(A)
+        got = torch.zeros_like(A)                                      # the chosen level values
+        E = torch.empty_like(A)
+        for s0 in range(c0, c1, step):
+            for k, f in enumerate(fmts):
+                B = f.block_size
+                if s0 % B or bad[k]:
+                    continue
+                xbt = Wt[k, s0:s0 + B]                                 # [B, rows]
+                if not bool(torch.isfinite(xbt).all()):
+                    bad[k] = True
+                    continue
+                q = f.encode_blocks_sigma(xbt.t().contiguous(), imp[s0:s0 + B].expand(rows, B).contiguous(),
+                                          sigma2)
+                a, b = f.grid(q)
+                sl = slice(s0 - c0, s0 - c0 + B)
+                A[k, sl] = a.t()
+                Bo[k, sl] = b.t()
+                # a zero scale: every level decodes to b; 1/a = 0 gives t = 0, any level, the same bytes
+                IA[k, sl] = torch.where(a != 0, 1 / torch.where(a != 0, a, torch.ones_like(a)),
+                                        torch.zeros_like(a)).t()
+                V0[k, sl] = vals[k][f.levels(q)].t()                   # the plain encoder's level values
+                X0[k, sl] = xbt
+                blocks[k] = (s0, q)
+            for j in range(s0, min(s0 + step, c1)):
+                jj = j - c0
+                w = Wt[:, j]                                           # [T, rows]
+                t = (w - Bo[:, jj]).mul_(IA[:, jj])
+                hi = torch.searchsorted(Vpad, t).clamp_(min=1)
+                hi = torch.minimum(hi, top)
+                vlo, vhi = Vpad.gather(1, hi - 1), Vpad.gather(1, hi)
+                near = torch.where(t - vlo <= vhi - t, vlo, vhi)
                 # moved by feedback: the nearest level of the block's fixed grid, else the encoder's own level
-                v = torch.where(w != xbt[p], _nearest_values(V, uniform, t), v0[p], out=vals[p])
-                e = torch.mul(w - torch.addcmul(b[p], a[p], v), inv_u[j], out=E[j - c0])
+                v = torch.where(w != X0[:, jj], near, V0[:, jj], out=got[:, jj])
+                e = torch.mul(w - torch.addcmul(Bo[:, jj], A[:, jj], v), inv_u[j], out=E[:, jj])
                 if j + 1 < c1:
-                    Wt[j + 1:c1].addr_(U[j, j + 1:c1], e, alpha=-1.0)
-            L = torch.searchsorted(V, vals.t().contiguous())  # the values are levels: exact indices
-            out[:, b0 // B] = fmt.with_levels(q, L)
+                    Wt[:, j + 1:c1].sub_(U[j, j + 1:c1].view(1, -1, 1) * e.unsqueeze(1))
+            for k, f in enumerate(fmts):  # blocks that end here: their bytes with the new levels
+                B = f.block_size
+                end = min(s0 + step, c1)
+                if bad[k] or blocks[k] is None or blocks[k][0] + B != end:
+                    continue
+                b0, q = blocks[k]
+                L = torch.searchsorted(vals[k], got[k, b0 - c0:b0 - c0 + B].t().contiguous())  # exact: levels
+                out[f.name][:, b0 // B] = f.with_levels(q, L)
         if c1 < n:
-            Wt[c1:].addmm_(U[c0:c1, c1:].t(), E, alpha=-1.0)
-    return out.reshape(rows, nblk * fmt.type_size)
+            Wt[:, c1:].baddbmm_(U[c0:c1, c1:].t().expand(T, -1, -1), E, alpha=-1.0)
+    return {f.name: None if bad[k] else out[f.name].reshape(rows, -1) for k, f in enumerate(fmts)}
 
 
 def h_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, row_weight: torch.Tensor | None = None

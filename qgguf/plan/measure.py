@@ -251,12 +251,20 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
         h.update(f"rows={max_rows}|seed={seed}".encode())
         key = h.hexdigest()
 
-    for name in types:
-        fmt = formats.get(name)
-        if not fmt.accepts(row_len):
-            continue
-        path = _cache_file(key, fmt.name) if key else None
-        r = _cache_read(path) if path else None
+    fmts = [formats.get(name) for name in types]
+    fmts = [f for f in fmts if f.accepts(row_len)]
+    paths = {f.name: _cache_file(key, f.name) if key else None for f in fmts}
+    cached = {f.name: _cache_read(paths[f.name]) if paths[f.name] else None for f in fmts}
+    if kfac is not None and kfac.fb.U is not None:
+        # feedback rounding of the sampled rows in every type still to measure, at once (formats/feedback.py:
+        # the types' column loops run in lockstep)
+        todo = [f for f in fmts if cached[f.name] is None and f.feedback]
+        if todo:
+            x = w3[0].index_select(0, torch.as_tensor(rows, device=w.device))
+            kfac.rows_bytes = kfac.fb.encode_many(todo, x, imp[0] if imp is not None else None)
+    for fmt in fmts:
+        path = paths[fmt.name]
+        r = cached[fmt.name]
         if r is None:
             size = _scale_block(fmt)
             if size not in energies:  # not needed when every row is measured: the sample is the tensor
@@ -286,6 +294,7 @@ class _Kfac:
     d: torch.Tensor           # float64 [rows]
     den: float
     fb: Feedback
+    rows_bytes: dict = field(default_factory=dict)  # type → feedback bytes of the sampled rows, in sample order
 
 
 def _kfac_setup(t: TensorInput, w: torch.Tensor, row_len: int) -> _Kfac:
@@ -439,8 +448,10 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
             if kfac is not None:
                 kp += _h_sum(x, y, kfac, idx, wr)
                 if feedback:
-                    yf = fmt.decode(kfac.fb.encode(fmt, x, None if imp is None else imp[g]), tuple(x.shape))
-                    kf += _h_sum(x, yf, kfac, idx, wr)
+                    raw = kfac.rows_bytes.get(fmt.name)
+                    raw = (kfac.fb.encode(fmt, x, None if imp is None else imp[g]) if raw is None
+                           else raw[r0:r0 + per_chunk])
+                    kf += _h_sum(x, fmt.decode(raw, tuple(x.shape)), kfac, idx, wr)
             x2 = _scale_sq(x, _scale_block(fmt))
             col_d[g] += (wr * d2).sum(dim=0)
             col_x[g] += (wr * x2).sum(dim=0)
