@@ -101,7 +101,7 @@ def test_feedback_file_runs_in_llama_completion(feedback_file):
 
 
 def test_reruns_are_byte_identical_and_auto_picks_per_tensor(feedback_file, setup):
-    model, d = setup
+    _, d = setup
     out, _ = feedback_file
     again, _ = _convert(setup, "fb2", "--rounding", "feedback", "--encode-cache", d / "enc")
     assert again.read_bytes() == out.read_bytes()
@@ -111,7 +111,7 @@ def test_reruns_are_byte_identical_and_auto_picks_per_tensor(feedback_file, setu
     for t in auto["tensors"]:  # auto takes, for the chosen type, the rounding whose K-FAC ΔKL is lower
         assert t["rounding"] in ("plain", "feedback")
     assert any(t["rounding"] == "feedback" for t in auto["tensors"])
-    plain, pplan = _convert(setup, "plain")
+    _, pplan = _convert(setup, "plain")
     assert all(t["rounding"] == "plain" for t in pplan["tensors"])
 
 

@@ -146,7 +146,7 @@ def collect_covariance(model: nn.Module, modules: dict[nn.Module, str], chunks: 
             for g in active:
                 g.acc = torch.zeros(g.n_in, g.n_in, dtype=torch.float64, device=_param_device(g.module))
 
-            def hook_for(g: _Group):
+            def hook_for(g: _Group, last: _Group = last):
                 def hook(module, args, output):
                     x = args[0].detach().float().reshape(-1, g.n_in)
                     # one float32 product per sequence (≤ seq_len terms), summed in float64 across sequences

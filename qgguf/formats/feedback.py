@@ -15,7 +15,9 @@ channels not yet rounded absorb the error of those already rounded. For each row
         write the block with its new indices (Format.with_levels): the same layout, scales and decoders
 
 The updates inside a lazy batch of LAZY_COLUMNS columns are applied column by column, and those to the columns
-after it as one matrix product (GPTQ's lazy batch updates). Why it is exact for a diagonal H: U is then diagonal,
+after it as one matrix product (GPTQ's lazy batch updates). `encode_many` rounds one tensor in several types at
+once (measure): each type keeps its own copy of the weights and grid, and one set of vector operations per column
+serves them all; the bytes are those of `encode`, type by type. Why it is exact for a diagonal H: U is then diagonal,
 every update is a zero, no column moves, and each block gets plain rounding's scales and indices — byte for byte
 what Format.encode writes (tests/test_feedback.py checks it for every type).
 
