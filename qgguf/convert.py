@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qgguf import __version__, formats
+from qgguf.formats import engines
 from qgguf.devices import resolve_device
 from qgguf.errors import QggufError, step
 from qgguf.files import atomic_outputs, cache_dir, check_output_path, require_file, seal, sealed, writable_folder
@@ -77,12 +78,16 @@ def _kquant_weights(shapes: list[tuple[int, int]], max_rows: int | None) -> int:
 
 
 @contextmanager
-def _compile_choice(types: list[str], device: str, kquant_weights: int) -> Iterator[str | None]:
+def _compile_choice(types: list[str], device: str, kquant_weights: int, feedback: bool = False
+                    ) -> Iterator[str | None]:
     """Decide whether the K-quant encoders compile for this run (unless QGGUF_COMPILE says); yield the compile
-    cache key when they do, None when they run eagerly."""
+    cache key when they do, None when they run eagerly. `feedback`: error-feedback rounding runs the torch
+    kernels whatever the engine."""
     kq = [t for t in types if t.endswith("_K")]
     user = os.environ.get("QGGUF_COMPILE", "").strip().lower()
-    if not kq or user in ("0", "false", "no", "off"):
+    # ggml's quantiser encodes on the CPU (formats/engines.py): unless error feedback runs the torch kernels,
+    # nothing to compile
+    if not kq or user in ("0", "false", "no", "off") or (engines.choose(device).name == "ggml" and not feedback):
         yield None
         return
     key = device.split(":")[0] + ":" + formats.encoder_hash(kq[0])  # one module holds every K-quant encoder
@@ -111,6 +116,15 @@ def _exact_size(the_plan: Plan, written: int) -> Plan:
         raise QggufError(f"the written file has {written:,} bytes, the plan {the_plan.file_bytes:,}; this is a bug "
                          "in qgguf's size accounting")
     return dataclasses.replace(the_plan, layout=dataclasses.replace(the_plan.layout, header_bytes=header))
+
+
+def _expert_info(t) -> dict | None:
+    """What the plan JSON records about a stacked expert tensor's calibration: tokens routed to each expert and
+    the experts whose statistics are the prior."""
+    if t.expert_tokens is None:
+        return None
+    return {"count": int(len(t.expert_tokens)), "tokens": [int(c) for c in t.expert_tokens],
+            "prior": [int(e) for e in t.prior_experts]}
 
 
 def converter_gguf(model_dir: Path, model_hash: str) -> Path:
@@ -192,10 +206,17 @@ def run(args) -> int:
     out = check_output_path(Path(args.out), [model_dir] + ([Path(args.stats)] if args.stats else []))
     if out.suffix != ".gguf":
         raise QggufError(f"output {str(out)!r} should end in .gguf (the plan and heat map are written beside it)")
-    if args.target_bpw is None and args.target_size is None:
-        raise QggufError("give a budget: --target-bpw B (e.g. 4.5) or --target-size SIZE (e.g. 1.2GiB)")
+    split = args.budget_gpu is not None or args.budget_cpu is not None
+    if split and (args.budget_gpu is None or args.budget_cpu is None):
+        raise QggufError("give both --budget-gpu SIZE and --budget-cpu SIZE (the VRAM and the RAM the tensors may "
+                         "take), or neither")
+    if args.target_bpw is None and args.target_size is None and not split:
+        raise QggufError("give a budget: --target-bpw B (e.g. 4.5) or --target-size SIZE (e.g. 1.2GiB), or "
+                         "--budget-gpu SIZE --budget-cpu SIZE")
     budget = (Budget.target_size(parse_size(args.target_size)) if args.target_size is not None
-              else Budget.target_bpw(args.target_bpw))
+              else Budget.target_bpw(args.target_bpw) if args.target_bpw is not None else None)
+    budget_gpu = parse_size(args.budget_gpu, "--budget-gpu") if split else None
+    budget_cpu = parse_size(args.budget_cpu, "--budget-cpu") if split else None
     encode_cache = writable_folder(Path(args.encode_cache), "--encode-cache") if args.encode_cache else None
     overrides = parse_overrides(args.tensor_type or [])
     if args.tensor_type_file:
@@ -246,7 +267,12 @@ def run(args) -> int:
                               row_fisher=stats[t.name].row_fisher if cov is not None else None)
 
     shapes = [(int(t.n_elements) // int(t.shape[0]), int(t.shape[0])) for t in planned]
-    with _compile_choice(types, device, _kquant_weights(shapes, args.max_rows)) as compile_key:
+    stacked = [t.name for t in planned if len(t.shape) == 3]
+    if args.rounding != "plain" and stacked:  # calibrate --covariance keeps no per-expert covariance yet
+        print(f"qgguf: {len(stacked)} stacked expert tensors ({stacked[0]}, …) are rounded plain (no per-expert "
+              "input covariance)", file=sys.stderr)
+    with _compile_choice(types, device, _kquant_weights(shapes, args.max_rows),
+                         feedback=args.rounding != "plain") as compile_key:
         if compile_key is not None and not compile_is_warm(compile_key):
             minutes = max(1, round(COLD_COMPILE_CPU_S / (os.cpu_count() or 1) / 60))
             print(f"qgguf: first run: compiling the K-quant encoders (torch.compile), about {minutes} min on "
@@ -256,11 +282,22 @@ def run(args) -> int:
             measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=device,
                                        shapes=[tuple(int(s) for s in reversed(t.shape.tolist())) for t in planned])
         with times.stage("plan"):
-            choices = [measured[t.name].choices(stats[t.name].fisher_sum, args.rounding) for t in planned]
-            the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
-                            max_type=args.max_type)
+            choices = [dataclasses.replace(measured[t.name].choices(stats[t.name].fisher_sum, args.rounding),
+                                           experts=_expert_info(stats[t.name])) for t in planned]
+            if split:
+                from qgguf.plan.placement import plan_split
+
+                arch = reader.fields["general.architecture"].contents()
+                n_layer = int(reader.fields[f"{arch}.block_count"].contents())
+                fixed = {t.name: int(t.n_bytes) for t in reader.tensors if t.name not in planned_names}
+                the_plan, _ = plan_split(choices, fixed, budget_gpu, budget_cpu, n_layer, total=budget,
+                                         layout=layout, overrides=overrides, min_type=args.min_type,
+                                         max_type=args.max_type)
+            else:
+                the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
+                                max_type=args.max_type)
         importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
-        meta = {"qgguf.version": __version__, "qgguf.budget": str(budget), "qgguf.palette": args.palette,
+        meta = {"qgguf.version": __version__, "qgguf.budget": str(the_plan.budget), "qgguf.palette": args.palette,
                 "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
         if args.rounding != "plain":  # plain files keep the keys (and bytes) they had
             meta["qgguf.rounding"] = args.rounding
@@ -274,7 +311,7 @@ def run(args) -> int:
                         reader=reader, encode_cache=encode_cache, roundings=the_plan.roundings,
                         covariance=store.get if store is not None else None)
             size = tmps[0].stat().st_size
-            if budget.kind == "size" and size > budget.value:
+            if budget is not None and budget.kind == "size" and size > budget.value:
                 raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
                                  "this is a bug in qgguf's size accounting (nothing was kept)")
             the_plan = _exact_size(the_plan, size)
@@ -303,6 +340,9 @@ def add_parser(sub) -> None:
     g.add_argument("--target-bpw", type=float, help="bits per weight as llama.cpp reports it (all tensors' data "
                                                      "bits over all weights)")
     g.add_argument("--target-size", help="whole-file size: 1.2GiB, 800MB or bytes")
+    p.add_argument("--budget-gpu", metavar="SIZE", help="VRAM for tensor data (with --budget-cpu): each tensor gets a "
+                   "type and a device, and the plan gives the llama.cpp options that place them")
+    p.add_argument("--budget-cpu", metavar="SIZE", help="RAM for tensor data (with --budget-gpu)")
     p.add_argument("--palette", default="stock", choices=PALETTES,
                    help="stock: types unmodified llama.cpp runs (default); extended: adds qgguf's types")
     p.add_argument("--stats", help="statistics from `qgguf calibrate` (default: calibrate now, cached)")

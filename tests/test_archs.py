@@ -1,7 +1,6 @@
 """Architectures beyond Llama, on tiny random models: each supported one converts (`qgguf convert`, read back by
 gguf-py) and runs in the built llama.cpp; calibrate's statistics for GPT-2's transposed Conv1D and Gemma's scaled
-embedding equal brute-force per-sequence weight gradients; a model calibrate cannot fully see (stacked MoE
-experts) is refused before any work with one line naming the layer."""
+embedding equal brute-force per-sequence weight gradients. Mixture-of-experts models: tests/test_moe.py."""
 
 from __future__ import annotations
 
@@ -62,19 +61,6 @@ def test_converts_and_runs(arch, text, tmp_path, llama_build):
     assert gen.returncode == 0, gen.stderr[-2000:]
     # the prompt echoed (SentencePiece's space prefix may lead it) and something generated after it
     assert gen.stdout.lstrip().startswith("The world") and len(gen.stdout.strip()) > len("The world"), gen.stdout
-
-
-def test_moe_experts_refused_up_front(text, tmp_path):
-    """Stacked 3-D experts have no calibration hook: one line naming the layer and what to do, no output."""
-    model = make_tiny("qwen2_moe", tmp_path / "moe", ffn=256)
-    out = tmp_path / "moe.gguf"
-    res = qgguf(*convert_args(model, out, text))
-    assert res.returncode != 0 and "Traceback" not in res.stderr
-    errors = [l for l in res.stderr.splitlines() if "error" in l]
-    assert len(errors) == 1, res.stderr[-2000:]
-    assert "Qwen2MoeExperts" in errors[0] and "mixture-of-experts" in errors[0]
-    assert "llama-quantize" in errors[0] and "another model" not in errors[0]
-    assert not out.exists() and list(tmp_path.glob("moe.*")) == []
 
 
 def test_gpt2_with_an_unknown_tokenizer_fails_in_one_line(text, tmp_path):

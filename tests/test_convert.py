@@ -237,6 +237,7 @@ def test_small_kquant_work_encodes_eagerly(monkeypatch):
     from qgguf.convert import COMPILE_MIN_WEIGHTS, _compile_choice, _kquant_weights
 
     monkeypatch.delenv("QGGUF_COMPILE", raising=False)
+    monkeypatch.setenv("QGGUF_ENCODER", "torch")  # the choice concerns the torch kernels (ggml's compile nothing)
     smollm2_down = (576, 1536)  # rows, row length: K-quants take it; 576-long rows they cannot
     assert _kquant_weights([smollm2_down, (1536, 576), (49152, 576)], 1024) == 576 * 1536
     assert _kquant_weights([(4096, 1536)], 1024) == 1024 * 1536 and _kquant_weights([(4096, 1536)], 0) == 4096 * 1536
@@ -250,6 +251,29 @@ def test_small_kquant_work_encodes_eagerly(monkeypatch):
     monkeypatch.setenv("QGGUF_COMPILE", "1")
     with _compile_choice(["Q4_K"], "cpu", 1) as key:
         assert key and os.environ["QGGUF_COMPILE"] == "1"
+
+
+def test_ggml_engine_compiles_nothing(monkeypatch, llama_build):
+    """On a CPU with the build, ggml's quantiser encodes (formats/engines.py): however much K-quant work, no compile."""
+    from qgguf.convert import COMPILE_MIN_WEIGHTS, _compile_choice
+
+    monkeypatch.delenv("QGGUF_COMPILE", raising=False)
+    monkeypatch.delenv("QGGUF_ENCODER", raising=False)
+    with _compile_choice(["Q8_0", "Q4_K"], "cpu", 10 * COMPILE_MIN_WEIGHTS) as key:
+        assert key is None
+
+
+def test_torch_and_ggml_engines_write_the_same_file(converted, setup):
+    """The default CPU run encodes with ggml's quantiser; the torch kernels must give the same file, byte for byte
+    (measure and export both change engine)."""
+    model, stats, d = setup
+    out, *_ = converted
+    torch_out = d / "torch-engine.gguf"
+    env = dict(os.environ, QGGUF_ENCODER="torch")
+    res = subprocess.run([sys.executable, "-m", "qgguf", "convert", str(model), "-o", str(torch_out), "--target-bpw",
+                          "4.5", "--stats", str(stats)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert torch_out.read_bytes() == out.read_bytes()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA")

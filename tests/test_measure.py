@@ -193,3 +193,22 @@ def test_cuda_tensors_measure_like_cpu():
     gpu = measure_tensor(TensorInput("t", torch.from_numpy(w).cuda(), imp), ["Q8_0", "Q4_0"], cache=False)
     for t in ("Q8_0", "Q4_0"):
         assert gpu.results[t].mse == pytest.approx(cpu.results[t].mse, rel=1e-6)
+
+
+def test_every_expert_is_measured_when_rows_are_sampled():
+    """A stacked tensor measured on a row sample visits every expert, even one whose Fisher is a millionth of the
+    others' (a rarely routed expert's prior)."""
+    from qgguf.plan.measure import _sample_per_expert
+
+    rng = np.random.default_rng(3)
+    sizes = rng.gamma(1.0, size=8 * 64)
+    sizes[7 * 64:] *= 1e-6
+    rows, inv_pi = _sample_per_expert(sizes, 8, 64, 32, seed=0)
+    assert set(rows // 64) == set(range(8)) and np.bincount(rows // 64).min() >= 3
+    w = np.stack([weights(64, 64, seed=s) for s in range(8)])
+    imp = np.ones((8, 64), dtype=np.float32)
+    imp[7] *= 1e-6
+    m = measure_tensor(TensorInput("blk.0.ffn_up_exps.weight", w, imp), ["Q4_0"], max_rows=32, cache=False)
+    full = measure_tensor(TensorInput("blk.0.ffn_up_exps.weight", w, imp), ["Q4_0"], max_rows=None, cache=False)
+    assert m.rows_measured < full.rows_measured == 512
+    assert m.results["Q4_0"].mse == pytest.approx(full.results["Q4_0"].mse, rel=0.05)

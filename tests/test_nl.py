@@ -22,6 +22,7 @@ import torch
 from qgguf import formats
 from qgguf.errors import QggufError
 from qgguf.formats import nl, nl_tables
+from qgguf.formats.common import seq_sum
 from qgguf.llamacpp import ggml_ref
 from qgguf.llamacpp.build import BuildSpec, prepare_tree, repo_root, tool_path
 
@@ -64,6 +65,44 @@ def same_floats(a, b) -> bool:
 def rel_mse(f, x: np.ndarray) -> float:
     y = f.decode(f.encode(x), x.shape).numpy().astype(np.float64)
     return float(((y - x) ** 2).mean() / (x.astype(np.float64) ** 2).mean())
+
+
+# Block absmax of the huge-weight rows: beyond fp16 scales (8e6 · 127 ≈ the largest a _32 scale can stand for), where
+# Σx² overflows float32 (1e20), and where Σq·x does (1e36, 3e38).
+HUGE = (1e5, 1e7, 1e9, 1e20, 1e36, 3e38)
+
+
+def huge_rows(cols: int) -> np.ndarray:
+    """Student-t rows whose second 32-weight block is scaled to each absmax in HUGE (one row each), plus two
+    whole rows at 1e7 and 1e30."""
+    x = student_t(len(HUGE) + 2, cols, seed=21).astype(np.float64)
+    for r, s in enumerate(HUGE):
+        blk = x[r, 32:64]
+        x[r, 32:64] = blk / np.abs(blk).max() * s
+    x[-2] *= 1e7 / np.abs(x[-2]).max()
+    x[-1] *= 1e30 / np.abs(x[-1]).max()
+    return x.astype(np.float32)
+
+
+def negative_importance(cols: int, seed: int) -> np.ndarray:
+    """Importance with negative entries, as a corrupt imatrix could hold: ggml's quantiser takes it as given (qgguf's
+    encode refuses it), so Σw·x² can be negative where the least-squares scale is not."""
+    imp = importance(cols, seed)
+    imp[::3] *= -1.0
+    imp[1::3] *= 0.2
+    return imp
+
+
+def scales_of(f, raw: np.ndarray) -> np.ndarray:
+    """The fp16 scale of every block (the first two bytes of each), as float32."""
+    return raw.reshape(-1, f.type_size)[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
+
+
+def encode_blocks_raw(f, x: np.ndarray, imp: np.ndarray) -> np.ndarray:
+    """qgguf's encoder without encode's input checks (which refuse negative importance): the same block maths."""
+    xb = torch.from_numpy(np.ascontiguousarray(x).reshape(-1, f.block_size))
+    wb = torch.from_numpy(np.tile(imp, x.shape[0]).reshape(-1, f.block_size))
+    return f.encode_blocks(xb, wb, x.shape[1]).numpy().reshape(x.shape[0], -1)
 
 
 # ------------------------------------------------------------------------------------------------ Python side
@@ -193,6 +232,42 @@ def test_bad_input_is_refused(name):
         f.encode(student_t(4, 512, seed=3), np.ones(256, np.float32))
     with pytest.raises(QggufError, match="bytes given"):
         f.decode(np.zeros(7, np.uint8), (4, 512))
+
+
+@pytest.mark.parametrize("name", NL_TYPES)
+def test_huge_weights_give_finite_scales(name):
+    """A block whose scale would overflow fp16 is stored at the largest finite fp16 scale, not as Inf (the
+    gain-unbiased scale is larger still than the least-squares one), and every block decodes to finite values."""
+    f = formats.get(name)
+    x = huge_rows(512)
+    raw = f.encode(x)
+    d = scales_of(f, raw)
+    assert np.isfinite(d).all()
+    assert np.isfinite(f.decode(raw, x.shape).numpy()).all()
+    if f.layout == "32":  # the blocks at 1e7 and above need a scale past 65504: clamped to it (sign: -max/127)
+        per_row = d.reshape(x.shape[0], -1)
+        assert (np.abs(per_row[1:len(HUGE), 1]) == nl.SCALE_MAX).all(), per_row[:len(HUGE), 1]
+        assert abs(per_row[0, 1]) < nl.SCALE_MAX  # 1e5 / 127 fits
+
+
+@pytest.mark.parametrize("name", NL_TYPES)
+def test_unbiased_scale_keeps_the_least_squares_sign(name):
+    """Where Σw·x² / Σw·q·x has the other sign than the least-squares scale (negative importance: Σw·x² < 0), the
+    block keeps its least-squares scale; nowhere does the gain-unbiased step flip or zero a block."""
+    f = formats.get(name)
+    x = student_t(16, 512, seed=22)
+    imp = negative_importance(512, seed=23)
+    xt = torch.from_numpy(x.reshape(-1, 32)).t().contiguous()
+    wt = torch.from_numpy(np.tile(imp, 16).reshape(-1, 32)).t().contiguous()
+    ls = f.block_scales(xt, wt, unbiased=False).numpy()
+    ub = f.block_scales(xt, wt).numpy()
+    energy = seq_sum(wt * xt * xt).numpy()  # Σw·x² as the encoder sums it
+    flipped = (ls != 0) & (energy < 0)
+    assert flipped.sum() >= 4, "the case is not exercised: no block with Σw·x² < 0 and a least-squares scale"
+    assert np.array_equal(np.sign(ub), np.sign(ls))
+    assert np.array_equal(ub[flipped], ls[flipped])
+    raw = encode_blocks_raw(f, x, imp)
+    assert np.isfinite(scales_of(f, raw)).all()
 
 
 def test_planes_round_trip():
@@ -342,6 +417,53 @@ def test_c_and_python_agree_on_real_weights(fork, tiny_llama):
             raw = f.encode(x)
             assert np.array_equal(raw, ggml_ref.quantize(f.type_id, x)), f"{name} {key}"
             assert same_floats(f.decode(raw, x.shape).numpy(), ggml_ref.dequantize(f.type_id, raw, x.shape))
+
+
+@pytest.mark.parametrize("name", NL_TYPES)
+def test_c_encoder_clamps_and_sign_checks_as_python(name, fork):
+    """Huge weights (scales past fp16, sums past float32) and negative importance: the C quantiser gives the bytes
+    of the Python encoder, every scale finite; without the clamp the C encoder stored Inf scales here."""
+    f = formats.get(name)
+    x = huge_rows(512)
+    for imp in (None, importance(512, seed=24)):
+        c = ggml_ref.quantize(f.type_id, x, imp)
+        assert np.array_equal(f.encode(x, imp), c), f"{name} huge, {'with' if imp is not None else 'no'} importance"
+        assert np.isfinite(scales_of(f, c)).all()
+        assert np.isfinite(ggml_ref.dequantize(f.type_id, c, x.shape)).all()
+    x = student_t(16, 512, seed=22)
+    imp = negative_importance(512, seed=23)
+    c = ggml_ref.quantize(f.type_id, x, imp)
+    assert np.array_equal(encode_blocks_raw(f, x, imp), c), f"{name} negative importance"
+    assert np.isfinite(scales_of(f, c)).all()
+
+
+def _ggml_type_count() -> int:
+    from qgguf.llamacpp.build import tree_path
+
+    m = re.search(r"GGML_TYPE_COUNT\s*=\s*(\d+)", (tree_path(False) / "ggml/include/ggml.h").read_text())
+    assert m, "GGML_TYPE_COUNT not found in the built tree's ggml.h"
+    return int(m.group(1))
+
+
+def test_every_type_id_has_a_name(fork):
+    """ggml prints type_name with %s (gguf.cpp's errors among others): every id below GGML_TYPE_COUNT has one. Real
+    types keep their names (gguf-py's, lower-cased), ids no type has are unused_<id> with no block size."""
+    import gguf
+
+    count = _ggml_type_count()
+    assert count == max(formats.get(n).type_id for n in NL_TYPES) + 1
+    known = {int(q): q.name for q in gguf.GGMLQuantizationType}
+    removed = {4, 5, 31, 32, 33, 36, 37, 38}  # upstream's removed types, named by upstream
+    for i in range(count):
+        t = ggml_ref.traits(i)
+        assert t.type_name, f"type id {i} has no name"
+        name = t.type_name.decode()
+        if i in known:
+            assert name.lower() == known[i].lower() and t.blck_size > 0, (i, name, known[i])
+        elif i in removed:
+            assert t.blck_size == 0 and ("DEPRECATED" in name or "REMOVED" in name), (i, name)
+        else:
+            assert name == f"unused_{i}" and t.blck_size == 0 and t.type_size == 0, (i, name)
 
 
 @pytest.mark.parametrize("name", NL_TYPES)
@@ -596,6 +718,71 @@ def test_stock_llama_cpp_refuses_nl_files(mixed_gguf, tiny_gguf, tmp_path_factor
         res = subprocess.run([sys.executable, "-c", _READ_GGUF, str(lib), str(model)],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, (lib, model, res.stderr[-2000:])
+
+
+def _gguf_with_type_id(path: Path, type_id: int | None) -> Path:
+    """A small valid GGUF (one F32 tensor, written by gguf-py) with the tensor's type id overwritten in its bytes."""
+    import struct
+
+    import gguf
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tensor("token_embd.weight", np.zeros((8, 256), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if type_id is not None:
+        data = bytearray(path.read_bytes())
+        name = b"token_embd.weight"
+        pos = data.index(name) + len(name)  # then n_dims (u32), the dims (u64 each), the type (i32)
+        n_dims = struct.unpack_from("<I", data, pos)[0]
+        assert struct.unpack_from("<i", data, pos + 4 + 8 * n_dims)[0] == 0  # F32: the field found
+        struct.pack_into("<i", data, pos + 4 + 8 * n_dims, type_id)
+        path.write_bytes(bytes(data))
+    return path
+
+
+# type ids a corrupt file may name: removed upstream (Q4_2, Q4_3, Q4_0_8_8, IQ4_NL_4_4), ids no type has (between
+# upstream's and the NL ids, between the NL ids), and ids at or past GGML_TYPE_COUNT or negative
+_BAD_TYPE_IDS = {4: "DEPRECATED", 5: "DEPRECATED", 33: "TYPE_Q4_0_8_8 REMOVED", 36: "TYPE_IQ4_NL_4_4 REMOVED",
+                 43: "unused_43", 77: "unused_77", 104: "unused_104", 114: "unused_114",
+                 117: None, 1000: None, -1: None}
+
+
+@pytest.mark.parametrize("type_id", list(_BAD_TYPE_IDS))
+def test_unreadable_type_ids_are_refused(type_id, fork, tmp_path):
+    """A GGUF naming a type this ggml cannot read is refused by the GGUF reader with a line naming the tensor, the id
+    and its name: a clean non-zero exit of llama-completion, no signal, no model loaded."""
+    good = _gguf_with_type_id(tmp_path / "good.gguf", None)
+    res = subprocess.run([sys.executable, "-c", _READ_GGUF, str(tool_path("libggml-base.so")), str(good)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]  # the file is readable before its type id is changed
+    bad = _gguf_with_type_id(tmp_path / "bad.gguf", type_id)
+    res = subprocess.run([str(tool_path("llama-completion")), "-m", str(bad), "-p", "hi", "-n", "1", "-t", "1"],
+                         capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode > 0, (res.returncode, out[-2000:])  # < 0: killed by a signal
+    name = _BAD_TYPE_IDS[type_id]
+    if name is None:
+        wants = [f"tensor 'token_embd.weight' has invalid ggml type {type_id}. should be in [0, "
+                 f"{_ggml_type_count()})"]
+    else:
+        wants = [f"tensor 'token_embd.weight' has ggml type {type_id} ({name}", "a removed type or an id no type has, "
+                 "which this ggml cannot read"]
+    assert all(w in out for w in wants), out[-2000:]
+    assert "(null)" not in out
+
+
+def test_llama_quantize_refuses_unused_type_names(fork, tmp_path):
+    """unused_<id> names an id, not a type: llama-quantize's --output-tensor-type refuses it (and upstream's
+    DEPRECATED) as it refuses any unknown name, before reading the model."""
+    src = _gguf_with_type_id(tmp_path / "in.gguf", None)
+    for name in ("unused_50", "DEPRECATED"):
+        res = subprocess.run([str(tool_path("llama-quantize")), "--output-tensor-type", name, str(src),
+                              str(tmp_path / "out.gguf"), "Q4_0"], capture_output=True, text=True, timeout=120)
+        assert res.returncode > 0 and f"invalid ggml_type '{name}'" in res.stdout + res.stderr, res.stderr[-2000:]
+        assert not (tmp_path / "out.gguf").exists()
 
 
 @pytest.mark.parametrize("ftype", ["NL3_XS", "NL5_32"])

@@ -71,9 +71,24 @@ ARCHS: dict[str, tuple[str, str, dict]] = {
                                            "architectures": ["Gemma3ForCausalLM"]}),
     "phi3": ("Phi3Config", "spm", {"original_max_position_embeddings": 1024, "pad_token_id": 0}),
     "gpt2": ("GPT2Config", "bpe", {}),
-    "qwen2_moe": ("Qwen2MoeConfig", "spm", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+    # Mixture-of-experts: 4 experts, 2 per token; expert rows of 256 so K-quants apply to every expert tensor.
+    # Qwen2-MoE adds a shared expert (with its sigmoid gate) beside the routed ones; Mixtral's experts use `ffn`.
+    "qwen2_moe": ("Qwen2MoeConfig", "spm", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
                                             "shared_expert_intermediate_size": 256, "use_sliding_window": False}),
+    "qwen3_moe": ("Qwen3MoeConfig", "spm", {"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2,
+                                            "moe_intermediate_size": 256, "norm_topk_prob": True,
+                                            "use_sliding_window": False}),
+    "mixtral": ("MixtralConfig", "spm", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    # ERNIE 4.5 MoE: a dense first layer, then MoE layers with one shared expert; converts with a SentencePiece
+    # tokenizer (llama.cpp's converter reads Qwen2/3-MoE vocabularies as byte-level BPE, known only by hash)
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "spm", {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 256,
+                                                   "moe_num_shared_experts": 1, "moe_layer_start_index": 1,
+                                                   "moe_layer_end_index": -1, "head_dim": 64}),
 }
+
+# The mixture-of-experts architectures among ARCHS. Qwen2/3-MoE need a tokenizer llama.cpp's converter knows
+# (make_tiny's `tokenizer_from`, e.g. the smollm2-135m asset); Mixtral and ERNIE take the trained SentencePiece one.
+MOE_ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral", "ernie4_5_moe")
 
 
 def make_tiny(arch: str, out: Path, hidden: int = 256, ffn: int = 512, layers: int = 2, heads: int = 4,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qgguf.bench.config import (
     AUTO_TARGET_MARGIN,
+    BenchConfig,
     DEFAULT_CALIB,
     DEFAULT_CHUNKS,
     DEFAULT_IMATRIX_CHUNKS,
@@ -62,6 +63,13 @@ def add_parser(sub) -> None:
     p.add_argument("--docs", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd)
+
+
+def parse_bench_args(argv: list[str]) -> BenchConfig:
+    """A BenchConfig from `qgguf bench`'s own arguments (tools that work on a bench's folder take the same)."""
+    ap = argparse.ArgumentParser(prog="qgguf")
+    add_parser(ap.add_subparsers(dest="cmd"))
+    return config_from_args(ap.parse_args(["bench", *argv]))
 
 
 def _cmd(args) -> int:

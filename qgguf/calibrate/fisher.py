@@ -28,6 +28,13 @@ transformers' Conv1D (GPT-2) is a Linear whose weight is stored transposed (in �
 out = weight.shape[1]. An embedding that scales its rows (Gemma: output = s·W[id], s = √hidden) is checked for a
 constant scale once; the leaf below is its scaled output, so the row gradient is s·g and the Fisher s²·g².
 
+Mixture-of-experts layers keep their experts in 3-D parameters (experts × out × in, used through F.linear on the
+tokens routed to each expert), which no module hook sees. During calibration the experts module's forward is
+replaced by an equivalent one that routes the same tokens to the same experts and hooks each expert's two
+products: per expert, its input x (the routed tokens only), E[x²], the number of tokens routed, and the Fisher
+importance from the output gradient, which already carries the routing weight. The replacement is checked once
+against the module's own forward on the first batch.
+
 Weights stay frozen: the embedding output is made the autograd leaf, so the backward pass computes activation
 gradients only (no weight gradients, no per-element gradient of the model held anywhere); hooks square and
 reduce g and x layer by layer as the backward pass reaches them, in fp32.
@@ -71,6 +78,18 @@ class _Acc:
     row_sq: torch.Tensor | None = None  # Σ_t g_tr² per output row (Linear only, when asked): the K-FAC row factor
 
 
+@dataclass
+class _ExpertAcc:
+    """fp32 accumulators of one 3-D expert parameter (experts × out × in). Its rows may feed several GGUF tensors
+    (gate_up_proj → ffn_gate_exps + ffn_up_exps): importance is kept per such segment of rows."""
+
+    hf_name: str
+    segments: list  # [(GGUF name, int64 rows of the parameter's out dimension)]
+    importance: torch.Tensor  # [n_segments, experts, in]: Σ over samples of Σ_segment rows (score²)
+    act_sq: torch.Tensor  # [experts, in]: Σ over routed tokens of x²
+    counts: torch.Tensor  # int64[experts]: tokens routed to each expert
+
+
 def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One label per position drawn from the model's predictive distribution (the true Fisher's labels)."""
     # inverse-CDF sampling: one uniform per position (torch.multinomial is ~10× slower over a 50k vocabulary)
@@ -98,11 +117,15 @@ def gaussian_cotangent(logits: torch.Tensor, generator: torch.Generator) -> torc
 
 
 def layer_kind(mod: nn.Module) -> str | None:
-    """"linear", "conv1d" (transformers' transposed Linear), "embedding", or None for layers not hooked."""
+    """"linear", "conv1d" (transformers' transposed Linear), "embedding", "router" (a MoE router: a 2-D weight
+    applied as W x, its forward returning the logits first), or None for layers not hooked."""
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(mod, nn.Linear):
         return "linear"
+    w = getattr(mod, "weight", None)
+    if type(mod).__name__.endswith("Router") and isinstance(w, nn.Parameter) and w.ndim == 2:
+        return "router"
     if isinstance(mod, Conv1D):
         return "conv1d"
     if isinstance(mod, nn.Embedding):
@@ -146,7 +169,8 @@ class FisherCollector:
     """
 
     def __init__(self, model: nn.Module, weights: dict[int, str], per_element: Callable[[str], bool] = lambda n: False,
-                 estimator: str = DEFAULT_ESTIMATOR, probe: str = "label", row_fisher: bool = False):
+                 estimator: str = DEFAULT_ESTIMATOR, probe: str = "label", row_fisher: bool = False,
+                 experts: dict | None = None):
         if estimator not in ESTIMATORS:
             raise QggufError(f"--estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
         if probe not in PROBES:
@@ -184,6 +208,15 @@ class FisherCollector:
                 acc.embedding = True
                 self._handles.append(mod.register_forward_hook(self._embedding_hook(acc)))
         self._tied = {n for n, a in self.accs.items() if a.linear and a.embedding}
+        # experts: HF name of a 3-D expert parameter -> its GGUF targets (names.ExpertTensor)
+        self.expert_accs: dict[str, _ExpertAcc] = {}
+        self._patched: list[nn.Module] = []
+        experts = experts or {}
+        for mod_name, mod in model.named_modules():
+            mine = {a: experts[f"{mod_name}.{a}"] for a in ("gate_up_proj", "up_proj", "down_proj")
+                    if f"{mod_name}.{a}" in experts}
+            if mine:
+                self._patch_experts(mod_name, mod, mine)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None and weights.get(id(head.weight)) in self.accs:
             self.accs[weights[id(head.weight)]].head = True
@@ -192,6 +225,101 @@ class FisherCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for mod in self._patched:
+            del mod.forward  # the class's own forward again
+        self._patched.clear()
+
+    # ------------------------------------------------------------------------------------------ experts
+    def _patch_experts(self, mod_name: str, mod: nn.Module, targets: dict) -> None:
+        """Replace the experts module's forward by `_experts_forward` (see the module docstring)."""
+        if getattr(mod, "is_transposed", False) or getattr(mod, "has_post_expert_norm", False) \
+                or not getattr(mod, "is_concatenated", True):
+            raise QggufError(f"the experts layer {type(mod).__name__} ({mod_name}) stores its weights in a layout "
+                             "qgguf's calibration does not follow yet (transposed, interleaved or with a post-expert "
+                             "norm); quantise this model with llama.cpp's llama-quantize instead")
+        accs = {}
+        for attr, tgts in targets.items():
+            p = getattr(mod, attr)
+            n_exp, n_out, n_in = p.shape
+            segs = [(t.name, torch.as_tensor(t.rows, device=p.device)) for t in tgts]
+            accs[attr] = acc = _ExpertAcc(
+                f"{mod_name}.{attr}", segs, torch.zeros(len(segs), n_exp, n_in, dtype=torch.float32, device=p.device),
+                torch.zeros(n_exp, n_in, dtype=torch.float32, device=p.device),
+                torch.zeros(n_exp, dtype=torch.int64, device=p.device))
+            self.expert_accs[acc.hf_name] = acc
+        checked = [False]
+
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            out = self._experts_forward(mod, accs, hidden_states, top_k_index, top_k_weights)
+            if not checked[0]:  # once: the replacement must compute what the module computes
+                with torch.no_grad():
+                    ref = type(mod).forward(mod, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+                tol = 1e-4 if ref.dtype == torch.float32 else 3e-2
+                if not torch.allclose(out.detach().float(), ref.float(), rtol=tol,
+                                      atol=tol * max(float(ref.abs().max()), 1e-30)):
+                    raise QggufError(f"the experts layer {type(mod).__name__} ({mod_name}) computes something other "
+                                     "than gate/up → activation → down per routed token, which qgguf's calibration "
+                                     "assumes; quantise this model with llama.cpp's llama-quantize instead")
+                checked[0] = True
+            return out
+        mod.forward = forward
+        self._patched.append(mod)
+
+    def _experts_forward(self, mod: nn.Module, accs: dict, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The experts' output, one expert at a time over the tokens routed to it, with the Fisher hooks."""
+        n_tok, k = top_k_index.shape
+        n_exp = mod.num_experts
+        seq_len = max(n_tok // self._batch, 1)
+        out = torch.zeros_like(hidden)
+        flat = top_k_index.reshape(-1)
+        token = torch.arange(n_tok, device=flat.device).repeat_interleave(k)
+        slot = torch.arange(k, device=flat.device).repeat(n_tok)
+        valid = flat < n_exp  # expert-parallel sentinels (= n_exp) route nowhere
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat[valid], minlength=n_exp)
+        starts = torch.cumsum(counts, 0) - counts
+        first = "gate_up_proj" if "gate_up_proj" in accs else "up_proj"
+        for e in torch.nonzero(counts).reshape(-1).tolist():
+            sel = order[int(starts[e]):int(starts[e] + counts[e])]
+            tok, pos = token[sel], slot[sel]
+            x = hidden[tok]
+            h = nn.functional.linear(x, getattr(mod, first)[e], getattr(mod, f"{first}_bias")[e]
+                                     if getattr(mod, "has_bias", False) else None)
+            self._expert_hooks(accs[first], e, x, h, tok // seq_len)
+            a = mod._apply_gate(h) if getattr(mod, "has_gate", True) else mod.act_fn(h)
+            y = nn.functional.linear(a, mod.down_proj[e], mod.down_proj_bias[e]
+                                     if getattr(mod, "has_bias", False) else None)
+            if "down_proj" in accs:
+                self._expert_hooks(accs["down_proj"], e, a, y, tok // seq_len)
+            y = y * top_k_weights[tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+    def _expert_hooks(self, acc: _ExpertAcc, e: int, x: torch.Tensor, y: torch.Tensor, seq: torch.Tensor) -> None:
+        xf = x.detach().float()
+        x2 = xf.square()
+        acc.act_sq[e] += x2.sum(0)
+        acc.counts[e] += x.shape[0]
+        if y.requires_grad:
+            y.register_hook(lambda g: self._expert_grad(acc, e, g, xf, x2, seq))
+
+    def _expert_grad(self, acc: _ExpertAcc, e: int, g: torch.Tensor, xf: torch.Tensor, x2: torch.Tensor,
+                     seq: torch.Tensor) -> None:
+        g = g.detach().float()
+        for s, (_, rows) in enumerate(acc.segments):
+            gs = g.index_select(1, rows)
+            if self.estimator == "token":
+                acc.importance[s, e] += gs.square().sum(1) @ x2
+                continue
+            for b in torch.unique(seq).tolist():  # each sequence's gradient of this expert is one sample
+                m = seq == b
+                gb, xb = gs[m], xf[m]
+                t, n_out, n_in = gb.shape[0], gb.shape[1], xb.shape[1]
+                if t * (n_out + n_in) >= n_out * n_in:
+                    acc.importance[s, e] += (gb.T @ xb).square().sum(0)
+                else:  # Σ_rows (Σ_t g_t x_tᵀ)² through the Gram matrix of this sequence's routed tokens
+                    acc.importance[s, e] += ((gb @ gb.T) @ xb * xb).sum(0)
 
     # x (fp32) and x² are shared by modules reading the same input (q/k/v, gate/up): made once per step
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +327,8 @@ class FisherCollector:
         if hit is not None and hit[0] is x:
             return hit[1], hit[2]
         xf = x.detach().float()
+        if xf.ndim == 2 and xf.shape[0] % self._batch == 0:  # tokens × features (a MoE block flattens the batch)
+            xf = xf.reshape(self._batch, -1, xf.shape[-1])
         xf = xf.reshape(-1, xf.shape[-2], xf.shape[-1]) if xf.ndim >= 2 else xf.reshape(1, 1, -1)
         x2 = xf.square()
         self._x_cache[id(x)] = (x, xf, x2)
@@ -206,6 +336,8 @@ class FisherCollector:
 
     def _linear_hook(self, acc: _Acc):
         def hook(module, args, output):
+            if isinstance(output, tuple):  # a MoE router: (logits, routing weights, experts); logits = W x
+                output = output[0]
             xf, x2 = self._inputs(args[0])
             acc.act_sq += x2.sum((0, 1))
             acc.act_count += x2.shape[0] * x2.shape[1]

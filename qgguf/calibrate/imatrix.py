@@ -4,7 +4,8 @@ GGUF layout, as tools/imatrix/imatrix.cpp writes and common/imatrix-loader.cpp r
   general.type = "imatrix"; imatrix.datasets (string array), imatrix.chunk_count, imatrix.chunk_size (u32);
   per weight NAME: NAME.in_sum2 (F32, ne = [n_per_row, n_mat]): Σ over tokens of x²,
                    NAME.counts  (F32, ne = [1, n_mat]): the number of tokens summed (one per expert).
-llama-quantize uses in_sum2 / counts per row element. The legacy binary (.dat) layout is read as well.
+llama-quantize uses in_sum2 / counts per row element, per expert for stacked expert tensors (n_mat = experts; an
+expert with count 0 gets all ones). The legacy binary (.dat) layout is read as well.
 """
 
 from __future__ import annotations
@@ -135,7 +136,11 @@ def _read_legacy(path: Path) -> Imatrix:
 
 def imatrix_from_stats(stats: Stats, source: str = "act") -> Imatrix:
     """An imatrix from calibration statistics: E[x²] (source "act", what llama-imatrix collects) or the
-    per-channel Fisher importance (source "fisher"). Sums are mean × tokens, so in_sum2/counts is the vector."""
+    per-channel Fisher importance (source "fisher"). Sums are mean × tokens, so in_sum2/counts is the vector.
+
+    Stacked expert tensors get one matrix per expert with the tokens routed to it as its count, as llama-imatrix
+    writes them. An expert whose statistics are calibrate's prior (routed fewer than the threshold) is written
+    with at least one token, so llama-quantize uses the prior rather than all ones for an expert never routed."""
     if source not in SOURCES:
         raise QggufError(f"imatrix source {source!r} is not one of {', '.join(SOURCES)}")
     n = int(stats.meta["tokens"])
@@ -145,6 +150,14 @@ def imatrix_from_stats(stats: Stats, source: str = "act") -> Imatrix:
         vec = t.act_sq if source == "act" else t.importance
         if vec is None:
             continue  # a pure input embedding has no activation vector (llama-imatrix has none either)
+        if t.expert_tokens is not None:
+            counts = t.expert_tokens.astype(np.float64)
+            counts[t.prior_experts] = np.maximum(counts[t.prior_experts], 1.0)
+            if source == "fisher":  # importance is per calibration token: per expert, over its routed tokens
+                vec = vec.astype(np.float64) * n / np.maximum(counts, 1.0)[:, None]
+            im.entries[name] = ImatrixEntry((vec.astype(np.float64) * counts[:, None]).astype(np.float32),
+                                            counts.astype(np.float32))
+            continue
         im.entries[name] = ImatrixEntry((vec.astype(np.float64) * n).astype(np.float32).reshape(1, -1),
                                         np.array([n], dtype=np.float32))
     return im

@@ -115,3 +115,69 @@ class TensorNameMap:
         if rows.shape[0] == n_rows and np.array_equal(rows, np.arange(n_rows)):
             return GgufTensor(gname, None)
         return GgufTensor(gname, rows)
+
+    def expert_tensors(self, model, params: dict[str, torch.Tensor]) -> list[ExpertTensor]:
+        """Where the 3-D expert parameters of one experts module (HF name → parameter, experts × out × in in memory)
+        land in the GGUF: one ExpertTensor per GGUF tensor.
+
+        Two authorities are composed, each on a probe holding every (parameter, expert, row)'s index: transformers'
+        own reverse weight conversion (`revert_weight_conversion`, what `save_pretrained` writes: the fused
+        gate_up_proj split into per-expert gate_proj/up_proj, or Mixtral's w1/w3) and the converter's
+        `modify_tensors`, which stacks the per-expert weights of a layer into ffn_{gate,up,down}_exps."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        names = sorted(params)
+        probe = {}
+        for pid, n in enumerate(names):
+            e, r = params[n].shape[0], params[n].shape[1]
+            probe[n] = (pid * _PARAM_STRIDE + torch.arange(e * r, dtype=torch.float64)).reshape(e, r, 1)
+        try:
+            saved = revert_weight_conversion(model, probe)
+        except Exception as e:  # noqa: BLE001 - transformers' conversion machinery raises many kinds
+            raise QggufError(f"transformers cannot map the expert weights {names[0]} … back to checkpoint names "
+                             f"({type(e).__name__}: {e}); {self.hf_arch} is not supported") from None
+        out: list[ExpertTensor] = []
+        with torch.inference_mode(), contextlib.redirect_stdout(io.StringIO()):
+            for disk_name in sorted(saved):
+                item = self._conv.filter_tensors((disk_name, lambda: None))
+                if item is None:
+                    continue
+                name = item[0]
+                bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)
+                for gname, data in self._conv.modify_tensors(torch.as_tensor(saved[disk_name]), name, bid):
+                    out.append(self._expert_target(gname, torch.as_tensor(data), names, params))
+        if not out:
+            raise QggufError(f"llama.cpp's converter writes no tensor for the expert weights {names}; "
+                             f"{self.hf_arch} is not supported")
+        return out
+
+    @staticmethod
+    def _expert_target(gname: str, data: torch.Tensor, names: list[str], params: dict) -> ExpertTensor:
+        v = data.reshape(data.shape[0], -1).round().to(torch.int64).numpy() if data.ndim == 3 else None
+        if v is None:
+            raise QggufError(f"llama.cpp's converter writes {gname} as a {data.ndim}-D tensor from the expert "
+                             "weights; qgguf maps only stacked 3-D expert tensors")
+        pid = np.unique(v // _PARAM_STRIDE)
+        if len(pid) != 1:
+            raise QggufError(f"llama.cpp's converter mixes several parameters into {gname}; not supported")
+        hf = names[int(pid[0])]
+        r = params[hf].shape[1]
+        flat = v % _PARAM_STRIDE
+        experts, rows = flat // r, flat % r
+        if not (experts == experts[:, :1]).all() or not (rows == rows[:1]).all():
+            raise QggufError(f"llama.cpp's converter reorders rows of {gname} per expert; not supported")
+        return ExpertTensor(gname, hf, experts[:, 0].copy(), rows[0].copy())
+
+
+_PARAM_STRIDE = 1 << 40  # probe values: parameter index × stride + flat (expert, row) index, exact in float64
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One stacked GGUF expert tensor: GGUF expert k, row r holds expert `experts[k]`, row `rows[r]` of `hf_name`
+    (a 3-D parameter, experts × out × in)."""
+
+    name: str
+    hf_name: str
+    experts: np.ndarray  # int64[n_expert]
+    rows: np.ndarray  # int64[n_rows]

@@ -33,6 +33,11 @@ DEFAULT_SEQ_LEN = 512
 DEFAULT_SEED = 0
 
 
+# An expert routed fewer tokens than this during calibration gets the prior instead of its own statistics
+# (expert_prior): below it the per-channel estimate is mostly noise, and at zero tokens it would be zero.
+MIN_EXPERT_TOKENS = 16
+
+
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,8 +102,27 @@ def collect_weights(model: nn.Module, name_map) -> tuple[dict[int, str], dict[st
             continue
         weights[pid] = hf_name
         targets[hf_name] = target
-    check_all_seen(model, name_map, set(weights))
+    experts = collect_experts(model, name_map)
+    params = dict(model.named_parameters())
+    check_all_seen(model, name_map, set(weights) | {id(params[n]) for n in experts})
     return weights, targets
+
+
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def collect_experts(model: nn.Module, name_map) -> dict[str, list]:
+    """The 3-D expert parameters of every experts module (transformers' stacked experts: `num_experts` and
+    gate_up_proj/up_proj/down_proj of experts × out × in) → the GGUF tensors each lands in (names.ExpertTensor)."""
+    out: dict[str, list] = {}
+    for mod_name, mod in model.named_modules():
+        params = {f"{mod_name}.{a}": getattr(mod, a) for a in EXPERT_PARAMS
+                  if isinstance(getattr(mod, a, None), nn.Parameter) and getattr(mod, a).ndim == 3}
+        if not params or not hasattr(mod, "num_experts"):
+            continue
+        for t in name_map.expert_tensors(model, params):
+            out.setdefault(t.hf_name, []).append(t)
+    return out
 
 
 def check_all_seen(model: nn.Module, name_map, seen: set[int]) -> None:
@@ -109,6 +133,8 @@ def check_all_seen(model: nn.Module, name_map, seen: set[int]) -> None:
         if id(p) in seen or p.ndim < 2 or not name_map.writes(hf_name):
             continue
         if p.ndim == 2:
+            if not hf_name.endswith("weight"):  # a 2-D bias (ERNIE's expert score correction) is kept in F32
+                continue
             try:  # a 2-D weight llama.cpp keeps as it is (a norm, a position table) needs no statistics
                 target = name_map.gguf_tensor(hf_name, p.shape[0])
             except (QggufError, ValueError, KeyError, RuntimeError):
@@ -124,10 +150,57 @@ def check_all_seen(model: nn.Module, name_map, seen: set[int]) -> None:
                          "llama.cpp's llama-quantize instead")
 
 
-def build_stats(collector: FisherCollector, targets: dict, meta: dict) -> Stats:
+def expert_prior(importance: np.ndarray, act_sum: np.ndarray, counts: np.ndarray, min_tokens: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Per-expert statistics with a prior for experts routed fewer than `min_tokens` tokens.
+
+    importance: float64[experts, in], Σ over samples (not yet per calibration token); act_sum: Σ x² over the routed
+    tokens; counts: tokens routed. Returns (importance, E[x²], rare experts). For a rare expert the Fisher is the
+    mean over the well-routed experts of their Fisher per routed token, times the rare expert's own routed tokens
+    (at least one: an expert never routed in calibration can still be routed in use, and a zero would let the plan
+    spend nothing on it); its E[x²] is the well-routed experts' mean. With no well-routed expert the pooled
+    statistics of all experts stand in."""
+    counts = counts.astype(np.float64)
+    rare = counts < min_tokens
+    safe = np.maximum(counts, 1.0)[:, None]
+    act = np.where(counts[:, None] > 0, act_sum / safe, 0.0)
+    if rare.any():
+        good = ~rare
+        if good.any():
+            per_token = (importance[good] / counts[good, None]).mean(0)
+            act_prior = act[good].mean(0)
+        else:
+            per_token = importance.sum(0) / max(counts.sum(), 1.0)
+            act_prior = act_sum.sum(0) / max(counts.sum(), 1.0)
+        importance = importance.copy()
+        importance[rare] = per_token * safe[rare]
+        act[rare] = act_prior
+    return importance, act, [int(e) for e in np.flatnonzero(rare)]
+
+
+def build_stats(collector: FisherCollector, targets: dict, meta: dict,
+                min_expert_tokens: int = MIN_EXPERT_TOKENS) -> Stats:
     """Normalise the accumulators per token and key them by GGUF tensor name (per-element Fisher in GGUF rows)."""
     n = collector.n_tokens
     tensors: dict[str, TensorStats] = {}
+    rare_report = []
+    for hf_name, acc in collector.expert_accs.items():
+        counts = acc.counts.cpu().numpy()
+        for s, (gname, rows) in enumerate(acc.segments):
+            tgt = next(t for t in targets[hf_name] if t.name == gname)
+            imp, act, rare = expert_prior(acc.importance[s].double().cpu().numpy()[tgt.experts],
+                                          acc.act_sq.double().cpu().numpy()[tgt.experts], counts[tgt.experts],
+                                          min_expert_tokens)
+            if rare:
+                rare_report.append(f"{gname} experts {', '.join(f'{e} ({int(counts[tgt.experts][e])})' for e in rare)}")
+            tensors[gname] = TensorStats(
+                name=gname, hf_name=hf_name, shape=(len(tgt.experts), len(tgt.rows), imp.shape[1]), kind="experts",
+                importance=(imp / n).astype(np.float32), act_sq=act.astype(np.float32),
+                expert_tokens=counts[tgt.experts].astype(np.float32), prior_experts=rare)
+    if rare_report:
+        print(f"qgguf: calibrate: routed fewer than {min_expert_tokens} tokens (tokens in brackets), so their "
+              f"statistics are a prior (the other experts' Fisher per routed token × their own tokens, at least 1; "
+              f"the other experts' E[x²]): " + "; ".join(rare_report), file=sys.stderr)
     for hf_name, acc in collector.accs.items():
         target = targets[hf_name]
         kind = "tied" if acc.linear and acc.embedding else ("linear" if acc.linear else "embedding")
@@ -150,7 +223,8 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
               per_element: Sequence[str] = (), dtype: str = "auto", batch_size: int = 1,
               imatrix_out: Path | None = None, imatrix_from: str = "act", estimator: str = DEFAULT_ESTIMATOR,
               probe: str = "label", progress: bool = True, grad_checkpoint: bool = False,
-              covariance: Path | None = None, covariance_budget: int | None = None) -> Stats:
+              covariance: Path | None = None, covariance_budget: int | None = None,
+              min_expert_tokens: int = MIN_EXPERT_TOKENS) -> Stats:
     """Run the calibration and write the statistics file (and optionally an llama.cpp imatrix GGUF).
 
     `covariance`: a folder for the input covariance of every Linear weight (calibrate/covariance.py); the
@@ -200,12 +274,13 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
     in_dev = model.get_input_embeddings().weight.device  # where the first layer sits (accelerate may spread them)
     name_map = TensorNameMap(model_dir)
     weights, targets = collect_weights(model, name_map)
+    experts = collect_experts(model, name_map)
     if not weights:
         raise QggufError(f"found no Linear/Conv1D/Embedding weights the converter writes in {str(model_dir)!r}")
     wanted = tuple(per_element)
     collector = FisherCollector(
         model, weights, per_element=lambda n: any(fnmatch.fnmatchcase(targets[n].name, p) for p in wanted),
-        estimator=estimator, probe=probe, row_fisher=covariance is not None)
+        estimator=estimator, probe=probe, row_fisher=covariance is not None, experts=experts)
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -248,7 +323,9 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": dev.type,
         "add_bos": adds_bos(tokenizer), "per_element": list(wanted),
     }
-    stats = build_stats(collector, targets, meta)
+    if experts:
+        meta["min_expert_tokens"] = min_expert_tokens
+    stats = build_stats(collector, {**targets, **experts}, meta, min_expert_tokens)
     stats.timing = {"load_s": t_loop - t_start, "loop_s": t_done - t_loop}
     if covariance is not None:
         from qgguf.calibrate.covariance import DEFAULT_BUDGET_BYTES, collect_covariance

@@ -8,6 +8,11 @@ Per GGUF tensor `T` (a weight of rows × row_len in GGUF layout, i.e. HF out_fea
   T.row_fisher  float32[rows]          E_t[g_r²] per output row r, GGUF row order (Linear weights, only with
                                        `--covariance`): the row factor d of the Kronecker-factored Fisher
                                        F ≈ diag(d) ⊗ E[x xᵀ] (calibrate/covariance.py)
+A stacked expert tensor (ffn_{gate,up,down}_exps: experts × rows × row_len) has one vector per expert:
+  T.importance, T.act_sq  float32[experts, row_len]
+  T.expert_tokens         float32[experts]  tokens routed to each expert during calibration
+Experts routed fewer than the threshold of tokens carry a prior instead of their own estimate (calibrate's
+`expert_prior`); the metadata lists them per tensor (`prior_experts`).
 All Fisher values are per token: F is the expected diagonal Fisher of one token's predictive distribution, so
 adding a weight error δ to the tensor costs about ½ Σ F δ² nats of KL per token.
 The JSON metadata (key "qgguf") holds the run (model hash, tokens, sequence length, seed, version) and, per
@@ -41,6 +46,8 @@ class TensorStats:
     act_sq: np.ndarray | None = None  # float32[row_len]: E[x²] of the input (None for a pure embedding)
     fisher: np.ndarray | None = None  # float32[rows, row_len]: per-element diagonal Fisher, GGUF row order
     row_fisher: np.ndarray | None = None  # float32[rows]: E_t[g_r²] per output row, GGUF row order (K-FAC)
+    expert_tokens: np.ndarray | None = None  # float32[experts]: tokens routed to each expert (expert tensors only)
+    prior_experts: list[int] = field(default_factory=list)  # experts whose statistics are the prior (too few tokens)
 
     @property
     def fisher_sum(self) -> float:
@@ -49,7 +56,12 @@ class TensorStats:
 
     @property
     def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return int(np.prod(self.shape))
+
+    @property
+    def n_expert(self) -> int | None:
+        """Experts stacked in the tensor (shape experts × rows × row_len), None for a 2-D tensor."""
+        return self.shape[0] if len(self.shape) == 3 else None
 
     @property
     def fisher_mean(self) -> float:
@@ -108,6 +120,9 @@ def save_stats(stats: Stats, out: Path, inputs: list[Path] = ()) -> Path:
             arrays[f"{name}.row_fisher"] = np.ascontiguousarray(t.row_fisher, dtype=np.float32)
         per_tensor[name] = {"hf_name": t.hf_name, "shape": list(t.shape), "kind": t.kind,
                             "fisher_sum": t.fisher_sum, "fisher_mean": t.fisher_mean}
+        if t.expert_tokens is not None:
+            arrays[f"{name}.expert_tokens"] = np.ascontiguousarray(t.expert_tokens, dtype=np.float32)
+            per_tensor[name]["prior_experts"] = [int(e) for e in t.prior_experts]
     meta = dict(stats.meta, format=FORMAT_VERSION, tensors=per_tensor)
     with atomic_output(out, inputs) as tmp:
         save_file(arrays, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
@@ -138,7 +153,9 @@ def load_stats(path: Path, per_element: bool = False) -> Stats:
                     importance=f.get_tensor(f"{name}.importance"),
                     act_sq=f.get_tensor(f"{name}.act_sq") if f"{name}.act_sq" in keys else None,
                     fisher=f.get_tensor(f"{name}.fisher") if per_element and f"{name}.fisher" in keys else None,
-                    row_fisher=f.get_tensor(f"{name}.row_fisher") if f"{name}.row_fisher" in keys else None)
+                    row_fisher=f.get_tensor(f"{name}.row_fisher") if f"{name}.row_fisher" in keys else None,
+                    expert_tokens=f.get_tensor(f"{name}.expert_tokens") if f"{name}.expert_tokens" in keys else None,
+                    prior_experts=[int(e) for e in info.get("prior_experts", [])])
     except SafetensorError as e:
         raise QggufError(f"{path} is not a readable safetensors file ({e}); make one with `qgguf calibrate`") from None
     except (ValueError, KeyError) as e:

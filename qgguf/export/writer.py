@@ -29,6 +29,7 @@ from tqdm import tqdm
 from qgguf import __version__, formats
 from qgguf.errors import QggufError
 from qgguf.export.encode_cache import EncodeCache
+from qgguf.formats import engines
 from qgguf.files import atomic_output, require_file
 
 # llama_ftype values for general.file_type: llama.cpp only displays it; we name the type holding most weights.
@@ -95,6 +96,7 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
     src, out = Path(src), Path(out)
     reader = reader if reader is not None else open_gguf(src)
     cache = EncodeCache(encode_cache) if encode_cache is not None else None
+    engine = engines.choose(device)
     by_name = {t.name: t for t in reader.tensors}
     unknown = sorted(set(types) - set(by_name))
     if unknown:
@@ -105,6 +107,13 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
         fmt.check_row_len(int(by_name[name].shape[0]), name)
     importance = importance or {}
     roundings = roundings or {}
+    # the covariance is per Linear input: stacked experts (3-D) have none yet, they are rounded plain
+    stacked = sorted(n for n, v in roundings.items() if v == "feedback" and n in by_name
+                     and len(by_name[n].shape) == 3)
+    if stacked:
+        print(f"qgguf: export: {len(stacked)} stacked expert tensors ({stacked[0]}, …) have no input covariance; "
+              "rounded plain", file=sys.stderr)
+        roundings = {n: ("plain" if n in stacked else v) for n, v in roundings.items()}
     if any(v == "feedback" for v in roundings.values()) and covariance is None:
         raise QggufError("the plan rounds tensors with error feedback but no input covariance was given; "
                          "calibrate with --covariance")
@@ -154,8 +163,13 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                     w = tensor_f32(t, device, reader)
                     imp = importance.get(t.name)
                     H = covariance(t.name) if roundings.get(t.name) == "feedback" else None
-                    raw = (cache.encode(fmt, w, imp, t.name, device, H) if cache is not None
-                           else encode_tensor(fmt, w, imp, t.name, device, H))
+                    if w.ndim == 3 and imp is not None and imp.ndim == 2:
+                        # stacked experts with one importance vector each: encoded expert by expert, which is
+                        # the tensor's byte layout (llama-quantize does the same with a per-expert imatrix)
+                        raw = np.concatenate([np.asarray(_encode(fmt, w[g], imp[g], t.name, device, cache, engine))
+                                              .view(np.uint8).reshape(-1) for g in range(w.shape[0])])
+                    else:
+                        raw = _encode(fmt, w, imp, t.name, device, cache, engine, H)
                     del w
                 else:  # not planned: copy the bytes unchanged (as the converter wrote them)
                     raw = np.asarray(t.data).view(np.uint8)
@@ -169,13 +183,20 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
 
 
 def encode_tensor(fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor | None, name: str, device: str,
-                  covariance=None) -> np.ndarray:
-    """One tensor's bytes: plain rounding, or error feedback against `covariance` (H) when given."""
+                  engine: engines.Engine, covariance=None) -> np.ndarray:
+    """One tensor's bytes: plain rounding through `engine`, or error feedback against `covariance` (H) when given
+    (feedback.py's torch code: it needs the torch kernels' levels and grid, whatever the engine)."""
     if covariance is None:
-        return fmt.encode(w, importance, tensor=name, device=device)
+        return fmt.encode(w, importance, tensor=name, device=device, engine=engine)
     from qgguf.formats.feedback import Feedback
 
     return Feedback(covariance, name, device=device).encode(fmt, w.to(device), importance).cpu().numpy()
+
+
+def _encode(fmt, w: torch.Tensor, imp, name: str, device, cache: EncodeCache | None, engine: engines.Engine,
+            covariance=None):
+    return (cache.encode(fmt, w, imp, name, device, engine, covariance) if cache is not None
+            else encode_tensor(fmt, w, imp, name, device, engine, covariance))
 
 
 def verify_gguf(path: Path, expected: Mapping[str, str]) -> None:

@@ -17,12 +17,15 @@ import hashlib
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
 from ..errors import QggufError
+
+if TYPE_CHECKING:
+    from .engines import Engine
 
 # Rows handled per chunk are chosen so one chunk holds about this many weights (bounded memory on big tensors).
 CHUNK_WEIGHTS = 1 << 22
@@ -102,17 +105,18 @@ class Format:
         return self.encode_blocks(x, w, self.block_size)
 
     # ---------------------------------------------------------------- public face
-    def encode(self, weights, importance=None, *, tensor: str = "tensor", device: str | torch.device | None = None
-               ) -> np.ndarray:
+    def encode(self, weights, importance=None, *, tensor: str = "tensor", device: str | torch.device | None = None,
+               engine: Engine | None = None) -> np.ndarray:
         """Quantise `weights` (rows × row_len, or N-D with the row last) to raw GGUF bytes, rows × bytes-per-row.
 
         `importance` is an optional per-input-channel weight vector of length row_len (imatrix, per-channel
-        Fisher): the encoder then minimises the importance-weighted squared error.
+        Fisher): the encoder then minimises the importance-weighted squared error. `engine` (engines.py): whose
+        code encodes, qgguf's torch kernels (None, the default) or ggml's; the bytes are the same.
         """
-        return self.encode_torch(weights, importance, tensor=tensor, device=device).cpu().numpy()
+        return self.encode_torch(weights, importance, tensor=tensor, device=device, engine=engine).cpu().numpy()
 
     def encode_torch(self, weights, importance=None, *, tensor: str = "tensor",
-                     device: str | torch.device | None = None) -> torch.Tensor:
+                     device: str | torch.device | None = None, engine: Engine | None = None) -> torch.Tensor:
         x = _as_tensor(weights, device).to(torch.float32)
         if x.ndim == 0:
             raise QggufError(f"{tensor}: cannot quantise a scalar")
@@ -130,6 +134,8 @@ class Format:
                                  "use statistics computed for this tensor")
             if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
                 raise QggufError(f"{tensor}: importance has negative, NaN or Inf values")
+        if engine is not None and engine.encodes(self) and x.device.type == "cpu":
+            return engine.encode_rows(self, x, w)
         nb_row = row_len // self.block_size
         rows_per_chunk = max(1, CHUNK_WEIGHTS // row_len)
         out = torch.empty((x.shape[0], nb_row * self.type_size), dtype=torch.uint8, device=x.device)

@@ -46,6 +46,9 @@ QK_K = 256
 # Bits of a sub-block scale in the _XS layouts (signed, -32..31, as IQ4_XS).
 SCALE_BITS = 6
 
+# The largest finite fp16: a block's scale is clamped to ±this (a larger one would be stored as Inf).
+SCALE_MAX = 65504.0
+
 
 # floor(x) is clamped to this range before the table lookup: every int8 codebook value lies well inside it.
 _TABLE_LO, _TABLE_HI = -256, 255
@@ -167,6 +170,9 @@ class NLFormat(Format):
         Why unbiased: with a centroid codebook the least-squares reconstruction is the weights shrunk by their
         relative error (Σw·x̂·x = Σw·x̂²), in every block the same way; such shrinkage adds up across tensors and
         layers, which the planner's per-weight ½·ΣF·err cannot see (docs/design.md, "Gain-unbiased NL scales").
+        The gain-unbiased scale is kept only when it is finite and has the least-squares scale's sign (Σw·x² can
+        underflow to 0 or overflow; negative importance, which encode refuses, can flip it); otherwise the block keeps
+        its least-squares scale. Either is clamped to ±SCALE_MAX, the fp16 range.
 
         `vals` (float32, sorted) replaces the codebook: the design study trains codebooks through this search."""
         table = None
@@ -194,7 +200,10 @@ class NLFormat(Format):
         if unbiased:
             found = d != 0
             sumxx = seq_sum(wt * xt * xt)
-            d = torch.where(found, sumxx / torch.where(found, best_qx, torch.ones_like(best_qx)), d)
+            u = sumxx / torch.where(found, best_qx, torch.ones_like(best_qx))
+            ok = found & torch.isfinite(u) & (u != 0) & ((u > 0) == (d > 0))
+            d = torch.where(ok, u, d)
+        d = d.clamp(-SCALE_MAX, SCALE_MAX)
         return torch.where(zero, torch.zeros_like(d), d)
 
     def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None, row_len: int) -> torch.Tensor:

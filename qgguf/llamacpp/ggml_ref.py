@@ -1,13 +1,16 @@
 """ggml's own quantiser and dequantiser, called through ctypes from the built libggml-base.
 
-The reference every qgguf encoder and decoder is checked against (bit-exact decode, quality parity of encode),
-and the baseline of the encoder speed benchmark.
+The reference every qgguf encoder and decoder is checked against (bit-exact decode, byte-identical encode), the
+baseline of the encoder speed benchmark, and the CPU encoder of measure and export (qgguf.formats.engines):
+on a CPU it is 1.5–6× faster than the torch kernels, with the same bytes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -31,10 +34,13 @@ class _TypeTraits(ctypes.Structure):
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
 
 
-@functools.lru_cache(maxsize=None)
 def lib(cuda: bool | None = None) -> ctypes.CDLL:
     """libggml-base.so of the current build (`qgguf llama build`)."""
-    path = tool_path("libggml-base.so", cuda)
+    return _load(tool_path("libggml-base.so", cuda))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: Path) -> ctypes.CDLL:
     so = ctypes.CDLL(str(path))
     so.ggml_quantize_chunk.restype = ctypes.c_size_t
     so.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p,
@@ -79,6 +85,35 @@ def quantize(type_id: int, x: np.ndarray, importance: np.ndarray | None = None) 
                                   out.ctypes.data_as(ctypes.c_void_p), 0, nrows, n_per_row, imp)
     assert n == out.nbytes, (n, out.nbytes)
     return out
+
+
+def quantize_rows(so: ctypes.CDLL, type_id: int, x: np.ndarray, importance: np.ndarray | None,
+                  out: np.ndarray, threads: int) -> None:
+    """ggml_quantize_chunk of the rows of a C-contiguous float32 `x` into `out` (rows × row-size uint8), split
+    over `threads` threads by rows. Rows are quantised independently, so the bytes do not depend on the split;
+    ctypes releases the GIL for each call, so the threads run in parallel."""
+    nrows, n_per_row = x.shape
+    imp = None if importance is None else importance.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    so.ggml_quantize_init(type_id)  # the tables of the types that have them, once, before any thread
+
+    def run(r0: int, r1: int) -> None:
+        src = x[r0:r1].ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        dst = out[r0:r1].ctypes.data_as(ctypes.c_void_p)
+        n = so.ggml_quantize_chunk(type_id, src, dst, 0, r1 - r0, n_per_row, imp)
+        if n != out[r0:r1].nbytes:
+            raise QggufError(f"ggml_quantize_chunk wrote {n} bytes for {r1 - r0} rows, expected {out[r0:r1].nbytes}")
+
+    # a few pieces per thread evens out rows of unequal cost; each piece is at least 64 rows
+    pieces = max(1, min(nrows // 64, 4 * threads))
+    bounds = np.linspace(0, nrows, pieces + 1).astype(np.int64)
+    spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if threads <= 1 or len(spans) == 1:
+        for a, b in spans:
+            run(a, b)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for f in [pool.submit(run, a, b) for a, b in spans]:
+            f.result()
 
 
 def dequantize(type_id: int, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

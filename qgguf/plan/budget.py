@@ -97,10 +97,10 @@ SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "
               "G": 1000**3, "GB": 1000**3, "GIB": 1024**3}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--target-size") -> int:
     """'1.2GiB', '800MB', '123456789' → bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).upper() if m else None
     if not m or unit not in SIZE_UNITS:
-        raise QggufError(f"--target-size {text!r} is not a size; write e.g. 1.2GiB, 800MB or 123456789")
+        raise QggufError(f"{option} {text!r} is not a size; write e.g. 1.2GiB, 800MB or 123456789")
     return int(float(m.group(1)) * SIZE_UNITS[unit])

@@ -26,7 +26,10 @@ proportional to each row's Fisher-weighted energy, and the sums over the sample 
 by the ratio of error to block-scale energy, which is known exactly for every row (sample_rows, _ratio).
 
 Results are cached on disk (cache_dir("measure")), keyed by the tensor's bytes, the importance and Fisher bytes,
-the row subset, the type, and the source of qgguf.formats (a changed encoder is measured afresh).
+the row subset, the type, and the encoder's code (`Engine.key`: the torch kernels' source or ggml's library; a
+changed encoder is measured afresh); results that hold K-FAC errors also key on formats/feedback.py and the torch
+kernels' source, which feedback rounding runs on whatever the engine. On a CPU ggml's quantiser encodes the plain
+rounding (formats/engines.py: same bytes, faster).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +51,8 @@ from tqdm import tqdm
 from qgguf import formats
 from qgguf.errors import QggufError
 from qgguf.files import atomic_output, cache_dir
+from qgguf.formats import engines
+from qgguf.formats.engines import Engine
 from qgguf.formats.feedback import Feedback
 from qgguf.hashing import code_sha256, hash_array
 from qgguf.plan.planner import TensorChoices
@@ -178,9 +184,24 @@ def sample_rows(sizes: np.ndarray | int, max_rows: int | None, seed: int = 0) ->
     return rows, 1.0 / pi[rows]
 
 
+def _sample_per_expert(sizes: np.ndarray, groups: int, rows_per_group: int, max_rows: int, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """sample_rows within each expert of a stacked tensor, max_rows shared equally (at least one row each): every
+    expert is measured, even one whose statistics carry little Fisher (a rarely routed expert's prior)."""
+    k = max(1, max_rows // groups)
+    rows, inv_pi = [], []
+    for g in range(groups):
+        r, w = sample_rows(sizes[g * rows_per_group:(g + 1) * rows_per_group], k, seed + g)
+        rows.append(r + g * rows_per_group)
+        inv_pi.append(w)
+    return np.concatenate(rows), np.concatenate(inv_pi)
+
+
 # ------------------------------------------------------------------------------------------------ cache
-def _cache_file(key: str, type_name: str) -> Path:
-    code = f"{formats.encoder_hash(type_name)}|{code_sha256('plan/measure.py', 'formats/feedback.py')}"
+def _cache_file(key: str, type_name: str, engine: Engine, feedback: bool = False) -> Path:
+    code = f"{engine.key(formats.get(type_name))}|{code_sha256('plan/measure.py')}"
+    if feedback:  # kfac_feedback comes from feedback.py on the torch kernels' levels, whatever the plain engine
+        code += f"|{formats.encoder_hash(type_name)}|{code_sha256('formats/feedback.py')}"
     h = hashlib.blake2b(f"{key}|{type_name}|{code}|v{CACHE_VERSION}".encode(), digest_size=20)
     d = h.hexdigest()
     return cache_dir("measure", d[:2]) / f"{d}.json"
@@ -200,9 +221,11 @@ def _cache_write(path: Path, r: TypeResult) -> None:
 
 # ------------------------------------------------------------------------------------------------ measure
 def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None = DEFAULT_MAX_ROWS,
-                   seed: int = 0, cache: bool = True, device: str | torch.device | None = None
-                   ) -> TensorMeasurement:
-    """Encode and decode `t` in every type of `types` that accepts its row length; see the module docstring."""
+                   seed: int = 0, cache: bool = True, device: str | torch.device | None = None,
+                   engine: Engine | None = None) -> TensorMeasurement:
+    """Encode and decode `t` in every type of `types` that accepts its row length; see the module docstring.
+    `engine`: whose code encodes (formats.engines; default: the one for `device`)."""
+    engine = engine or engines.choose(device)
     w = _tensor(t.weights)
     if device is not None:
         w = w.to(device)
@@ -234,7 +257,10 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
 
     n_total = groups * rows_per_group
     sizes = _row_sizes(w3, chf, fisher) if max_rows and n_total > max_rows else n_total
-    rows, inv_pi = sample_rows(sizes, max_rows, seed)
+    if groups > 1 and max_rows and n_total > max_rows:
+        rows, inv_pi = _sample_per_expert(sizes, groups, rows_per_group, max_rows, seed)
+    else:
+        rows, inv_pi = sample_rows(sizes, max_rows, seed)
     rms = math.sqrt(float(_energy(w3, None, 1).col.sum()) / w3.numel())
     energies: dict[int, _Energy | None] = {}
     out = TensorMeasurement(name=t.name, shape=shape, rms=rms, rows_measured=len(rows), rows_total=n_total)
@@ -253,7 +279,7 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
 
     fmts = [formats.get(name) for name in types]
     fmts = [f for f in fmts if f.accepts(row_len)]
-    paths = {f.name: _cache_file(key, f.name) if key else None for f in fmts}
+    paths = {f.name: _cache_file(key, f.name, engine, kfac is not None) if key else None for f in fmts}
     cached = {f.name: _cache_read(paths[f.name]) if paths[f.name] else None for f in fmts}
     if kfac is not None and kfac.fb.U is not None:
         # feedback rounding of the sampled rows in every type still to measure, at once (formats/feedback.py:
@@ -270,7 +296,7 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
             if size not in energies:  # not needed when every row is measured: the sample is the tensor
                 energies[size] = _energy(w3, fisher, size) if len(rows) < n_total else None
             r = _measure_type(fmt, w3, rows, inv_pi, rows_per_group, imp, chf, fisher, energies[size], shape,
-                              t.name, kfac)
+                              t.name, engine, kfac)
             if path and _finite(r):
                 _cache_write(path, r)
         if not _finite(r):  # e.g. a scale past fp16's range: the type cannot hold this tensor
@@ -423,8 +449,8 @@ def _ratio(err_s: float, energy_s: float, energy_all: float, fallback: float) ->
 
 def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_pi: np.ndarray, rows_per_group: int,
                   imp: torch.Tensor | None, chf: torch.Tensor | None, fisher: torch.Tensor | None,
-                  energy: _Energy | None, shape: tuple[int, ...], name: str, kfac: _Kfac | None = None
-                  ) -> TypeResult:
+                  energy: _Energy | None, shape: tuple[int, ...], name: str, engine: Engine,
+                  kfac: _Kfac | None = None) -> TypeResult:
     groups, _, row_len = w3.shape
     dev = w3.device
     per_chunk = max(1, CHUNK_WEIGHTS // row_len)
@@ -443,7 +469,8 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
             idx = torch.as_tensor(rg[r0:r0 + per_chunk], device=dev)
             wr = torch.as_tensor(wg[r0:r0 + per_chunk], device=dev)[:, None]  # 1/π: Horvitz–Thompson sums
             x = w3[g].index_select(0, idx)
-            y = fmt.roundtrip(x, None if imp is None else imp[g], tensor=name)
+            # plain rounding through the engine (ggml on a CPU); feedback rounding is feedback.py's torch code
+            y = fmt.roundtrip(x, None if imp is None else imp[g], tensor=name, engine=engine)
             d2 = (y - x).to(torch.float64) ** 2
             if kfac is not None:
                 kp += _h_sum(x, y, kfac, idx, wr)
@@ -483,16 +510,21 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
                       fisher_mse=fisher_mse, kfac_plain=kfac_plain, kfac_feedback=kfac_feedback)
 
 
+def _work(shape: tuple[int, ...], types: Sequence[str], max_rows: int | None) -> tuple[int, int]:
+    """(weights encoded and decoded, weights read in whole-tensor passes) to measure one tensor of `shape`."""
+    row_len, rows = shape[-1], math.prod(shape[:-1])
+    fmts = [formats.get(n) for n in types if formats.get(n).accepts(row_len)]
+    sampled = rows if not max_rows or rows <= max_rows else max_rows
+    passes = (1 + len({_scale_block(f) for f in fmts})) * rows * row_len if sampled < rows else 0
+    return len(fmts) * sampled * row_len, passes
+
+
 def estimate(shapes: Sequence[tuple[int, ...]], types: Sequence[str], max_rows: int | None) -> str:
     """What measuring tensors of these shapes costs before it starts: tensors × types × rows, in weights."""
     coded = passes = 0
     for shape in shapes:
-        row_len, rows = shape[-1], math.prod(shape[:-1])
-        fmts = [formats.get(n) for n in types if formats.get(n).accepts(row_len)]
-        sampled = rows if not max_rows or rows <= max_rows else max_rows
-        coded += len(fmts) * sampled * row_len
-        if sampled < rows:  # row sizes, then the scale energy of every row per distinct scale block
-            passes += (1 + len({_scale_block(f) for f in fmts})) * rows * row_len
+        c, p = _work(shape, types, max_rows)
+        coded, passes = coded + c, passes + p
     rows_note = f"≤ {max_rows:,} rows each" if max_rows else "every row"
     return (f"measure: {len(shapes)} tensors × {len(types)} types ({rows_note}): {coded / 1e9:.3g} G weights "
             f"to encode and decode, {passes / 1e9:.3g} G weights read in whole-tensor passes")
@@ -505,12 +537,30 @@ def measure_tensors(items: Iterable[TensorInput], types: Sequence[str], *, max_r
     """Measure a stream of tensors (one in flight at a time), with a progress bar. `shapes` (of the tensors the
     stream will give): print what it will cost before starting (`estimate`)."""
     out: dict[str, TensorMeasurement] = {}
+    engine = engines.choose(device)
     if shapes is not None:
         total = len(shapes)
         if progress:
             print(f"qgguf: {estimate(shapes, types, max_rows)}", file=sys.stderr)
+    # a weight read in a whole-tensor pass costs about a tenth of one encoded and decoded (SmolLM2, ggml encoder)
+    work = [c + p / 10 for c, p in (_work(sh, types, max_rows) for sh in shapes)] if shapes is not None else None
+    done, t0, told = 0, time.monotonic(), not progress or work is None
     with tqdm(items, total=total, desc="measure", unit="tensor", disable=not progress or None) as bar:
-        for t in bar:
+        for i, t in enumerate(bar):
             bar.set_postfix_str(t.name, refresh=False)
-            out[t.name] = measure_tensor(t, types, max_rows=max_rows, seed=seed, cache=cache, device=device)
+            out[t.name] = measure_tensor(t, types, max_rows=max_rows, seed=seed, cache=cache, device=device,
+                                         engine=engine)
+            if not told:  # once the first tensors took a few seconds: the time they predict for all (logs too)
+                done += work[i]
+                spent = time.monotonic() - t0
+                if spent >= 10.0 and done >= 0.03 * sum(work) and i + 1 < len(work):
+                    told = True
+                    left = spent * (sum(work) - done) / max(done, 1)
+                    print(f"qgguf: measure: the first {i + 1} tensors took {spent:.0f} s: about "
+                          f"{_duration(spent + left)} for all ({engine.name} encoder; cached results are quicker)",
+                          file=sys.stderr)
     return out
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"

@@ -68,27 +68,46 @@ def summary(plan: Plan) -> str:
         kinds.setdefault(t.kind, []).append(t)
         if t.layer is not None:
             layers.setdefault(t.layer, []).append(t)
-    lines = [f"{'tensor kind':<22} {'n':>4} {'bits':>6} {'contin.':>7} {'ΔKL':>10}  types"]
+    kl = plan.predicted_kl
+    lines = [f"{'tensor kind':<22} {'n':>4} {'bits':>6} {'contin.':>7} {'ΔKL':>10} {'bytes%':>6} {'ΔKL%':>6}  types"]
     for kind, ts in kinds.items():
         counts: dict[str, int] = {}
         for t in ts:
             counts[t.type] = counts.get(t.type, 0) + 1
         types = " ".join(f"{k}×{v}" if v > 1 else k for k, v in counts.items())
-        lines.append(f"{kind:<22} {len(ts):>4} {avg_bits(ts):>6.2f} {cont_bits(ts):>7} "
-                     f"{sum(t.dkl for t in ts):>10.4g}  {types}")
+        dkl = sum(t.dkl for t in ts)
+        lines.append(f"{kind:<22} {len(ts):>4} {avg_bits(ts):>6.2f} {cont_bits(ts):>7} {dkl:>10.4g} "
+                     f"{100 * sum(t.bytes for t in ts) / plan.planned_bytes:>6.1f} "
+                     f"{100 * dkl / kl if kl > 0 else 0.0:>6.1f}  {types}")
     if layers:
         lines += ["", f"{'layer':<22} {'n':>4} {'bits':>6} {'contin.':>7} {'ΔKL':>10}"]
         for layer in sorted(layers):
             ts = layers[layer]
             lines.append(f"{layer:<22} {len(ts):>4} {avg_bits(ts):>6.2f} {cont_bits(ts):>7} "
                          f"{sum(t.dkl for t in ts):>10.4g}")
+    prior = [f"{t.name} {t.experts['prior']}" for t in plan.tensors if t.experts and t.experts.get("prior")]
+    if prior:
+        lines += ["", "experts routed too few calibration tokens (their statistics are a prior): " + "; ".join(prior)]
     lines += ["",
               f"budget            {plan.budget}",
               f"file size         {plan.file_bytes:,} bytes ({plan.file_bytes / 2**20:.2f} MiB)",
               f"llama.cpp BPW     {plan.bpw:.4f} (all tensors); planned weights {plan.weights_bpw:.4f}",
               f"predicted KL      {plan.predicted_kl:.6g} nats/token",
               f"lambda            {plan.lam:.4g} ΔKL per byte"]
+    if plan.placement is not None:
+        pl = plan.placement
+        for dev, cap in (("GPU", pl.budget_gpu), ("CPU", pl.budget_cpu)):
+            n = sum(1 for d in pl.device.values() if d == dev)
+            lines.append(f"{dev} tensors       {pl.bytes[dev]:,} bytes ({pl.bytes[dev] / 2**20:.2f} MiB) of "
+                         f"{cap:,} budgeted, {n} tensors")
+        lines.append(f"llama.cpp options {' '.join(_quote(a) for a in pl.args)}")
     return "\n".join(lines)
+
+
+def _quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(a)
 
 
 def write_heatmap(plan: Plan, out: Path) -> Path:

@@ -37,6 +37,7 @@ class TensorChoices:
     fisher_sum: float = math.nan
     rms: float = math.nan
     rounding: Mapping[str, str] = field(default_factory=dict)  # type → "plain" | "feedback" (absent: plain)
+    experts: Mapping | None = None  # stacked experts: {"count", "tokens" per expert, "prior" experts}
 
     @property
     def n_weights(self) -> int:
@@ -56,6 +57,7 @@ class PlannedTensor:
     options: dict[str, tuple[int, float]]
     forced: bool = False  # set by an override
     rounding: str = "plain"  # how export chooses the integers: "plain" or "feedback" (formats/feedback.py)
+    experts: dict | None = None  # stacked experts (TensorChoices.experts)
 
     @property
     def n_weights(self) -> int:
@@ -85,6 +87,7 @@ class Plan:
     lam: float
     capacity: int
     ties: list[list[str]] = field(default_factory=list)
+    placement: object | None = None  # split budgets: qgguf.plan.placement.Placement
 
     # ------------------------------------------------------------ totals
     @property
@@ -141,9 +144,18 @@ class Plan:
                 "name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.bytes, "bpw": t.bpw,
                 "fisher_sum": _num(t.fisher_sum), "rms": _num(t.rms), "dkl": t.dkl,
                 "continuous_bits": _num(t.continuous_bits), "forced": t.forced, "rounding": t.rounding,
+                "share": self.shares(t),
                 "options": {k: [int(b), float(d)] for k, (b, d) in t.options.items()},
+                **({"experts": t.experts} if t.experts is not None else {}),
+                **({"device": self.placement.device[t.name]} if self.placement is not None else {}),
             } for t in self.tensors],
+            **({"placement": self.placement.to_dict()} if self.placement is not None else {}),
         }
+
+    def shares(self, t: PlannedTensor) -> dict[str, float]:
+        """The tensor's share of the planned bytes and of the predicted KL."""
+        kl = self.predicted_kl
+        return {"bytes": t.bytes / self.planned_bytes, "dkl": t.dkl / kl if kl > 0 else 0.0}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
@@ -153,10 +165,19 @@ class Plan:
             name=t["name"], shape=tuple(t["shape"]), type=t["type"], bytes=int(t["bytes"]), dkl=float(t["dkl"]),
             fisher_sum=_unnum(t["fisher_sum"]), rms=_unnum(t["rms"]), continuous_bits=_unnum(t["continuous_bits"]),
             options={k: (int(b), float(v)) for k, (b, v) in t["options"].items()}, forced=bool(t["forced"]),
-            rounding=str(t.get("rounding", "plain"))) for t in d["tensors"]]
+            rounding=str(t.get("rounding", "plain")), experts=t.get("experts"))
+            for t in d["tensors"]]
+        placement = None
+        if "placement" in d:
+            from qgguf.plan.placement import Placement
+
+            pl = d["placement"]
+            placement = Placement(device=dict(pl["device"]), budget_gpu=int(pl["budget"]["GPU"]),
+                                  budget_cpu=int(pl["budget"]["CPU"]), bytes=dict(pl["bytes"]),
+                                  args=list(pl["llama_args"]))
         return cls(tensors=tensors, budget=Budget(d["budget"]["kind"], float(d["budget"]["value"])),
                    layout=FileLayout(**d["layout"]), lam=float(d["lambda"]), capacity=int(d["capacity"]),
-                   ties=[list(g) for g in d["ties"]])
+                   ties=[list(g) for g in d["ties"]], placement=placement)
 
 
 def _num(x: float) -> float | None:
@@ -281,7 +302,8 @@ def plan(tensors: Sequence[TensorChoices], budget: Budget, layout: FileLayout = 
                              bytes=int(t.options[chosen[i]][0]), dkl=float(t.options[chosen[i]][1]),
                              fisher_sum=float(t.fisher_sum), rms=float(t.rms), continuous_bits=math.nan,
                              options={k: (int(b), float(v)) for k, (b, v) in t.options.items()},
-                             forced=forced[i] is not None, rounding=t.rounding.get(chosen[i], "plain"))
+                             forced=forced[i] is not None, rounding=t.rounding.get(chosen[i], "plain"),
+                             experts=dict(t.experts) if t.experts is not None else None)
                for i, t in enumerate(tensors)]
     result = Plan(tensors=planned, budget=budget, layout=layout, lam=sol.lam, capacity=capacity,
                   ties=[[names[i] for i in g] for g in groups if len(g) > 1])

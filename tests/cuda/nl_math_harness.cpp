@@ -14,7 +14,7 @@
 #include <random>
 #include <vector>
 
-// ggml-nl.c's two references into the rest of ggml-base (only reached on a failed assertion / by validation)
+// ggml-nl.c's references into the rest of ggml-base (only reached on a failed assertion / by validation)
 extern "C" void ggml_abort(const char * file, int line, const char * fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -25,6 +25,7 @@ extern "C" void ggml_abort(const char * file, int line, const char * fmt, ...) {
     abort();
 }
 extern "C" size_t ggml_type_size(enum ggml_type) { abort(); }
+extern "C" const char * ggml_type_name(enum ggml_type) { abort(); }
 
 static int g_failures = 0;
 

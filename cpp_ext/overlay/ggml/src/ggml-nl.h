@@ -34,12 +34,50 @@ extern "C" {
 GGML_NL_XS_BLOCK(2) GGML_NL_XS_BLOCK(3) GGML_NL_XS_BLOCK(5) GGML_NL_XS_BLOCK(6)
 GGML_NL_32_BLOCK(2) GGML_NL_32_BLOCK(3) GGML_NL_32_BLOCK(5) GGML_NL_32_BLOCK(6)
 
-// byte offsets of the fields, the same for every b of a layout (code that serves all bit-widths reads blocks as
-// bytes)
-#define GGML_NL_XS_SCALES_H 2
-#define GGML_NL_XS_SCALES_L 4
-#define GGML_NL_XS_QS       8
-#define GGML_NL_32_QS       2
+// The fields of one block, taken through its type's struct. One body of code serves every bit-width of a layout
+// (their structs differ only in the length of qs), so that code works on the fields that block_nl<b>_<layout>'s
+// accessor below gives it, never on byte offsets. scales_h / scales_l are NULL in the _32 layouts.
+typedef struct {
+    const uint16_t * d;         // fp16 scale (_XS: of the super-block)
+    const uint8_t  * scales_h;  // _XS: top 2 bits of the 8 sub-block scales
+    const uint8_t  * scales_l;  // _XS: low 4 bits
+    const uint8_t  * qs;        // index planes
+} ggml_nl_block;
+typedef struct {  // the same, to write (the encoder)
+    uint16_t * d;
+    uint8_t  * scales_h;
+    uint8_t  * scales_l;
+    uint8_t  * qs;
+} ggml_nl_block_out;
+typedef ggml_nl_block     (*ggml_nl_block_fn)(const void * blocks, int64_t i);
+typedef ggml_nl_block_out (*ggml_nl_block_out_fn)(void * blocks, int64_t i);
+
+// ggml_nl_block_nl<b>_<layout>(row, i) / ggml_nl_block_out_nl<b>_<layout>(row, i): the fields of block i of a row
+#define GGML_NL_XS_ACCESS(B) \
+    static inline ggml_nl_block ggml_nl_block_nl##B##_xs(const void * blocks, int64_t i) { \
+        const block_nl##B##_xs * x = (const block_nl##B##_xs *) blocks + i; \
+        ggml_nl_block b; b.d = &x->d; b.scales_h = x->scales_h; b.scales_l = x->scales_l; b.qs = x->qs; \
+        return b; \
+    } \
+    static inline ggml_nl_block_out ggml_nl_block_out_nl##B##_xs(void * blocks, int64_t i) { \
+        block_nl##B##_xs * x = (block_nl##B##_xs *) blocks + i; \
+        ggml_nl_block_out b; b.d = &x->d; b.scales_h = x->scales_h; b.scales_l = x->scales_l; b.qs = x->qs; \
+        return b; \
+    }
+#define GGML_NL_32_ACCESS(B) \
+    static inline ggml_nl_block ggml_nl_block_nl##B##_32(const void * blocks, int64_t i) { \
+        const block_nl##B##_32 * x = (const block_nl##B##_32 *) blocks + i; \
+        ggml_nl_block b; b.d = &x->d; b.scales_h = NULL; b.scales_l = NULL; b.qs = x->qs; \
+        return b; \
+    } \
+    static inline ggml_nl_block_out ggml_nl_block_out_nl##B##_32(void * blocks, int64_t i) { \
+        block_nl##B##_32 * x = (block_nl##B##_32 *) blocks + i; \
+        ggml_nl_block_out b; b.d = &x->d; b.scales_h = NULL; b.scales_l = NULL; b.qs = x->qs; \
+        return b; \
+    }
+
+GGML_NL_XS_ACCESS(2) GGML_NL_XS_ACCESS(3) GGML_NL_XS_ACCESS(5) GGML_NL_XS_ACCESS(6)
+GGML_NL_32_ACCESS(2) GGML_NL_32_ACCESS(3) GGML_NL_32_ACCESS(5) GGML_NL_32_ACCESS(6)
 
 // One bit-width's constants, indexed by bits: index bits, the low and high plane widths (0: no high plane), the
 // codebook (2^bits sorted int8 levels, -127 first: the encoder maps each block's signed maximum there) and the
@@ -79,11 +117,11 @@ static const ggml_nl_spec ggml_nl_specs[7] = {
 };
 // END nl tables
 
-// signed scale of sub-block ib of the _XS block b: 4 low bits from scales_l, 2 high from scales_h, minus 32
-static inline int ggml_nl_sub_scale(const uint8_t * b, int ib) {
-    const uint8_t * scales_h = b + GGML_NL_XS_SCALES_H;
-    const uint8_t * scales_l = b + GGML_NL_XS_SCALES_L;
-    return (((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf) | (((scales_h[ib / 4] >> (2 * (ib % 4))) & 3) << 4)) - 32;
+// signed scale of sub-block ib of an _XS block: 4 low bits from scales_l, 2 high from scales_h, minus 32
+static inline int ggml_nl_sub_scale(const ggml_nl_block * b, int ib) {
+    const int lo = (b->scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf;
+    const int hi = (b->scales_h[ib / 4] >> (2 * (ib % 4))) & 3;
+    return (lo | (hi << 4)) - 32;
 }
 
 #define GGML_NL_DECL(B, L) \
@@ -102,6 +140,24 @@ GGML_API bool ggml_nl_validate_row_data(enum ggml_type type, const void * data, 
 #define GGML_NL_TYPE_CASES \
     case GGML_TYPE_NL2_XS: case GGML_TYPE_NL3_XS: case GGML_TYPE_NL5_XS: case GGML_TYPE_NL6_XS: \
     case GGML_TYPE_NL2_32: case GGML_TYPE_NL3_32: case GGML_TYPE_NL5_32: case GGML_TYPE_NL6_32:
+
+// Names for the type ids no type has: upstream's end (43) up to the NL ids, and the gaps between those. ggml sizes
+// its type tables by GGML_TYPE_COUNT and prints type_name with %s (gguf.cpp's errors among others), so every id
+// below the count has a name (blck_size stays 0: such an id is refused when a file names it, patch 0010). The
+// table holds these first, so a type that upstream adds at one of these ids overrides its placeholder.
+#define GGML_NL_UNUSED_TYPE(ID) [ID] = { .type_name = "unused_" #ID },
+#define GGML_NL_UNUSED_TYPES_10(T) \
+    GGML_NL_UNUSED_TYPE(T##0) GGML_NL_UNUSED_TYPE(T##1) GGML_NL_UNUSED_TYPE(T##2) GGML_NL_UNUSED_TYPE(T##3) \
+    GGML_NL_UNUSED_TYPE(T##4) GGML_NL_UNUSED_TYPE(T##5) GGML_NL_UNUSED_TYPE(T##6) GGML_NL_UNUSED_TYPE(T##7) \
+    GGML_NL_UNUSED_TYPE(T##8) GGML_NL_UNUSED_TYPE(T##9)
+#define GGML_NL_UNUSED_TYPE_TRAITS \
+    GGML_NL_UNUSED_TYPE(43) GGML_NL_UNUSED_TYPE(44) GGML_NL_UNUSED_TYPE(45) GGML_NL_UNUSED_TYPE(46) \
+    GGML_NL_UNUSED_TYPE(47) GGML_NL_UNUSED_TYPE(48) GGML_NL_UNUSED_TYPE(49) \
+    GGML_NL_UNUSED_TYPES_10(5) GGML_NL_UNUSED_TYPES_10(6) GGML_NL_UNUSED_TYPES_10(7) GGML_NL_UNUSED_TYPES_10(8) \
+    GGML_NL_UNUSED_TYPES_10(9) \
+    GGML_NL_UNUSED_TYPE(100) GGML_NL_UNUSED_TYPE(101) GGML_NL_UNUSED_TYPE(104) \
+    GGML_NL_UNUSED_TYPE(107) GGML_NL_UNUSED_TYPE(108) GGML_NL_UNUSED_TYPE(109) GGML_NL_UNUSED_TYPE(110) \
+    GGML_NL_UNUSED_TYPE(111) GGML_NL_UNUSED_TYPE(114)
 
 // ggml type_traits entries (ggml.c)
 #define GGML_NL_TRAITS(B, L, U, QK) \

@@ -26,9 +26,8 @@ static inline const int8_t * nl_values(int bits) { return ggml_nl_specs[bits].va
 static inline int nl_klo(int bits) { return ggml_nl_specs[bits].klo; }
 static inline int nl_khi(int bits) { return ggml_nl_specs[bits].khi; }
 
-static inline float nl_fp16(const uint8_t * p) {
-    uint16_t h; memcpy(&h, p, 2);
-    return GGML_CPU_FP16_TO_FP32(h);
+static inline float nl_fp16(const uint16_t * d) {
+    return GGML_CPU_FP16_TO_FP32(*d);
 }
 
 // Activation block i, for weight blocks of qk: Q8_K (float d, 256 values) for the _XS types, Q8_0 (fp16 d, 32
@@ -173,10 +172,9 @@ static inline __m256i nl_dot_i8(__m256i w, __m256i q8, __m256i scale) {
 
 // sub-block ib of the weight block b (an _XS block when xs, else a _32 one) times its 32 activations q8[32 ib ...],
 // weighted by the sub-block's scale: 8 int32 lanes
-static inline __m256i nl_sub_dot(int bits, bool xs, const uint8_t * b, const int8_t * q8, int ib, int klo, int khi,
-                                 const __m256i * tbl) {
-    const __m256i idx = xs ? nl_indices_xs(b + GGML_NL_XS_QS, klo, khi, ib)
-                           : nl_indices_32(b + GGML_NL_32_QS, klo, khi);
+static inline __m256i nl_sub_dot(int bits, bool xs, const ggml_nl_block * b, const int8_t * q8, int ib, int klo,
+                                 int khi, const __m256i * tbl) {
+    const __m256i idx = xs ? nl_indices_xs(b->qs, klo, khi, ib) : nl_indices_32(b->qs, klo, khi);
     return nl_dot_i8(nl_lookup(bits, idx, tbl), _mm256_loadu_si256((const __m256i *) (q8 + QK_NL * ib)),
                      _mm256_set1_epi16((int16_t) (xs ? ggml_nl_sub_scale(b, ib) : 1)));
 }
@@ -191,31 +189,31 @@ static inline float nl_hsum(__m256 v) {
 
 // ------------------------------------------------------------------------------------------------ the kernels
 // One kernel for both layouts: weight blocks of qk (QK_K: _XS, one Q8_K block each; QK_NL: _32, one Q8_0 block
-// each) of type_size bytes. Each block is 32-weight sub-blocks with an int scale (the _XS 6-bit scales, 1 in _32),
-// and one float scale d = (weight d) * (activation d).
+// each), read through the type's accessor (ggml-nl.h; inlined with the kernel). Each block is 32-weight sub-blocks
+// with an int scale (the _XS 6-bit scales, 1 in _32), and one float scale d = (weight d) * (activation d).
 
 // scalar kernel, compiled on every target (exported as *_generic so tests can check it on SIMD machines too)
-static void nl_vec_dot_generic(int bits, int qk, size_t type_size, int n, float * GGML_RESTRICT s,
-                               const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
+static inline void nl_vec_dot_generic(int bits, int qk, ggml_nl_block_fn block, int n, float * GGML_RESTRICT s,
+                                      const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
     assert(n % qk == 0);
     const bool xs = qk == QK_K;
     const int8_t * values = nl_values(bits);
     float sumf = 0;
     uint8_t L[QK_NL];
     for (int i = 0; i < n / qk; ++i) {
-        const uint8_t * b = (const uint8_t *) vx + i * type_size;
+        const ggml_nl_block b = block(vx, i);
         float dy;
         const int8_t * q8 = nl_q8(vy, qk, i, &dy);
-        const float d = nl_fp16(b) * dy;
+        const float d = nl_fp16(b.d) * dy;
         for (int ib = 0; ib < qk / QK_NL; ++ib) {
-            nl_indices(bits, b + (xs ? GGML_NL_XS_QS : GGML_NL_32_QS), qk, ib, L);
-            sumf += d * (xs ? ggml_nl_sub_scale(b, ib) : 1) * nl_dot32(values, L, q8 + QK_NL * ib);
+            nl_indices(bits, b.qs, qk, ib, L);
+            sumf += d * (xs ? ggml_nl_sub_scale(&b, ib) : 1) * nl_dot32(values, L, q8 + QK_NL * ib);
         }
     }
     *s = sumf;
 }
 
-static inline void nl_vec_dot(int bits, int qk, size_t type_size, int n, float * GGML_RESTRICT s,
+static inline void nl_vec_dot(int bits, int qk, ggml_nl_block_fn block, int n, float * GGML_RESTRICT s,
                               const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
 #if defined(__AVX2__)
     assert(n % qk == 0);
@@ -225,32 +223,31 @@ static inline void nl_vec_dot(int bits, int qk, size_t type_size, int n, float *
     nl_tables(bits, tbl);
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n / qk; ++i) {
-        const uint8_t * b = (const uint8_t *) vx + i * type_size;
+        const ggml_nl_block b = block(vx, i);
         float dy;
         const int8_t * q8 = nl_q8(vy, qk, i, &dy);
         // the sub-block scales weight int32 sums; one float multiply per block (|sum| < 2^31: 8 sub-blocks of
         // 32 · 127 · 128 · 32). Two sums, so that consecutive sub-blocks overlap (measured ~20% at 6 bits, AVX2).
         __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
         for (int ib = 0; ib < qk / QK_NL; ib += 2) {
-            sum0 = _mm256_add_epi32(sum0, nl_sub_dot(bits, xs, b, q8, ib, klo, khi, tbl));
+            sum0 = _mm256_add_epi32(sum0, nl_sub_dot(bits, xs, &b, q8, ib, klo, khi, tbl));
             if (ib + 1 < qk / QK_NL) {
-                sum1 = _mm256_add_epi32(sum1, nl_sub_dot(bits, xs, b, q8, ib + 1, klo, khi, tbl));
+                sum1 = _mm256_add_epi32(sum1, nl_sub_dot(bits, xs, &b, q8, ib + 1, klo, khi, tbl));
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(nl_fp16(b) * dy), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(nl_fp16(b.d) * dy), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
     *s = nl_hsum(acc);
 #else
-    nl_vec_dot_generic(bits, qk, type_size, n, s, vx, vy);
+    nl_vec_dot_generic(bits, qk, block, n, s, vx, vy);
 #endif
 }
 
-void ggml_nl_unpack_xs(int bits, const void * GGML_RESTRICT vx, uint8_t * GGML_RESTRICT q, float * GGML_RESTRICT d,
+void ggml_nl_unpack_xs(int bits, ggml_nl_block b, uint8_t * GGML_RESTRICT q, float * GGML_RESTRICT d,
                        int32_t * GGML_RESTRICT scales) {
-    const uint8_t * b = (const uint8_t *) vx;
-    *d = nl_fp16(b);
+    *d = nl_fp16(b.d);
     for (int ib = 0; ib < QK_K / 32; ++ib) {
-        scales[ib] = ggml_nl_sub_scale(b, ib);
+        scales[ib] = ggml_nl_sub_scale(&b, ib);
     }
 #if defined(__AVX2__)
     const int klo = nl_klo(bits), khi = nl_khi(bits);
@@ -258,14 +255,14 @@ void ggml_nl_unpack_xs(int bits, const void * GGML_RESTRICT vx, uint8_t * GGML_R
     nl_tables(bits, tbl);
     for (int ib = 0; ib < QK_K / 32; ++ib) {
         // value + 128 as a byte is value ^ 0x80
-        const __m256i w = nl_lookup(bits, nl_indices_xs(b + GGML_NL_XS_QS, klo, khi, ib), tbl);
+        const __m256i w = nl_lookup(bits, nl_indices_xs(b.qs, klo, khi, ib), tbl);
         _mm256_storeu_si256((__m256i *) (q + 32 * ib), _mm256_xor_si256(w, _mm256_set1_epi8((char) 0x80)));
     }
 #else
     const int8_t * values = nl_values(bits);
     uint8_t L[QK_NL];
     for (int ib = 0; ib < QK_K / 32; ++ib) {
-        nl_indices(bits, b + GGML_NL_XS_QS, QK_K, ib, L);
+        nl_indices(bits, b.qs, QK_K, ib, L);
         for (int j = 0; j < QK_NL; ++j) {
             q[32 * ib + j] = (uint8_t) (values[L[j]] + 128);
         }
@@ -281,11 +278,11 @@ void ggml_vec_dot_nl##B##_##L##_##A(int n, float * GGML_RESTRICT s, size_t bs, c
                                      size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) { \
     assert(nrc == 1); \
     GGML_UNUSED(nrc); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(bs); \
-    nl_vec_dot(B, QK, sizeof(block_nl##B##_##L), n, s, vx, vy); \
+    nl_vec_dot(B, QK, ggml_nl_block_nl##B##_##L, n, s, vx, vy); \
 } \
 void ggml_vec_dot_nl##B##_##L##_##A##_generic(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, \
                                                const void * GGML_RESTRICT vy) { \
-    nl_vec_dot_generic(B, QK, sizeof(block_nl##B##_##L), n, s, vx, vy); \
+    nl_vec_dot_generic(B, QK, ggml_nl_block_nl##B##_##L, n, s, vx, vy); \
 }
 
 NL_CPU_IMPL(2, xs, q8_K, QK_K)  NL_CPU_IMPL(3, xs, q8_K, QK_K)

@@ -19,9 +19,9 @@ extern "C" {
 GGML_NL_CPU_DECL(2, xs, q8_K) GGML_NL_CPU_DECL(3, xs, q8_K) GGML_NL_CPU_DECL(5, xs, q8_K) GGML_NL_CPU_DECL(6, xs, q8_K)
 GGML_NL_CPU_DECL(2, 32, q8_0) GGML_NL_CPU_DECL(3, 32, q8_0) GGML_NL_CPU_DECL(5, 32, q8_0) GGML_NL_CPU_DECL(6, 32, q8_0)
 
-// An _XS super-block as the tiled matmul (tiled/nl-tiled.inc) takes it: the 256 codes as value + 128 in weight order,
-// the fp16 scale d as float, the 8 sub-block scales as ls - 32.
-void ggml_nl_unpack_xs(int bits, const void * GGML_RESTRICT vx, uint8_t * GGML_RESTRICT q, float * GGML_RESTRICT d,
+// An _XS super-block (its fields, ggml_nl_block_nl<bits>_xs) as the tiled matmul (tiled/nl-tiled.inc) takes it: the
+// 256 codes as value + 128 in weight order, the fp16 scale d as float, the 8 sub-block scales as ls - 32.
+void ggml_nl_unpack_xs(int bits, ggml_nl_block b, uint8_t * GGML_RESTRICT q, float * GGML_RESTRICT d,
                        int32_t * GGML_RESTRICT scales);
 
 // type_traits_cpu entries (ggml-cpu.c)
