@@ -78,13 +78,16 @@ def _kquant_weights(shapes: list[tuple[int, int]], max_rows: int | None) -> int:
 
 
 @contextmanager
-def _compile_choice(types: list[str], device: str, kquant_weights: int) -> Iterator[str | None]:
+def _compile_choice(types: list[str], device: str, kquant_weights: int, feedback: bool = False
+                    ) -> Iterator[str | None]:
     """Decide whether the K-quant encoders compile for this run (unless QGGUF_COMPILE says); yield the compile
-    cache key when they do, None when they run eagerly."""
+    cache key when they do, None when they run eagerly. `feedback`: error-feedback rounding runs the torch
+    kernels whatever the engine."""
     kq = [t for t in types if t.endswith("_K")]
     user = os.environ.get("QGGUF_COMPILE", "").strip().lower()
-    # ggml's quantiser encodes on the CPU (formats/engines.py): the torch kernels are not used, nothing to compile
-    if not kq or user in ("0", "false", "no", "off") or engines.choose(device).name == "ggml":
+    # ggml's quantiser encodes on the CPU (formats/engines.py): unless error feedback runs the torch kernels,
+    # nothing to compile
+    if not kq or user in ("0", "false", "no", "off") or (engines.choose(device).name == "ggml" and not feedback):
         yield None
         return
     key = device.split(":")[0] + ":" + formats.encoder_hash(kq[0])  # one module holds every K-quant encoder
@@ -153,24 +156,33 @@ def calibration_key(model_hash: str, text: Path, args) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def stats_for(model_dir: Path, model_hash: str, args) -> Path:
-    """The statistics file: --stats, else a cached calibration keyed by everything it depends on."""
+def stats_for(model_dir: Path, model_hash: str, args) -> tuple[Path, Path | None]:
+    """The statistics file and, for error-feedback rounding, the covariance folder: --stats (and --covariance),
+    else a cached calibration keyed by everything it depends on (the covariance adds its own entry)."""
     from qgguf.calibrate.runner import calibrate
     from qgguf.calibrate.text import default_text_path
 
+    want_cov = getattr(args, "rounding", "plain") != "plain"
     if args.stats:
-        return Path(args.stats)
+        cov = getattr(args, "covariance", None)
+        if want_cov and not cov:
+            raise QggufError(f"--rounding {args.rounding} needs the input covariance that goes with --stats: give "
+                             "--covariance DIR (from `qgguf calibrate --covariance DIR`), or drop --stats")
+        return Path(args.stats), (Path(cov) if want_cov else None)
     text = Path(args.text) if args.text else default_text_path()
     require_file(text, "calibration text", "give a UTF-8 text file with --text, or run `qgguf fetch wiki`")
     key = calibration_key(model_hash, text, args)
+    if want_cov:  # the covariance run also keeps the per-row Fisher: its own statistics file
+        key = hashlib.sha256(f"{key}|covariance".encode()).hexdigest()
     out = cache_dir("stats", model_hash[:16]) / f"{key[:24]}.safetensors"
-    if not sealed(out, key):
-        print(f"qgguf: calibrating on {args.tokens:,} tokens of {text.name} (diagonal Fisher, sampled labels) ...",
-              file=sys.stderr)
+    cov_dir = out.with_name(f"{key[:24]}.covariance") if want_cov else None
+    if not sealed(out, key) or (cov_dir is not None and not (cov_dir / "index.json").is_file()):
+        what = "diagonal Fisher, sampled labels" + (", input covariance" if want_cov else "")
+        print(f"qgguf: calibrating on {args.tokens:,} tokens of {text.name} ({what}) ...", file=sys.stderr)
         calibrate(model_dir, out, text=text, tokens=args.tokens, seq_len=args.seq_len, device=args.device,
-                  seed=args.seed, grad_checkpoint=args.grad_checkpoint)
-        seal(out, key)
-    return out
+                  seed=args.seed, grad_checkpoint=args.grad_checkpoint, covariance=cov_dir)
+        seal(out, key)  # after the covariance folder's index: a sealed entry has both
+    return out, cov_dir
 
 
 # What convert writes beside OUT.gguf, by kind (the bench keeps them with its rows).
@@ -214,8 +226,16 @@ def run(args) -> int:
     times = StageTimes()
     model_hash = model_sha256(model_dir)
     with times.stage("calibrate"):
-        stats_path = stats_for(model_dir, model_hash, args)
+        stats_path, cov_dir = stats_for(model_dir, model_hash, args)
     stats = load_stats(stats_path)
+    store = None
+    if cov_dir is not None:
+        from qgguf.calibrate.covariance import CovarianceStore
+
+        store = CovarianceStore(cov_dir)
+        if store.index.get("model_sha256") not in (None, model_hash):
+            raise QggufError(f"the covariance in {cov_dir} was computed for another model; run `qgguf calibrate "
+                             f"{args.model} -o FILE --covariance DIR` and pass both")
     if stats.meta.get("model_sha256") not in (None, model_hash):
         raise QggufError(f"statistics {stats_path} were computed for another model (model hash "
                          f"{str(stats.meta.get('model_sha256'))[:12]}…, this one is {model_hash[:12]}…); "
@@ -241,11 +261,18 @@ def run(args) -> int:
     def inputs():
         for t in planned:
             imp = torch.from_numpy(stats[t.name].importance)
+            cov = store.get(t.name) if store is not None else None  # one tensor's H at a time
             yield TensorInput(name=t.name, weights=tensor_f32(t, device, reader), importance=imp,
-                              channel_fisher=imp)
+                              channel_fisher=imp, covariance=cov,
+                              row_fisher=stats[t.name].row_fisher if cov is not None else None)
 
     shapes = [(int(t.n_elements) // int(t.shape[0]), int(t.shape[0])) for t in planned]
-    with _compile_choice(types, device, _kquant_weights(shapes, args.max_rows)) as compile_key:
+    stacked = [t.name for t in planned if len(t.shape) == 3]
+    if args.rounding != "plain" and stacked:  # calibrate --covariance keeps no per-expert covariance yet
+        print(f"qgguf: {len(stacked)} stacked expert tensors ({stacked[0]}, …) are rounded plain (no per-expert "
+              "input covariance)", file=sys.stderr)
+    with _compile_choice(types, device, _kquant_weights(shapes, args.max_rows),
+                         feedback=args.rounding != "plain") as compile_key:
         if compile_key is not None and not compile_is_warm(compile_key):
             minutes = max(1, round(COLD_COMPILE_CPU_S / (os.cpu_count() or 1) / 60))
             print(f"qgguf: first run: compiling the K-quant encoders (torch.compile), about {minutes} min on "
@@ -255,7 +282,7 @@ def run(args) -> int:
             measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=device,
                                        shapes=[tuple(int(s) for s in reversed(t.shape.tolist())) for t in planned])
         with times.stage("plan"):
-            choices = [dataclasses.replace(measured[t.name].choices(stats[t.name].fisher_sum),
+            choices = [dataclasses.replace(measured[t.name].choices(stats[t.name].fisher_sum, args.rounding),
                                            experts=_expert_info(stats[t.name])) for t in planned]
             if split:
                 from qgguf.plan.placement import plan_split
@@ -272,6 +299,8 @@ def run(args) -> int:
         importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
         meta = {"qgguf.version": __version__, "qgguf.budget": the_plan.budget_text, "qgguf.palette": args.palette,
                 "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
+        if args.rounding != "plain":  # plain files keep the keys (and bytes) they had
+            meta["qgguf.rounding"] = args.rounding
         base = out.with_suffix("")
         side = {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_FILES.items()}
         stock = all(formats.get(t).stock for t in the_plan.types.values())
@@ -279,7 +308,8 @@ def run(args) -> int:
         # The GGUF and its side files appear together or not at all
         with times.stage("export"), atomic_outputs(outs, inputs=[model_dir, src]) as tmps:
             export_gguf(src, tmps[0], the_plan.types, importance, extra_metadata=meta, device=device,
-                        reader=reader, encode_cache=encode_cache)
+                        reader=reader, encode_cache=encode_cache, roundings=the_plan.roundings,
+                        covariance=store.get if store is not None else None)
             size = tmps[0].stat().st_size
             if budget is not None and budget.kind == "size" and size > budget.value:
                 raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "
@@ -301,7 +331,7 @@ def run(args) -> int:
 
 def add_parser(sub) -> None:
     from qgguf.calibrate.runner import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENS
-    from qgguf.plan.measure import DEFAULT_MAX_ROWS
+    from qgguf.plan.measure import DEFAULT_MAX_ROWS, ROUNDINGS
 
     p = sub.add_parser("convert", help="the main job: an HF model to the Fisher-optimal GGUF for a budget")
     p.add_argument("model", help="HF model folder, or an asset name from `qgguf fetch` (e.g. smollm2-135m)")
@@ -333,6 +363,13 @@ def add_parser(sub) -> None:
     p.add_argument("--max-type", help="no tensor above this type's bits per weight")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
                    help=f"rows measured per tensor (default {DEFAULT_MAX_ROWS}; 0 = all)")
+    p.add_argument("--rounding", default="plain", choices=ROUNDINGS,
+                   help="how each tensor's integers are chosen: plain (each weight on its own, llama.cpp's way; "
+                        "default), feedback (error feedback through the layer's input covariance, GPTQ-style: "
+                        "the same GGUF blocks), auto (per tensor and type, whichever measures lower); feedback "
+                        "and auto calibrate the input covariance too")
+    p.add_argument("--covariance", metavar="DIR",
+                   help="the input covariance from `qgguf calibrate --covariance DIR`, with --stats")
     p.add_argument("--encode-cache", metavar="DIR",
                    help="keep encoded tensors in DIR and reuse them: for converting one model at several budgets "
                         "(costs about one file's size per new tensor/type pair)")

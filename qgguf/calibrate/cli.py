@@ -42,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--probe", default="label", choices=PROBES,
                    help="label: one label per position drawn from the model (default); gaussian: a Gaussian "
                         "probe with the same covariance (same expectation, lighter tails)")
+    p.add_argument("--covariance", type=Path, default=None, metavar="DIR",
+                   help="also write the input covariance E[x xᵀ] of every Linear weight to DIR (one safetensors "
+                        "file per layer) and keep each Linear weight's per-row Fisher, for error-feedback rounding "
+                        "(`qgguf convert --rounding feedback|auto`); costs one forward pass per group of layers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd)
 
@@ -52,7 +56,8 @@ def _cmd(args) -> int:
     stats = calibrate(args.model_dir, args.out, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
                       device=args.device, seed=args.seed, per_element=args.per_element, dtype=args.dtype,
                       batch_size=args.batch_size, imatrix_out=args.imatrix, imatrix_from=args.imatrix_from,
-                      estimator=args.estimator, probe=args.probe, grad_checkpoint=args.grad_checkpoint)
+                      estimator=args.estimator, probe=args.probe, grad_checkpoint=args.grad_checkpoint,
+                      covariance=args.covariance)
     total = sum(t.fisher_sum for t in stats.tensors.values())
     print(f"{args.out}: {len(stats.tensors)} tensors, {stats.meta['tokens']} tokens, ΣF over all = {total:.4g}")
     if args.imatrix:

@@ -75,6 +75,7 @@ class _Acc:
     ids: torch.Tensor | None = None  # tied + sequence: this step's token ids (B × T)
     head_grad: list | None = None  # tied + sequence: the head's per-sequence contribution, for the cross term
     head: bool = False  # the output head: its own term is per token under either estimator
+    row_sq: torch.Tensor | None = None  # Σ_t g_tr² per output row (Linear only, when asked): the K-FAC row factor
 
 
 @dataclass
@@ -168,7 +169,8 @@ class FisherCollector:
     """
 
     def __init__(self, model: nn.Module, weights: dict[int, str], per_element: Callable[[str], bool] = lambda n: False,
-                 estimator: str = DEFAULT_ESTIMATOR, probe: str = "label", experts: dict | None = None):
+                 estimator: str = DEFAULT_ESTIMATOR, probe: str = "label", row_fisher: bool = False,
+                 experts: dict | None = None):
         if estimator not in ESTIMATORS:
             raise QggufError(f"--estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
         if probe not in PROBES:
@@ -197,6 +199,8 @@ class FisherCollector:
                 self.accs[name] = acc
             if kind != "embedding":  # Linear or Conv1D: y = W x (+ b) either way
                 acc.linear = True
+                if row_fisher and acc.row_sq is None:
+                    acc.row_sq = torch.zeros(n_out, dtype=torch.float64, device=w.device)
                 if acc.act_sq is None:
                     acc.act_sq = torch.zeros(n_in, dtype=torch.float32, device=w.device)
                 self._handles.append(mod.register_forward_hook(self._linear_hook(acc)))
@@ -338,11 +342,18 @@ class FisherCollector:
             acc.act_sq += x2.sum((0, 1))
             acc.act_count += x2.shape[0] * x2.shape[1]
             if output.requires_grad:
+                if acc.row_sq is not None:
+                    output.register_hook(lambda g: self._row_grad(acc, g))
                 if self.estimator == "token":
                     output.register_hook(lambda g: self._linear_grad_token(acc, g, x2))
                 else:
                     output.register_hook(lambda g: self._linear_grad_sequence(acc, g, xf, x2))
         return hook
+
+    @staticmethod
+    def _row_grad(acc: _Acc, g: torch.Tensor) -> None:
+        # E_t[g_tr²]: the output-row factor d of the Kronecker-factored Fisher F ≈ diag(d) ⊗ E[x xᵀ]
+        acc.row_sq += g.detach().float().reshape(-1, g.shape[-1]).square().sum(0, dtype=torch.float64)
 
     @staticmethod
     def _linear_grad_token(acc: _Acc, g: torch.Tensor, x2: torch.Tensor) -> None:

@@ -209,9 +209,12 @@ def build_stats(collector: FisherCollector, targets: dict, meta: dict,
             fisher = target.to_gguf_rows((acc.fisher / n).cpu()).numpy()
         act_sq = (acc.act_sq / max(acc.act_count, 1)).cpu().numpy() if acc.act_sq is not None else None
         rows = acc.out_features if target.rows is None else len(target.rows)
+        row_fisher = None
+        if acc.row_sq is not None and kind == "linear":
+            row_fisher = np.asarray(target.to_gguf_rows((acc.row_sq / n).float().cpu().numpy()), dtype=np.float32)
         tensors[target.name] = TensorStats(
             name=target.name, hf_name=hf_name, shape=(rows, acc.in_features), kind=kind,
-            importance=(acc.importance / n).cpu().numpy(), act_sq=act_sq, fisher=fisher)
+            importance=(acc.importance / n).cpu().numpy(), act_sq=act_sq, fisher=fisher, row_fisher=row_fisher)
     return Stats(meta=meta, tensors=dict(sorted(tensors.items())))
 
 
@@ -220,8 +223,12 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
               per_element: Sequence[str] = (), dtype: str = "auto", batch_size: int = 1,
               imatrix_out: Path | None = None, imatrix_from: str = "act", estimator: str = DEFAULT_ESTIMATOR,
               probe: str = "label", progress: bool = True, grad_checkpoint: bool = False,
+              covariance: Path | None = None, covariance_budget: int | None = None,
               min_expert_tokens: int = MIN_EXPERT_TOKENS) -> Stats:
-    """Run the calibration and write the statistics file (and optionally an llama.cpp imatrix GGUF)."""
+    """Run the calibration and write the statistics file (and optionally an llama.cpp imatrix GGUF).
+
+    `covariance`: a folder for the input covariance of every Linear weight (calibrate/covariance.py); the
+    statistics then also hold each Linear weight's per-row Fisher factor `row_fisher`."""
     from qgguf.calibrate.names import TensorNameMap
     from qgguf.models import check_model_dir
 
@@ -273,7 +280,7 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
     wanted = tuple(per_element)
     collector = FisherCollector(
         model, weights, per_element=lambda n: any(fnmatch.fnmatchcase(targets[n].name, p) for p in wanted),
-        estimator=estimator, probe=probe, experts=experts)
+        estimator=estimator, probe=probe, row_fisher=covariance is not None, experts=experts)
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -320,6 +327,18 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
         meta["min_expert_tokens"] = min_expert_tokens
     stats = build_stats(collector, {**targets, **experts}, meta, min_expert_tokens)
     stats.timing = {"load_s": t_loop - t_start, "loop_s": t_done - t_loop}
+    if covariance is not None:
+        from qgguf.calibrate.covariance import DEFAULT_BUDGET_BYTES, collect_covariance
+
+        modules = {mod: targets[weights[id(mod.weight)]].name for mod in model.modules()
+                   if layer_kind(mod) in ("linear", "conv1d") and id(mod.weight) in weights
+                   and stats.tensors[targets[weights[id(mod.weight)]].name].kind == "linear"}
+        t_cov = time.perf_counter()
+        collect_covariance(model, modules, chunks, Path(covariance), in_dev,
+                           budget_bytes=covariance_budget or DEFAULT_BUDGET_BYTES, progress=progress,
+                           meta={"model_sha256": meta["model_sha256"], "text_sha256": meta["text_sha256"],
+                                 "seq_len": seq_len})
+        stats.timing["covariance_s"] = time.perf_counter() - t_cov
     save_stats(stats, out, inputs=[model_dir])
     if imatrix_out is not None:
         from qgguf.calibrate.imatrix import imatrix_from_stats, write_imatrix

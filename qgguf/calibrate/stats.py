@@ -5,6 +5,9 @@ Per GGUF tensor `T` (a weight of rows × row_len in GGUF layout, i.e. HF out_fea
   T.act_sq      float32[row_len]       E[x_j²], the input's second moment (what llama.cpp's imatrix holds);
                                        absent for an input embedding that is not also the output head
   T.fisher      float32[rows, row_len] per-element diagonal Fisher, GGUF row order (only when asked for)
+  T.row_fisher  float32[rows]          E_t[g_r²] per output row r, GGUF row order (Linear weights, only with
+                                       `--covariance`): the row factor d of the Kronecker-factored Fisher
+                                       F ≈ diag(d) ⊗ E[x xᵀ] (calibrate/covariance.py)
 A stacked expert tensor (ffn_{gate,up,down}_exps: experts × rows × row_len) has one vector per expert:
   T.importance, T.act_sq  float32[experts, row_len]
   T.expert_tokens         float32[experts]  tokens routed to each expert during calibration
@@ -42,6 +45,7 @@ class TensorStats:
     importance: np.ndarray  # float32[row_len]: Σ_rows of the per-token diagonal Fisher
     act_sq: np.ndarray | None = None  # float32[row_len]: E[x²] of the input (None for a pure embedding)
     fisher: np.ndarray | None = None  # float32[rows, row_len]: per-element diagonal Fisher, GGUF row order
+    row_fisher: np.ndarray | None = None  # float32[rows]: E_t[g_r²] per output row, GGUF row order (K-FAC)
     expert_tokens: np.ndarray | None = None  # float32[experts]: tokens routed to each expert (expert tensors only)
     prior_experts: list[int] = field(default_factory=list)  # experts whose statistics are the prior (too few tokens)
 
@@ -112,6 +116,8 @@ def save_stats(stats: Stats, out: Path, inputs: list[Path] = ()) -> Path:
             arrays[f"{name}.act_sq"] = np.ascontiguousarray(t.act_sq, dtype=np.float32)
         if t.fisher is not None:
             arrays[f"{name}.fisher"] = np.ascontiguousarray(t.fisher, dtype=np.float32)
+        if t.row_fisher is not None:
+            arrays[f"{name}.row_fisher"] = np.ascontiguousarray(t.row_fisher, dtype=np.float32)
         per_tensor[name] = {"hf_name": t.hf_name, "shape": list(t.shape), "kind": t.kind,
                             "fisher_sum": t.fisher_sum, "fisher_mean": t.fisher_mean}
         if t.expert_tokens is not None:
@@ -147,6 +153,7 @@ def load_stats(path: Path, per_element: bool = False) -> Stats:
                     importance=f.get_tensor(f"{name}.importance"),
                     act_sq=f.get_tensor(f"{name}.act_sq") if f"{name}.act_sq" in keys else None,
                     fisher=f.get_tensor(f"{name}.fisher") if per_element and f"{name}.fisher" in keys else None,
+                    row_fisher=f.get_tensor(f"{name}.row_fisher") if f"{name}.row_fisher" in keys else None,
                     expert_tokens=f.get_tensor(f"{name}.expert_tokens") if f"{name}.expert_tokens" in keys else None,
                     prior_experts=[int(e) for e in info.get("prior_experts", [])])
     except SafetensorError as e:

@@ -81,12 +81,15 @@ def tensor_f32(reader_tensor, device: str | torch.device = "cpu", reader=None) -
 def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                 importance: Mapping[str, torch.Tensor] | None = None, *,
                 extra_metadata: Mapping[str, str] | None = None, device: str = "cpu",
-                progress: bool = True, reader=None, encode_cache: Path | None = None) -> Path:
+                progress: bool = True, reader=None, encode_cache: Path | None = None,
+                roundings: Mapping[str, str] | None = None, covariance=None) -> Path:
     """Write `out`: `src` with every tensor named in `types` encoded in that type (others copied as they are).
 
     `importance` maps tensor names to per-input-channel vectors for the importance-weighted encoders.
     `reader`: `src` already opened with open_gguf (reading a GGUF's metadata takes seconds on a large
     vocabulary). `encode_cache`: a folder that keeps encoded tensors for later exports (see the module docstring).
+    `roundings`: tensor name → "plain" | "feedback" (the plan's); the feedback tensors are rounded with error
+    feedback (formats/feedback.py) against `covariance(name)`, their input covariance H (one tensor's at a time).
     """
     import gguf
 
@@ -103,6 +106,17 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
         fmt = formats.get(tname)
         fmt.check_row_len(int(by_name[name].shape[0]), name)
     importance = importance or {}
+    roundings = roundings or {}
+    # the covariance is per Linear input: stacked experts (3-D) have none yet, they are rounded plain
+    stacked = sorted(n for n, v in roundings.items() if v == "feedback" and n in by_name
+                     and len(by_name[n].shape) == 3)
+    if stacked:
+        print(f"qgguf: export: {len(stacked)} stacked expert tensors ({stacked[0]}, …) have no input covariance; "
+              "rounded plain", file=sys.stderr)
+        roundings = {n: ("plain" if n in stacked else v) for n, v in roundings.items()}
+    if any(v == "feedback" for v in roundings.values()) and covariance is None:
+        raise QggufError("the plan rounds tensors with error feedback but no input covariance was given; "
+                         "calibrate with --covariance")
 
     arch = reader.fields["general.architecture"].contents()
     with atomic_output(out, inputs=[src]) as tmp:
@@ -148,13 +162,14 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                 if t.name in types:
                     w = tensor_f32(t, device, reader)
                     imp = importance.get(t.name)
+                    H = covariance(t.name) if roundings.get(t.name) == "feedback" else None
                     if w.ndim == 3 and imp is not None and imp.ndim == 2:
                         # stacked experts with one importance vector each: encoded expert by expert, which is
                         # the tensor's byte layout (llama-quantize does the same with a per-expert imatrix)
                         raw = np.concatenate([np.asarray(_encode(fmt, w[g], imp[g], t.name, device, cache, engine))
                                               .view(np.uint8).reshape(-1) for g in range(w.shape[0])])
                     else:
-                        raw = _encode(fmt, w, imp, t.name, device, cache, engine)
+                        raw = _encode(fmt, w, imp, t.name, device, cache, engine, H)
                     del w
                 else:  # not planned: copy the bytes unchanged (as the converter wrote them)
                     raw = np.asarray(t.data).view(np.uint8)
@@ -167,9 +182,21 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
     return out
 
 
-def _encode(fmt, w: torch.Tensor, imp, name: str, device, cache: EncodeCache | None, engine: engines.Engine):
-    return (cache.encode(fmt, w, imp, name, device, engine) if cache is not None
-            else fmt.encode(w, imp, tensor=name, device=device, engine=engine))
+def encode_tensor(fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor | None, name: str, device: str,
+                  engine: engines.Engine, covariance=None) -> np.ndarray:
+    """One tensor's bytes: plain rounding through `engine`, or error feedback against `covariance` (H) when given
+    (feedback.py's torch code: it needs the torch kernels' levels and grid, whatever the engine)."""
+    if covariance is None:
+        return fmt.encode(w, importance, tensor=name, device=device, engine=engine)
+    from qgguf.formats.feedback import Feedback
+
+    return Feedback(covariance, name, device=device).encode(fmt, w.to(device), importance).cpu().numpy()
+
+
+def _encode(fmt, w: torch.Tensor, imp, name: str, device, cache: EncodeCache | None, engine: engines.Engine,
+            covariance=None):
+    return (cache.encode(fmt, w, imp, name, device, engine, covariance) if cache is not None
+            else encode_tensor(fmt, w, imp, name, device, engine, covariance))
 
 
 def verify_gguf(path: Path, expected: Mapping[str, str]) -> None:

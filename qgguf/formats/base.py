@@ -74,6 +74,36 @@ class Format:
     def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- levels (error-feedback rounding)
+    # A quantised type stores per weight an index L into a sorted set of level values V (0…15 for Q4_K, the
+    # codebook for IQ4/NL types) and per block the scales; weight = a·V[L] + b with a, b the block's (sub-block's)
+    # scale and offset. formats/feedback.py keeps a block's scales and re-chooses its indices one column at a
+    # time, so it needs the indices, the (a, b) of each weight, and the bytes with other indices.
+    feedback: ClassVar[bool] = False  # whether the four methods below exist
+
+    def level_values(self, device: torch.device | str) -> torch.Tensor:
+        """The level values V, float32, ascending."""
+        raise NotImplementedError
+
+    def levels(self, q: torch.Tensor) -> torch.Tensor:
+        """Blocks q [nb, type_size] → the index of every weight [nb, block_size], int64."""
+        raise NotImplementedError
+
+    def with_levels(self, q: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        """The blocks q with their indices replaced by L [nb, block_size] (scales kept)."""
+        raise NotImplementedError
+
+    def grid(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) [nb, block_size] float32: weight i decodes as a_i·V[L_i] + b_i (equal to decode_blocks up to
+        float rounding; exactly for every type but the K-quants' −m offset, which may differ in the last bit)."""
+        raise NotImplementedError
+
+    def encode_blocks_sigma(self, x: torch.Tensor, w: torch.Tensor | None, sigma2: torch.Tensor | None
+                            ) -> torch.Tensor:
+        """encode_blocks for blocks that are not whole rows: `sigma2` [nb] gives each block's row statistic
+        where the encoder uses one (the block-32 types' importance path); others ignore it."""
+        return self.encode_blocks(x, w, self.block_size)
+
     # ---------------------------------------------------------------- public face
     def encode(self, weights, importance=None, *, tensor: str = "tensor", device: str | torch.device | None = None,
                engine: Engine | None = None) -> np.ndarray:

@@ -64,9 +64,33 @@ def _to_sub(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(S // SUB, SUB, nsb).permute(1, 2, 0).reshape(SUB, nsb * (S // SUB))
 
 
+class _IQ4(Format):
+    """Levels (formats/feedback.py): the codebook index of each weight, after a header of `_head` bytes."""
+
+    feedback = True
+    _head: int
+
+    def level_values(self, device):
+        return IQ4NL.values_tensor(device)
+
+    def levels(self, q):
+        return unpack_nibbles(q[:, self._head:]).long()
+
+    def with_levels(self, q, L):
+        return torch.cat((q[:, :self._head], pack_nibbles(L)), dim=1)
+
+    def grid(self, q):
+        a = self._sub_scales(q).repeat_interleave(SUB, 1)
+        return a, torch.zeros_like(a)
+
+
 @register
-class IQ4_NL(Format):
+class IQ4_NL(_IQ4):
     name, type_id, block_size, type_size = "IQ4_NL", 20, 32, 18
+    _head = 2
+
+    def _sub_scales(self, q):
+        return fp16_from_bytes(q[:, 0:2]).unsqueeze(1)
 
     def encode_blocks(self, x, w, row_len):
         xt = x.t().contiguous()
@@ -82,9 +106,10 @@ class IQ4_NL(Format):
 
 
 @register
-class IQ4_XS(Format):
+class IQ4_XS(_IQ4):
     name, type_id, block_size, type_size = "IQ4_XS", 23, 256, 136
     sub_block = SUB
+    _head = 8
 
     def encode_blocks(self, x, w, row_len):
         nsb = x.shape[0]
@@ -108,14 +133,18 @@ class IQ4_XS(Format):
         qs = pack_nibbles(L.t().reshape(nsb, self.block_size))
         return torch.cat((fp16_bytes(d), scales_h, scales_l, qs), dim=1)
 
-    def decode_blocks(self, q):
-        values = IQ4NL.values_tensor(q.device)
+    def _sub_scales(self, q):
         nsub = self.block_size // SUB
         d = fp16_from_bytes(q[:, 0:2]).unsqueeze(1)
         sh = q[:, 2].to(torch.int32) | (q[:, 3].to(torch.int32) << 8)
         sl = q[:, 4:8].to(torch.int32)
         ib = torch.arange(nsub, device=q.device)
         ls = ((sl[:, ib // 2] >> (4 * (ib % 2))) & 0x0F) | (((sh.unsqueeze(1) >> (2 * ib)) & 3) << 4)
-        dl = d * (ls - 32).to(torch.float32)  # [nb, 8]
+        return d * (ls - 32).to(torch.float32)  # [nb, 8]
+
+    def decode_blocks(self, q):
+        values = IQ4NL.values_tensor(q.device)
+        nsub = self.block_size // SUB
+        dl = self._sub_scales(q)
         y = dl.unsqueeze(2) * values[unpack_nibbles(q[:, 8:136])].reshape(-1, nsub, SUB)
         return y.reshape(-1, self.block_size)

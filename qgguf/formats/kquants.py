@@ -639,7 +639,13 @@ def _in_pieces(fn: Callable, x: torch.Tensor, w: torch.Tensor | None, piece: int
 # ------------------------------------------------------------------------------------------ formats
 class _KQuant(Format):
     block_size = QK_K
+    feedback = True
     _encoder: Callable
+    _n_levels: int
+    _offset: int = 0  # level value = index − offset
+
+    def level_values(self, device):
+        return torch.arange(self._n_levels, dtype=torch.float32, device=device) - self._offset
 
     def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None, row_len: int) -> torch.Tensor:
         return _run_encoder(type(self)._encoder, x.contiguous(), None if w is None else w.contiguous())
@@ -661,6 +667,20 @@ class Q2_K(_KQuant):
         L = _unpack_2bit(qs).reshape(-1, 16, 16).to(torch.float32)
         return (dl * L - ml).reshape(-1, QK_K)
 
+    _n_levels = 4
+
+    def levels(self, q):
+        return _unpack_2bit(q[:, 16:80]).long()
+
+    def with_levels(self, q, L):
+        return torch.cat([q[:, :16], _pack_2bit(L), q[:, 80:84]], 1)
+
+    def grid(self, q):
+        sc = q[:, :16]
+        d, dmin = fp16_from_bytes(q[:, 80:82]).unsqueeze(-1), fp16_from_bytes(q[:, 82:84]).unsqueeze(-1)
+        a = (d * (sc & 0xF).to(torch.float32)).repeat_interleave(16, 1)
+        return a, -(dmin * (sc >> 4).to(torch.float32)).repeat_interleave(16, 1)
+
 
 @register
 class Q3_K(_KQuant):
@@ -676,9 +696,26 @@ class Q3_K(_KQuant):
         L = _unpack_2bit(qs).to(torch.int16) - ((_unpack_high_bits(hmask) ^ 1).to(torch.int16) << 2)
         return (dl * L.to(torch.float32).reshape(-1, 16, 16)).reshape(-1, QK_K)
 
+    _n_levels, _offset = 8, 4  # index = high bit·4 + low 2 bits, value = index − 4
+
+    def levels(self, q):
+        return (_unpack_high_bits(q[:, :32]).long() << 2) | _unpack_2bit(q[:, 32:96]).long()
+
+    def with_levels(self, q, L):
+        return torch.cat([_pack_high_bits(L >> 2), _pack_2bit(L & 3), q[:, 96:110]], 1)
+
+    def grid(self, q):
+        d = fp16_from_bytes(q[:, 108:110]).unsqueeze(-1)
+        a = (d * _unpack_scales_q3(q[:, 96:108]).to(torch.float32)).repeat_interleave(16, 1)
+        return a, torch.zeros_like(a)
+
 
 class _Q45(_KQuant):
     sub_block = 32
+
+    def grid(self, q):
+        d, m = self._scales(q)
+        return d.squeeze(-1).repeat_interleave(32, 1), -m.squeeze(-1).repeat_interleave(32, 1)
 
     def _scales(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = fp16_from_bytes(q[:, 0:2]).unsqueeze(-1)
@@ -699,6 +736,14 @@ class Q4_K(_Q45):
         L = unpack_nibbles(q[:, 16:144], 64).reshape(-1, 8, 32).to(torch.float32)
         return (d * L - m).reshape(-1, QK_K)
 
+    _n_levels = 16
+
+    def levels(self, q):
+        return unpack_nibbles(q[:, 16:144], 64).long()
+
+    def with_levels(self, q, L):
+        return torch.cat([q[:, :16], pack_nibbles(L, 64)], 1)
+
 
 @register
 class Q5_K(_Q45):
@@ -712,6 +757,14 @@ class Q5_K(_Q45):
         high = _unpack_high_bits(q[:, 16:48]) << 4
         L = (unpack_nibbles(q[:, 48:176], 64) | high).reshape(-1, 8, 32).to(torch.float32)
         return (d * L - m).reshape(-1, QK_K)
+
+    _n_levels = 32
+
+    def levels(self, q):
+        return (unpack_nibbles(q[:, 48:176], 64) | (_unpack_high_bits(q[:, 16:48]).to(torch.int32) << 4)).long()
+
+    def with_levels(self, q, L):
+        return torch.cat([q[:, :16], _pack_high_bits(L >> 4), pack_nibbles(L & 0xF, 64)], 1)
 
 
 @register
@@ -727,3 +780,16 @@ class Q6_K(_KQuant):
         dl = (d * sc.contiguous().view(torch.int8).to(torch.float32)).unsqueeze(-1)
         L = ((unpack_nibbles(ql, 128) | (_unpack_2bit(qh) << 4)) - 32).to(torch.float32).reshape(-1, 16, 16)
         return (dl * L).reshape(-1, QK_K)
+
+    _n_levels, _offset = 64, 32
+
+    def levels(self, q):
+        return (unpack_nibbles(q[:, :128], 128) | (_unpack_2bit(q[:, 128:192]).to(torch.int32) << 4)).long()
+
+    def with_levels(self, q, L):
+        return torch.cat([pack_nibbles(L & 0xF, 128), _pack_2bit(L >> 4), q[:, 192:210]], 1)
+
+    def grid(self, q):
+        d = fp16_from_bytes(q[:, 208:210]).unsqueeze(-1)
+        a = (d * q[:, 192:208].contiguous().view(torch.int8).to(torch.float32)).repeat_interleave(16, 1)
+        return a, torch.zeros_like(a)

@@ -34,8 +34,36 @@ class _Block32(Format):
         if w is None:
             return self.encode_ref(xt)
         # the importance path weighs each weight by sqrt(σ² of its row + x²), as quantize_row_q*_impl
-        weight = importance_weight(w.t(), xt, _row_sigma2(x, row_len).unsqueeze(0))
-        return self.encode_weighted(xt, weight)
+        return self.encode_blocks_sigma(x, w, _row_sigma2(x, row_len))
+
+    def encode_blocks_sigma(self, x, w, sigma2):
+        xt = x.t().contiguous()
+        if w is None:
+            return self.encode_ref(xt)
+        return self.encode_weighted(xt, importance_weight(w.t(), xt, sigma2.unsqueeze(0)))
+
+    # levels: weight = d·(index − offset) (+ m for the _1 types); the index bytes start at `_qs`
+    feedback = True
+    _n_levels: int
+    _offset: int = 0
+    _qs: int          # first byte of the indices (qh, then qs, for the 5-bit types)
+
+    def level_values(self, device):
+        return torch.arange(self._n_levels, dtype=torch.float32, device=device) - self._offset
+
+    def levels(self, q):
+        if self._n_levels == 16:
+            return unpack_nibbles(q[:, self._qs:self._qs + 16]).long()
+        return _join5(q[:, self._qs:self._qs + 4], q[:, self._qs + 4:self._qs + 20]).long()
+
+    def with_levels(self, q, L):
+        parts = [pack_nibbles(L)] if self._n_levels == 16 else list(_split5(L))
+        return _bytes(q[:, :self._qs], *parts)
+
+    def grid(self, q):
+        a = fp16_from_bytes(q[:, 0:2]).unsqueeze(1).expand(-1, QK)  # the _1 types hold m in bytes 2-3
+        b = fp16_from_bytes(q[:, 2:4]).unsqueeze(1).expand(-1, QK) if self._qs == 4 else torch.zeros_like(a)
+        return a.contiguous(), b.contiguous()
 
     def encode_ref(self, xt: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -89,6 +117,7 @@ def _join5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 @register
 class Q4_0(_Block32):
     name, type_id, type_size = "Q4_0", 2, 18
+    _n_levels, _offset, _qs = 16, 8, 2
 
     def encode_ref(self, xt):
         d, L = _ref_symmetric(xt, 8)
@@ -106,6 +135,7 @@ class Q4_0(_Block32):
 @register
 class Q4_1(_Block32):
     name, type_id, type_size = "Q4_1", 3, 20
+    _n_levels, _qs = 16, 4
 
     def encode_ref(self, xt):
         d, m, L = _ref_affine(xt, 15, clamp=True)
@@ -124,6 +154,7 @@ class Q4_1(_Block32):
 @register
 class Q5_0(_Block32):
     name, type_id, type_size = "Q5_0", 6, 22
+    _n_levels, _offset, _qs = 32, 16, 2
 
     def encode_ref(self, xt):
         d, L = _ref_symmetric(xt, 16)
@@ -141,6 +172,7 @@ class Q5_0(_Block32):
 @register
 class Q5_1(_Block32):
     name, type_id, type_size = "Q5_1", 7, 24
+    _n_levels, _qs = 32, 4
 
     def encode_ref(self, xt):
         d, m, L = _ref_affine(xt, 31, clamp=False)  # ggml's q5_1_ref does not clamp; 31.x + 0.5 truncates to 31
@@ -159,6 +191,7 @@ class Q5_1(_Block32):
 @register
 class Q8_0(_Block32):
     name, type_id, type_size = "Q8_0", 8, 34
+    feedback = False  # rounded plainly: at 8 bits feedback has nothing to gain
 
     def encode_blocks(self, x, w, row_len):
         # quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d); ggml ignores importance for Q8_0

@@ -240,24 +240,51 @@ class NLFormat(Format):
             shift += k
         return torch.cat(parts, dim=1)
 
+    # -------------------------------------------------------------- levels (formats/feedback.py)
+    feedback = True
+
+    def level_values(self, device):
+        return torch.tensor(self.values, dtype=torch.float32, device=device)
+
+    def levels(self, q):
+        return self._indices(q).long()
+
+    def with_levels(self, q, L):
+        parts = [q[:, :self.header_bytes]]
+        shift = 0
+        for k in self._planes:
+            parts.append(pack_plane((L >> shift) & ((1 << k) - 1), k, self._group(k)))
+            shift += k
+        return torch.cat(parts, dim=1)
+
+    def grid(self, q):
+        a = self._sub_scales(q).repeat_interleave(SUB, 1)
+        return a, torch.zeros_like(a)
+
     # -------------------------------------------------------------- decoder
-    def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
-        nb = q.shape[0]
-        vals = torch.tensor(self.values, dtype=torch.float32, device=q.device)
+    def _sub_scales(self, q: torch.Tensor) -> torch.Tensor:
         d = fp16_from_bytes(q[:, 0:2])
         if self.layout == "32":
-            dl = d.unsqueeze(1)
-        else:
-            nh = self.n_sub // 4
-            ls = unpack_sub_scales(q[:, 2:2 + nh], q[:, 2 + nh:self.header_bytes])
-            dl = d.unsqueeze(1) * (ls - 32).to(torch.float32)  # ggml: d * (float)(ls - 32)
-        L = torch.zeros((nb, self.block_size), dtype=torch.int32, device=q.device)
+            return d.unsqueeze(1)
+        nh = self.n_sub // 4
+        ls = unpack_sub_scales(q[:, 2:2 + nh], q[:, 2 + nh:self.header_bytes])
+        return d.unsqueeze(1) * (ls - 32).to(torch.float32)  # ggml: d * (float)(ls - 32)
+
+    def _indices(self, q: torch.Tensor) -> torch.Tensor:
+        L = torch.zeros((q.shape[0], self.block_size), dtype=torch.int32, device=q.device)
         off, shift = self.header_bytes, 0
         for k in self._planes:
             nbytes = self.block_size * k // 8
             L |= unpack_plane(q[:, off:off + nbytes], k, self._group(k)) << shift
             off += nbytes
             shift += k
+        return L
+
+    def decode_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        nb = q.shape[0]
+        vals = torch.tensor(self.values, dtype=torch.float32, device=q.device)
+        dl = self._sub_scales(q)
+        L = self._indices(q)
         y = vals[L].reshape(nb, self.n_sub, SUB)
         return (dl.reshape(nb, -1, 1) * y).reshape(nb, self.block_size)
 

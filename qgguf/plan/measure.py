@@ -10,14 +10,26 @@ kept, each a mean per weight:
     fisher_mse   Σ F_ij·δ_ij² / Σ F_ij, when the per-element Fisher is given
 
 and the predicted KL cost of the type is ΔKL = ½·ΣF·err, err the most detailed of the three available
-(docs/design.md, "Measure and plan" derives it). Large tensors are measured on a seeded subset of rows (every GGUF type encodes
+(docs/design.md, "Measure and plan" derives it).
+
+With the input covariance H of a 2-D tensor (calibrate --covariance) two more are kept, both under the
+Kronecker-factored Fisher F ≈ c·diag(d) ⊗ H (calibrate/covariance.py; d the per-row Fisher factor, c chosen so
+that the model's trace is ΣF):
+
+    kfac_plain     Σ_r d_r·δ_r H δ_rᵀ / (Σ_r d_r · tr H) for plain rounding
+    kfac_feedback  the same for error-feedback rounding (formats/feedback.py)
+
+so that ½·ΣF·kfac = ½·c·Σ_r d_r·δ_r H δ_rᵀ, the K-FAC ΔKL. Its rows are summed with the sample's 1/π weights
+(no ratio estimator: the scale energy does not describe a feedback error). Large tensors are measured on a seeded subset of rows (every GGUF type encodes
 rows independently, so a row's error does not depend on which other rows are encoded), drawn with probability
 proportional to each row's Fisher-weighted energy, and the sums over the sample are scaled to the whole tensor
 by the ratio of error to block-scale energy, which is known exactly for every row (sample_rows, _ratio).
 
 Results are cached on disk (cache_dir("measure")), keyed by the tensor's bytes, the importance and Fisher bytes,
 the row subset, the type, and the encoder's code (`Engine.key`: the torch kernels' source or ggml's library; a
-changed encoder is measured afresh). On a CPU ggml's quantiser encodes (formats/engines.py: same bytes, faster).
+changed encoder is measured afresh); results that hold K-FAC errors also key on formats/feedback.py and the torch
+kernels' source, which feedback rounding runs on whatever the engine. On a CPU ggml's quantiser encodes the plain
+rounding (formats/engines.py: same bytes, faster).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from qgguf.errors import QggufError
 from qgguf.files import atomic_output, cache_dir
 from qgguf.formats import engines
 from qgguf.formats.engines import Engine
+from qgguf.formats.feedback import Feedback
 from qgguf.hashing import code_sha256, hash_array
 from qgguf.plan.planner import TensorChoices
 
@@ -49,6 +62,7 @@ from qgguf.plan.planner import TensorChoices
 DEFAULT_MAX_ROWS = 1024
 CHUNK_WEIGHTS = 1 << 22  # weights encoded at once: bounds memory on large tensors
 CACHE_VERSION = 2  # bump when the estimator changes
+ROUNDINGS = ("plain", "feedback", "auto")
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,19 @@ class TypeResult:
     mse: float
     channel_mse: float | None = None
     fisher_mse: float | None = None
+    kfac_plain: float | None = None
+    kfac_feedback: float | None = None
+
+    def dkl_err(self, rounding: str) -> tuple[float, str]:
+        """(the error ΔKL is predicted from, the rounding it belongs to) under `rounding`: plain (today's error),
+        feedback (the K-FAC error of feedback rounding) or auto (the lower K-FAC error of the two). Without a
+        covariance both fall back to plain rounding and today's error."""
+        if rounding == "plain" or self.kfac_plain is None:
+            return self.err, "plain"
+        fb = self.kfac_feedback if self.kfac_feedback is not None else self.kfac_plain
+        if rounding == "feedback" or fb < self.kfac_plain:
+            return fb, "feedback"
+        return self.kfac_plain, "plain"
 
     @property
     def err(self) -> float:
@@ -83,12 +110,17 @@ class TensorMeasurement:
     def n_weights(self) -> int:
         return int(np.prod(self.shape))
 
-    def choices(self, fisher_sum: float) -> TensorChoices:
-        """The planner's input: per type (bytes, ΔKL = ½·ΣF·err)."""
+    def choices(self, fisher_sum: float, rounding: str = "plain") -> TensorChoices:
+        """The planner's input: per type (bytes, ΔKL = ½·ΣF·err) and the rounding it was measured with."""
         if not (math.isfinite(fisher_sum) and fisher_sum >= 0):
             raise QggufError(f"{self.name}: ΣF is {fisher_sum}; recalibrate (the statistics are broken)")
+        if rounding not in ROUNDINGS:
+            raise QggufError(f"--rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
+        picked = {k: r.dkl_err(rounding) for k, r in self.results.items()}
         return TensorChoices(name=self.name, shape=self.shape, fisher_sum=float(fisher_sum), rms=self.rms,
-                             options={k: (r.nbytes, predicted_dkl(fisher_sum, r.err)) for k, r in self.results.items()})
+                             options={k: (r.nbytes, predicted_dkl(fisher_sum, picked[k][0]))
+                                      for k, r in self.results.items()},
+                             rounding={k: how for k, (_, how) in picked.items()})
 
 
 def predicted_dkl(fisher_sum: float, err: float) -> float:
@@ -103,6 +135,9 @@ class TensorInput:
     importance:     what the encoder weights by (per input channel; per expert × channel for 3-D tensors).
     channel_fisher: I_j = Σ_rows F_ij for the channel-weighted error; defaults to `importance`.
     fisher:         per-element Fisher, the shape of `weights`, for the Fisher-weighted error (optional).
+    covariance:     the input covariance H (row_len × row_len) of a 2-D tensor: adds the K-FAC errors of plain and
+                    feedback rounding (optional).
+    row_fisher:     the per-row Fisher factor d (rows) for those errors; all ones when absent.
     """
 
     name: str
@@ -110,6 +145,8 @@ class TensorInput:
     importance: torch.Tensor | np.ndarray | None = None
     channel_fisher: torch.Tensor | np.ndarray | None = None
     fisher: torch.Tensor | np.ndarray | None = None
+    covariance: torch.Tensor | np.ndarray | None = None
+    row_fisher: torch.Tensor | np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -161,8 +198,10 @@ def _sample_per_expert(sizes: np.ndarray, groups: int, rows_per_group: int, max_
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def _cache_file(key: str, type_name: str, engine: Engine) -> Path:
+def _cache_file(key: str, type_name: str, engine: Engine, feedback: bool = False) -> Path:
     code = f"{engine.key(formats.get(type_name))}|{code_sha256('plan/measure.py')}"
+    if feedback:  # kfac_feedback comes from feedback.py on the torch kernels' levels, whatever the plain engine
+        code += f"|{formats.encoder_hash(type_name)}|{code_sha256('formats/feedback.py')}"
     h = hashlib.blake2b(f"{key}|{type_name}|{code}|v{CACHE_VERSION}".encode(), digest_size=20)
     d = h.hexdigest()
     return cache_dir("measure", d[:2]) / f"{d}.json"
@@ -226,26 +265,38 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
     energies: dict[int, _Energy | None] = {}
     out = TensorMeasurement(name=t.name, shape=shape, rms=rms, rows_measured=len(rows), rows_total=n_total)
 
+    kfac = None
+    if t.covariance is not None and w.ndim == 2:
+        kfac = _kfac_setup(t, w, row_len)
+
     key = None
     if cache:
         h = hashlib.blake2b(digest_size=20)
-        for a in (w, t.importance, t.channel_fisher, t.fisher):
+        for a in (w, t.importance, t.channel_fisher, t.fisher, t.covariance, t.row_fisher):
             hash_array(h, a)
         h.update(f"rows={max_rows}|seed={seed}".encode())
         key = h.hexdigest()
 
-    for name in types:
-        fmt = formats.get(name)
-        if not fmt.accepts(row_len):
-            continue
-        path = _cache_file(key, fmt.name, engine) if key else None
-        r = _cache_read(path) if path else None
+    fmts = [formats.get(name) for name in types]
+    fmts = [f for f in fmts if f.accepts(row_len)]
+    paths = {f.name: _cache_file(key, f.name, engine, kfac is not None) if key else None for f in fmts}
+    cached = {f.name: _cache_read(paths[f.name]) if paths[f.name] else None for f in fmts}
+    if kfac is not None and kfac.fb.U is not None:
+        # feedback rounding of the sampled rows in every type still to measure, at once (formats/feedback.py:
+        # the types' column loops run in lockstep)
+        todo = [f for f in fmts if cached[f.name] is None and f.feedback]
+        if todo:
+            x = w3[0].index_select(0, torch.as_tensor(rows, device=w.device))
+            kfac.rows_bytes = kfac.fb.encode_many(todo, x, imp[0] if imp is not None else None)
+    for fmt in fmts:
+        path = paths[fmt.name]
+        r = cached[fmt.name]
         if r is None:
             size = _scale_block(fmt)
             if size not in energies:  # not needed when every row is measured: the sample is the tensor
                 energies[size] = _energy(w3, fisher, size) if len(rows) < n_total else None
             r = _measure_type(fmt, w3, rows, inv_pi, rows_per_group, imp, chf, fisher, energies[size], shape,
-                              t.name, engine)
+                              t.name, engine, kfac)
             if path and _finite(r):
                 _cache_write(path, r)
         if not _finite(r):  # e.g. a scale past fp16's range: the type cannot hold this tensor
@@ -257,7 +308,46 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
 
 
 def _finite(r: TypeResult) -> bool:
-    return all(e is None or math.isfinite(e) for e in (r.mse, r.channel_mse, r.fisher_mse))
+    return all(e is None or math.isfinite(e) for e in (r.mse, r.channel_mse, r.fisher_mse, r.kfac_plain,
+                                                        r.kfac_feedback))
+
+
+@dataclass
+class _Kfac:
+    """What the K-FAC errors of one 2-D tensor need: H, d, the normaliser Σ_r d_r·tr H, the feedback factor."""
+
+    H: torch.Tensor           # float32 [n, n]
+    d: torch.Tensor           # float64 [rows]
+    den: float
+    fb: Feedback
+    rows_bytes: dict = field(default_factory=dict)  # type → feedback bytes of the sampled rows, in sample order
+
+
+def _kfac_setup(t: TensorInput, w: torch.Tensor, row_len: int) -> _Kfac:
+    H = _tensor(t.covariance).to(w.device, torch.float32)
+    if tuple(H.shape) != (row_len, row_len):
+        raise QggufError(f"{t.name}: the input covariance is {tuple(H.shape)}, rows have {row_len} weights; use the "
+                         "covariance computed for this model (calibrate --covariance)")
+    rows = w.shape[0]
+    d = (torch.ones(rows, dtype=torch.float64, device=w.device) if t.row_fisher is None
+         else _tensor(t.row_fisher).to(w.device, torch.float64).reshape(-1))
+    if d.numel() != rows or not bool((torch.isfinite(d) & (d >= 0)).all()):
+        raise QggufError(f"{t.name}: the per-row Fisher has {d.numel()} values (rows: {rows}) or non-finite ones; "
+                         "recalibrate with --covariance")
+    Hf = torch.where(torch.isfinite(H), H, torch.zeros_like(H))  # NaN in H: rounding falls back, the metric skips it
+    den = float(d.sum()) * float(Hf.diagonal().to(torch.float64).clamp(min=0).sum())
+    if not den > 0:  # no Fisher in any row or an input that never fired: weigh by the plain error instead
+        d = torch.ones_like(d)
+        Hf = torch.eye(row_len, dtype=torch.float32, device=w.device)
+        den = float(rows * row_len)
+    return _Kfac(Hf, d, den, Feedback(t.covariance, t.name, device=w.device))
+
+
+def _h_sum(x: torch.Tensor, y: torch.Tensor, k: _Kfac, rows: torch.Tensor, wr: torch.Tensor) -> torch.Tensor:
+    """Σ over these rows of (1/π)·d_r·δ_r H δ_rᵀ, δ = y − x."""
+    D = y - x
+    per_row = ((D @ k.H) * D).sum(1, dtype=torch.float64)
+    return (wr.reshape(-1) * k.d.index_select(0, rows) * per_row).sum()
 
 
 def _tensor(a) -> torch.Tensor:
@@ -359,7 +449,8 @@ def _ratio(err_s: float, energy_s: float, energy_all: float, fallback: float) ->
 
 def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_pi: np.ndarray, rows_per_group: int,
                   imp: torch.Tensor | None, chf: torch.Tensor | None, fisher: torch.Tensor | None,
-                  energy: _Energy | None, shape: tuple[int, ...], name: str, engine: Engine) -> TypeResult:
+                  energy: _Energy | None, shape: tuple[int, ...], name: str, engine: Engine,
+                  kfac: _Kfac | None = None) -> TypeResult:
     groups, _, row_len = w3.shape
     dev = w3.device
     per_chunk = max(1, CHUNK_WEIGHTS // row_len)
@@ -367,6 +458,9 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
     col_x = torch.zeros(groups, row_len, dtype=torch.float64, device=dev)   # sampled rows: Σ a per channel
     fd = torch.zeros((), dtype=torch.float64, device=dev)                    # sampled rows: Σ F·δ²
     fx = torch.zeros((), dtype=torch.float64, device=dev)                    # sampled rows: Σ F·a
+    kp = torch.zeros((), dtype=torch.float64, device=dev)                    # sampled rows: Σ d·δHδ, plain
+    kf = torch.zeros((), dtype=torch.float64, device=dev)                    # the same, feedback rounding
+    feedback = kfac is not None and fmt.feedback and kfac.fb.U is not None
     g_of = rows // rows_per_group
     for g in np.unique(g_of):
         sel = g_of == g
@@ -375,8 +469,16 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
             idx = torch.as_tensor(rg[r0:r0 + per_chunk], device=dev)
             wr = torch.as_tensor(wg[r0:r0 + per_chunk], device=dev)[:, None]  # 1/π: Horvitz–Thompson sums
             x = w3[g].index_select(0, idx)
-            d2 = (fmt.roundtrip(x, None if imp is None else imp[g], tensor=name, engine=engine) - x
-                  ).to(torch.float64) ** 2
+            # plain rounding through the engine (ggml on a CPU); feedback rounding is feedback.py's torch code
+            y = fmt.roundtrip(x, None if imp is None else imp[g], tensor=name, engine=engine)
+            d2 = (y - x).to(torch.float64) ** 2
+            if kfac is not None:
+                kp += _h_sum(x, y, kfac, idx, wr)
+                if feedback:
+                    raw = kfac.rows_bytes.get(fmt.name)
+                    raw = (kfac.fb.encode(fmt, x, None if imp is None else imp[g]) if raw is None
+                           else raw[r0:r0 + per_chunk])
+                    kf += _h_sum(x, fmt.decode(raw, tuple(x.shape)), kfac, idx, wr)
             x2 = _scale_sq(x, _scale_block(fmt))
             col_d[g] += (wr * d2).sum(dim=0)
             col_x[g] += (wr * x2).sum(dim=0)
@@ -400,8 +502,12 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
     if fisher is not None:
         fisher_mse = _ratio(float(fd), float(fx), energy.fisher_x2, mse * energy.fisher) / energy.fisher \
             if energy.fisher > 0 else mse
+    kfac_plain = kfac_feedback = None
+    if kfac is not None:
+        kfac_plain = float(kp) / kfac.den
+        kfac_feedback = float(kf) / kfac.den if feedback else kfac_plain
     return TypeResult(type=fmt.name, nbytes=int(fmt.nbytes(shape)), mse=mse, channel_mse=channel_mse,
-                      fisher_mse=fisher_mse)
+                      fisher_mse=fisher_mse, kfac_plain=kfac_plain, kfac_feedback=kfac_feedback)
 
 
 def _work(shape: tuple[int, ...], types: Sequence[str], max_rows: int | None) -> tuple[int, int]:

@@ -36,6 +36,7 @@ class TensorChoices:
     options: Mapping[str, tuple[int, float]]
     fisher_sum: float = math.nan
     rms: float = math.nan
+    rounding: Mapping[str, str] = field(default_factory=dict)  # type → "plain" | "feedback" (absent: plain)
     experts: Mapping | None = None  # stacked experts: {"count", "tokens" per expert, "prior" experts}
 
     @property
@@ -55,6 +56,7 @@ class PlannedTensor:
     continuous_bits: float
     options: dict[str, tuple[int, float]]
     forced: bool = False  # set by an override
+    rounding: str = "plain"  # how export chooses the integers: "plain" or "feedback" (formats/feedback.py)
     experts: dict | None = None  # stacked experts (TensorChoices.experts)
 
     @property
@@ -92,6 +94,11 @@ class Plan:
     def types(self) -> dict[str, str]:
         """Tensor name → type name: what export writes."""
         return {t.name: t.type for t in self.tensors}
+
+    @property
+    def roundings(self) -> dict[str, str]:
+        """Tensor name → "plain" or "feedback": the rounding export must use (the one measured for the type)."""
+        return {t.name: t.rounding for t in self.tensors}
 
     @property
     def planned_bytes(self) -> int:
@@ -144,7 +151,7 @@ class Plan:
             "tensors": [{
                 "name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.bytes, "bpw": t.bpw,
                 "fisher_sum": _num(t.fisher_sum), "rms": _num(t.rms), "dkl": t.dkl,
-                "continuous_bits": _num(t.continuous_bits), "forced": t.forced,
+                "continuous_bits": _num(t.continuous_bits), "forced": t.forced, "rounding": t.rounding,
                 "share": self.shares(t),
                 "options": {k: [int(b), float(d)] for k, (b, d) in t.options.items()},
                 **({"experts": t.experts} if t.experts is not None else {}),
@@ -166,7 +173,7 @@ class Plan:
             name=t["name"], shape=tuple(t["shape"]), type=t["type"], bytes=int(t["bytes"]), dkl=float(t["dkl"]),
             fisher_sum=_unnum(t["fisher_sum"]), rms=_unnum(t["rms"]), continuous_bits=_unnum(t["continuous_bits"]),
             options={k: (int(b), float(v)) for k, (b, v) in t["options"].items()}, forced=bool(t["forced"]),
-            experts=t.get("experts"))
+            rounding=str(t.get("rounding", "plain")), experts=t.get("experts"))
             for t in d["tensors"]]
         placement = None
         if "placement" in d:
@@ -304,7 +311,7 @@ def plan(tensors: Sequence[TensorChoices], budget: Budget, layout: FileLayout = 
                              bytes=int(t.options[chosen[i]][0]), dkl=float(t.options[chosen[i]][1]),
                              fisher_sum=float(t.fisher_sum), rms=float(t.rms), continuous_bits=math.nan,
                              options={k: (int(b), float(v)) for k, (b, v) in t.options.items()},
-                             forced=forced[i] is not None,
+                             forced=forced[i] is not None, rounding=t.rounding.get(chosen[i], "plain"),
                              experts=dict(t.experts) if t.experts is not None else None)
                for i, t in enumerate(tensors)]
     result = Plan(tensors=planned, budget=budget, layout=layout, lam=sol.lam, capacity=capacity,

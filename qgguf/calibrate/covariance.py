@@ -1,0 +1,228 @@
+"""Input covariance H = E[x xᵀ] of every Linear input, written one transformer layer at a time.
+
+Error-feedback rounding (formats/feedback.py) and its error metric need, per Linear weight W (rows × n, GGUF
+layout), the covariance of its input over the calibration tokens. With the per-output-row factor d_r = E_t[g_tr²]
+that the Fisher pass keeps (`row_fisher` in the statistics file), the Kronecker-factored (K-FAC) Fisher of W is
+
+    F ≈ diag(d) ⊗ H,   i.e.   E[(∂ℓ/∂W_rj)(∂ℓ/∂W_r'j')] ≈ [r = r'] · d_r · H_jj'
+
+(gradients g and inputs x taken as independent, and rows as uncorrelated), so a weight error δ (rows × n) costs
+ΔKL ≈ ½ Σ_r d_r · δ_r H δ_rᵀ nats per token. Its diagonal d_r·H_jj is the per-token diagonal Fisher
+E[g_r²]·E[x_j²]; the statistics file's ΣF comes from the sequence estimator, which also counts the terms between
+positions that attention couples, so measure rescales d to c·d with c = ΣF / (Σ_r d_r · tr H): the metric's trace
+equals ΣF, and with a diagonal H it is today's ½·Σ_rj F_rj δ_rj² under F_rj = c·d_r·H_jj.
+
+Tensors that read the same input (attn_q/k/v, ffn_gate/up) share one H, computed once: the first of them to run
+is the group's leader and its GGUF name keys the matrix. A tied or pure embedding has no H (its rows are looked up,
+not multiplied): it is rounded plainly.
+
+Memory. H is n² values per distinct input (an 8B model: 3 of 4096² and one of 14336² per layer, 1.0 GB per layer
+in float32, 33 GB for 32 layers). The collector never holds all layers: a dry forward of a few tokens finds which
+Linear inputs exist, in execution order, and groups them by transformer layer; then each pass over the calibration
+text accumulates only the layers that fit `budget_bytes` (float64 accumulators, at least one layer), stops the
+forward after the last of them, and writes each layer's file before the next pass starts. Passes are forward
+only (no gradient): a pass costs at most one forward over the text, usually less (it stops early).
+
+On disk (a folder): `layer-<key>.safetensors` per layer (float32 H of each group, metadata: the group members and
+the token count) and `index.json` (tensor name → file and leader, tokens), written last: a folder without it is
+incomplete and is computed again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qgguf.errors import QggufError
+from qgguf.files import atomic_output
+
+INDEX = "index.json"
+COV_VERSION = 1
+DEFAULT_BUDGET_BYTES = 4 << 30  # float64 accumulators held at once (at least one layer's)
+
+
+class _Stop(Exception):
+    """Raised by the last hooked module of a pass: the rest of the forward is not needed."""
+
+
+@dataclass
+class _Group:
+    leader: str                     # GGUF name of the first tensor reading this input
+    members: list[str]              # every GGUF tensor reading it, in execution order
+    module: nn.Module               # the leader's module (hooked in its pass)
+    n_in: int
+    layer: str                      # "blk.N" or the GGUF name's first part ("output")
+    acc: torch.Tensor | None = field(default=None, repr=False)
+
+
+def layer_of(gguf_name: str) -> str:
+    m = re.match(r"(blk\.\d+)\.", gguf_name)
+    return m.group(1) if m else gguf_name.split(".")[0]
+
+
+def find_groups(model: nn.Module, modules: dict[nn.Module, str], probe: torch.Tensor) -> list[_Group]:
+    """Run `probe` (a few tokens) through the model and group the hooked Linear modules by the input object they
+    read (q/k/v share one), in execution order. `modules`: Linear/Conv1D module → GGUF tensor name."""
+    seen: dict[int, _Group] = {}
+    order: list[_Group] = []
+    keep: list[torch.Tensor] = []  # keep inputs alive so their ids stay unique during the probe
+
+    def hook_for(mod: nn.Module, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            g = seen.get(id(x))
+            if g is None:
+                keep.append(x)
+                g = seen[id(x)] = _Group(name, [], mod, int(x.shape[-1]), layer_of(name))
+                order.append(g)
+            g.members.append(name)
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(m, n)) for m, n in modules.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=probe, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = set(modules.values()) - {n for g in order for n in g.members}
+    if missing:
+        raise QggufError(f"covariance: {', '.join(sorted(missing)[:3])} never ran in a forward pass of the model; "
+                         "its input covariance cannot be collected (calibrate without --covariance)")
+    return order
+
+
+def _passes(groups: list[_Group], budget_bytes: int) -> list[list[str]]:
+    """Layers in execution order, packed into passes whose float64 accumulators fit the budget."""
+    layers: dict[str, int] = {}
+    for g in groups:
+        layers[g.layer] = layers.get(g.layer, 0) + 8 * g.n_in * g.n_in
+    passes: list[list[str]] = [[]]
+    used = 0
+    for layer, size in layers.items():
+        if passes[-1] and used + size > budget_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(layer)
+        used += size
+    return passes
+
+
+def layer_file(folder: Path, layer: str) -> Path:
+    return Path(folder) / f"layer-{layer.replace('.', '-')}.safetensors"
+
+
+def collect_covariance(model: nn.Module, modules: dict[nn.Module, str], chunks: list[torch.Tensor], folder: Path,
+                       in_dev: torch.device, budget_bytes: int = DEFAULT_BUDGET_BYTES, progress: bool = True,
+                       meta: dict | None = None) -> dict:
+    """Accumulate H = (1/N) Σ_t x_t x_tᵀ of every distinct Linear input over `chunks` (1-D token tensors) and
+    write it to `folder`, layer by layer (see the module docstring). Returns the index."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = find_groups(model, modules, chunks[0][: min(8, chunks[0].numel())].unsqueeze(0).to(in_dev))
+    passes = _passes(groups, budget_bytes)
+    n_tok = sum(int(c.numel()) for c in chunks)
+    if progress:
+        gib = sum(8 * g.n_in ** 2 for g in groups) / 2 ** 30
+        print(f"qgguf: covariance: {len(groups)} distinct Linear inputs ({gib:.3g} GiB of float64 H in all) in "
+              f"{len(passes)} forward pass(es) over {n_tok:,} tokens", file=sys.stderr)
+    index: dict[str, dict] = {}
+    bar = tqdm(total=n_tok * len(passes), unit="tok", unit_scale=True, desc="covariance",
+               disable=not progress, file=sys.stderr)
+    try:
+        for layers in passes:
+            active = [g for g in groups if g.layer in layers]
+            last = active[-1]
+            for g in active:
+                g.acc = torch.zeros(g.n_in, g.n_in, dtype=torch.float64, device=_param_device(g.module))
+
+            def hook_for(g: _Group, last: _Group = last):
+                def hook(module, args, output):
+                    x = args[0].detach().float().reshape(-1, g.n_in)
+                    # one float32 product per sequence (≤ seq_len terms), summed in float64 across sequences
+                    g.acc += (x.T @ x).to(torch.float64).to(g.acc.device)
+                    if g is last:
+                        raise _Stop
+                return hook
+
+            handles = [g.module.register_forward_hook(hook_for(g)) for g in active]
+            try:
+                with torch.no_grad():
+                    for c in chunks:
+                        try:
+                            model(input_ids=c.unsqueeze(0).to(in_dev), use_cache=False)
+                        except _Stop:
+                            pass
+                        bar.update(int(c.numel()))
+            finally:
+                for h in handles:
+                    h.remove()
+            for layer in layers:
+                mine = [g for g in active if g.layer == layer]
+                arrays = {g.leader: (g.acc / n_tok).to(torch.float32).cpu().numpy() for g in mine}
+                info = {"groups": {g.leader: g.members for g in mine}, "tokens": n_tok}
+                path = layer_file(folder, layer)
+                with atomic_output(path) as tmp:
+                    save_file(arrays, str(tmp), metadata={"qgguf_covariance": json.dumps(info, sort_keys=True)})
+                for g in mine:
+                    g.acc = None  # freed before the next pass allocates
+                    for name in g.members:
+                        index[name] = {"file": path.name, "leader": g.leader}
+    finally:
+        bar.close()
+    out = {"version": COV_VERSION, "tokens": n_tok, "tensors": dict(sorted(index.items())), **(meta or {})}
+    with atomic_output(folder / INDEX) as tmp:
+        tmp.write_text(json.dumps(out, indent=1, sort_keys=True))
+    return out
+
+
+def _param_device(mod: nn.Module) -> torch.device:
+    return next(mod.parameters()).device
+
+
+class CovarianceStore:
+    """Read-only view of a covariance folder: the H of one tensor at a time, read from its layer's file."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        path = self.folder / INDEX
+        try:
+            self.index = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise QggufError(f"{path}: no readable covariance index ({e}); run `qgguf calibrate --covariance DIR` "
+                             "again") from None
+        if self.index.get("version") != COV_VERSION:
+            raise QggufError(f"{self.folder}: covariance format {self.index.get('version')!r}, this qgguf reads "
+                             f"{COV_VERSION}; run `qgguf calibrate --covariance DIR` again")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index["tensors"]
+
+    def leader(self, name: str) -> str | None:
+        e = self.index["tensors"].get(name)
+        return None if e is None else e["leader"]
+
+    def get(self, name: str) -> np.ndarray | None:
+        """H (n × n float32) of the input `name` reads, or None when the tensor has none (an embedding)."""
+        from safetensors import SafetensorError, safe_open
+
+        e = self.index["tensors"].get(name)
+        if e is None:
+            return None
+        path = self.folder / e["file"]
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return f.get_tensor(e["leader"])
+        except (OSError, SafetensorError) as err:
+            raise QggufError(f"{path}: cannot read the covariance of {name} ({err}); run `qgguf calibrate "
+                             "--covariance DIR` again") from None

@@ -1,0 +1,259 @@
+"""Error-feedback rounding (GPTQ / LDLQ) into the registry's own GGUF blocks.
+
+Plain rounding (Format.encode) chooses every weight's level on its own. With the input covariance H = E[x xᵀ] of
+the layer, the output error of row r is δ_r H δ_rᵀ, and rounding the input channels one after the other lets the
+channels not yet rounded absorb the error of those already rounded. For each row (all rows at once, as tensors):
+
+    U = the upper Cholesky factor of (H + λI)⁻¹,   λ = DAMP · mean diag(H)
+    for each block of the type, in row order (a super-block for the K-quants and _XS types):
+        choose the block's scales from the current weights with the type's own scale search (Format.encode of
+        the block, with the same importance as plain rounding; the block's indices come with it)
+        for each column j of the block:
+            w_j → its level under those fixed scales: the encoder's own index if no earlier column moved w_j,
+                  else the nearest level (Format.levels / grid / level_values)
+            e_j = (w_j − ŵ_j) / U_jj;   w_k −= e_j · U_jk for the columns k > j
+        write the block with its new indices (Format.with_levels): the same layout, scales and decoders
+
+The updates inside a lazy batch of LAZY_COLUMNS columns are applied column by column, and those to the columns
+after it as one matrix product (GPTQ's lazy batch updates). `encode_many` rounds one tensor in several types at
+once (measure): each type keeps its own copy of the weights and grid, and one set of vector operations per column
+serves them all; the bytes are those of `encode`, type by type. Why it is exact for a diagonal H: U is then diagonal,
+every update is a zero, no column moves, and each block gets plain rounding's scales and indices — byte for byte
+what Format.encode writes (tests/test_feedback.py checks it for every type).
+
+Fallbacks (one log line per tensor, then plain rounding or a reduced problem, never NaN scales):
+  - H with NaN or Inf, or every diagonal entry zero (an input that never fired): plain rounding.
+  - Channels whose H_jj is zero (never fired, or a zero input column): taken out of the coupling (their row and
+    column of H set to zero and their diagonal to the mean), so they are rounded on their own and pass no error.
+  - H singular after damping (rank-deficient beyond λ, e.g. a constant or duplicated input column with λ → 0):
+    λ grows tenfold up to three times; if the factorisation still fails, plain rounding.
+  - Weights that leave the finite range during the updates: plain rounding.
+Q8_0 and the float types have no levels here (Format.feedback is False) and are always rounded plainly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..errors import QggufError
+from .base import Format
+from .common import fdiv, seq_sum
+
+DAMP = 0.01          # λ = DAMP · mean diag(H), as GPTQ's default percdamp
+DAMP_GROWTH = 10.0   # λ ← 10·λ when the damped H still does not factorise
+DAMP_TRIES = 3
+LAZY_COLUMNS = 256   # columns updated one by one; a multiple of every block size (32, 256)
+
+
+def _log(name: str, msg: str) -> None:
+    print(f"qgguf: {name}: {msg}", file=sys.stderr)
+
+
+class Feedback:
+    """The Cholesky factor of one tensor's damped H⁻¹, computed once and used for every type.
+
+    H: the input covariance (n × n, any float dtype, any device). `importance`: the per-input-channel weight the
+    plain encoder uses (the Fisher importance); None → diag(H). `fallback` holds the reason when the tensor is
+    rounded plainly (H unusable)."""
+
+    def __init__(self, H, name: str = "tensor", damp: float = DAMP, device: torch.device | str | None = None,
+                 log: bool = True):
+        self.name = name
+        self.fallback: str | None = None
+        self.events: list[str] = []
+        self.U: torch.Tensor | None = None
+        self.diag: torch.Tensor | None = None
+        H = torch.as_tensor(H)
+        if device is not None:
+            H = H.to(device)
+        H = H.to(torch.float64)
+        if H.ndim != 2 or H.shape[0] != H.shape[1]:
+            raise ValueError(f"{name}: H must be square, not {tuple(H.shape)}")
+        self.n = int(H.shape[0])
+        if not bool(torch.isfinite(H).all()):
+            self._fail("its input covariance holds NaN or Inf", log)
+            return
+        H = (H + H.T) / 2
+        d = H.diagonal().clone()
+        dead = d <= 0
+        if bool(dead.all()):
+            self._fail("its input never fired in calibration (H = 0)", log)
+            return
+        mean = float(d[~dead].mean())
+        self.diag = torch.where(dead, torch.zeros_like(d), d).to(torch.float32)
+        if bool(dead.any()):
+            H[dead, :] = 0
+            H[:, dead] = 0
+            H[dead, dead] = mean
+            self.events.append(f"{int(dead.sum())} input channel(s) never fired: rounded on their own")
+        lam = damp * mean
+        eye = torch.eye(self.n, dtype=H.dtype, device=H.device)
+        for attempt in range(DAMP_TRIES + 1):
+            L, info = torch.linalg.cholesky_ex(H + lam * eye)
+            if int(info) == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if int(info) == 0 and bool(torch.isfinite(U).all()):
+                    break
+            if attempt < DAMP_TRIES:
+                lam *= DAMP_GROWTH
+        else:
+            self._fail(f"its damped input covariance does not factorise (λ up to {lam:.3g}): rank-deficient", log)
+            return
+        if attempt:
+            self.events.append(f"H is rank-deficient: damping raised to λ = {lam:.3g}")
+        self.damping = lam
+        self.U = U.to(torch.float32)
+        if log:
+            for e in self.events:
+                _log(name, f"error feedback: {e}")
+
+    def _fail(self, why: str, log: bool) -> None:
+        self.fallback = why
+        if log:
+            _log(self.name, f"{why}; plain rounding instead of error feedback")
+
+    # ------------------------------------------------------------------------------------------ encoding
+    def encode(self, fmt: Format, weights: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw GGUF bytes [rows, bytes per row] of `weights` (rows × n) in `fmt`, rounded with error feedback
+        (plain rounding for types without levels and when H is unusable)."""
+        return self.encode_many([fmt], weights, importance)[fmt.name]
+
+    def encode_many(self, fmts: list[Format], weights: torch.Tensor, importance: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+        """encode() for several types at once: the same bytes per type, but their column loops run in lockstep,
+        one set of vector operations over all types' copies of the rows (measure tries every type)."""
+        W = torch.as_tensor(weights).to(torch.float32)
+        if self.U is not None:
+            W = W.to(self.U.device)
+        imp = importance
+        if imp is None and self.diag is not None:
+            imp = self.diag
+        out = {f.name: fmt_plain(f, W, imp, self.name) for f in fmts if self.U is None or not f.feedback}
+        todo = [f for f in fmts if f.name not in out]
+        if not todo:
+            return out
+        imp = torch.as_tensor(imp).to(W.device, torch.float32).reshape(-1)
+        rows, n = W.shape
+        for f in todo:
+            f.check_row_len(n, self.name)
+        if n != self.n:
+            raise ValueError(f"{self.name}: rows of {n} weights, H of {self.n} channels")
+        if not bool(torch.isfinite(W).all()):
+            raise QggufError(f"{self.name}: weights hold NaN or Inf; fix the checkpoint before quantising")
+        if imp.numel() != n or not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+            raise QggufError(f"{self.name}: importance must be {n} finite non-negative values")
+        # types in groups whose copies of the weights stay within LOCKSTEP_FLOATS
+        per = max(1, LOCKSTEP_FLOATS // max(1, rows * n))
+        for g0 in range(0, len(todo), per):
+            group = todo[g0:g0 + per]
+            res = _feedback(group, W, imp, self.U)
+            for f in group:
+                if res[f.name] is None:
+                    _log(self.name, f"{f.name}: weights left the finite range during error feedback; plain rounding")
+                    res[f.name] = fmt_plain(f, W, imp, self.name)
+            out.update(res)
+        return {f.name: out[f.name] for f in fmts}
+
+
+LOCKSTEP_FLOATS = 1 << 26  # weights held by one lockstep group (its types' copies of the rows): 256 MiB
+
+
+def fmt_plain(fmt: Format, W: torch.Tensor, imp: torch.Tensor | None, name: str) -> torch.Tensor:
+    return fmt.encode_torch(W, imp, tensor=name)
+
+
+def _row_sigma2(W: torch.Tensor) -> torch.Tensor:
+    """Σx²/n of each row in row order (the block-32 types' importance path, as legacy._row_sigma2)."""
+    return fdiv(seq_sum((W * W).t().contiguous()), W.shape[1])
+
+
+def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.Tensor
+              ) -> dict[str, torch.Tensor | None]:
+    """Error-feedback rounding of W in every type of `fmts`, lockstep. Each type k has its own copy of the
+    weights (channel-major, Wt[k]: a column is a contiguous vector over the rows) and its own grid; per column the
+    same few vector operations update all of them."""
+    rows, n = W.shape
+    T, dev = len(fmts), W.device
+    sigma2 = _row_sigma2(W)  # of the weights as given: the statistic plain rounding uses
+    Wt = W.t().contiguous().unsqueeze(0).repeat(T, 1, 1)              # [T, n, rows]
+    # level values of every type, padded with +inf to the longest (searchsorted over each type's own row)
+    vals = [f.level_values(dev) for f in fmts]
+    kmax = max(v.numel() for v in vals)
+    Vpad = torch.full((T, kmax), float("inf"), device=dev)
+    for k, v in enumerate(vals):
+        Vpad[k, :v.numel()] = v
+    top = torch.tensor([v.numel() - 1 for v in vals], device=dev).unsqueeze(1)  # [T, 1]
+    inv_u = 1 / U.diagonal()
+    step = min(f.block_size for f in fmts)
+    lazy = max(max(f.block_size for f in fmts), LAZY_COLUMNS)
+    out = {f.name: torch.empty((rows, n // f.block_size, f.type_size), dtype=torch.uint8, device=dev)
+           for f in fmts}
+    bad = [False] * T
+    blocks: list[tuple | None] = [None] * T                            # each type's open block: (b0, q)
+    for c0 in range(0, n, lazy):
+        c1 = min(c0 + lazy, n)
+        m = c1 - c0
+        # each type's grid over this lazy batch, filled as its blocks open
+        A = torch.zeros((T, m, rows), device=dev)
+        Bo = torch.zeros_like(A)
+        IA = torch.zeros_like(A)
+        V0 = torch.zeros_like(A)
+        X0 = torch.zeros_like(A)
+        got = torch.zeros_like(A)                                      # the chosen level values
+        E = torch.empty_like(A)
+        for s0 in range(c0, c1, step):
+            for k, f in enumerate(fmts):
+                B = f.block_size
+                if s0 % B or bad[k]:
+                    continue
+                xbt = Wt[k, s0:s0 + B]                                 # [B, rows]
+                if not bool(torch.isfinite(xbt).all()):
+                    bad[k] = True
+                    continue
+                q = f.encode_blocks_sigma(xbt.t().contiguous(), imp[s0:s0 + B].expand(rows, B).contiguous(),
+                                          sigma2)
+                a, b = f.grid(q)
+                sl = slice(s0 - c0, s0 - c0 + B)
+                A[k, sl] = a.t()
+                Bo[k, sl] = b.t()
+                # a zero scale: every level decodes to b; 1/a = 0 gives t = 0, any level, the same bytes
+                IA[k, sl] = torch.where(a != 0, 1 / torch.where(a != 0, a, torch.ones_like(a)),
+                                        torch.zeros_like(a)).t()
+                V0[k, sl] = vals[k][f.levels(q)].t()                   # the plain encoder's level values
+                X0[k, sl] = xbt
+                blocks[k] = (s0, q)
+            for j in range(s0, min(s0 + step, c1)):
+                jj = j - c0
+                w = Wt[:, j]                                           # [T, rows]
+                t = (w - Bo[:, jj]).mul_(IA[:, jj])
+                hi = torch.searchsorted(Vpad, t).clamp_(min=1)
+                hi = torch.minimum(hi, top)
+                vlo, vhi = Vpad.gather(1, hi - 1), Vpad.gather(1, hi)
+                near = torch.where(t - vlo <= vhi - t, vlo, vhi)
+                # moved by feedback: the nearest level of the block's fixed grid, else the encoder's own level
+                v = torch.where(w != X0[:, jj], near, V0[:, jj], out=got[:, jj])
+                e = torch.mul(w - torch.addcmul(Bo[:, jj], A[:, jj], v), inv_u[j], out=E[:, jj])
+                if j + 1 < c1:
+                    Wt[:, j + 1:c1].sub_(U[j, j + 1:c1].view(1, -1, 1) * e.unsqueeze(1))
+            for k, f in enumerate(fmts):  # blocks that end here: their bytes with the new levels
+                B = f.block_size
+                end = min(s0 + step, c1)
+                if bad[k] or blocks[k] is None or blocks[k][0] + B != end:
+                    continue
+                b0, q = blocks[k]
+                L = torch.searchsorted(vals[k], got[k, b0 - c0:b0 - c0 + B].t().contiguous())  # exact: levels
+                out[f.name][:, b0 // B] = f.with_levels(q, L)
+        if c1 < n:
+            Wt[:, c1:].baddbmm_(U[c0:c1, c1:].t().expand(T, -1, -1), E, alpha=-1.0)
+    return {f.name: None if bad[k] else out[f.name].reshape(rows, -1) for k, f in enumerate(fmts)}
+
+
+def h_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, row_weight: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """Σ_r d_r · δ_r H δ_rᵀ per row (float64 [rows]; d = 1 without `row_weight`), δ = W_hat − W."""
+    D = (W_hat.to(torch.float64) - W.to(torch.float64))
+    per_row = ((D @ H.to(torch.float64)) * D).sum(1)
+    return per_row if row_weight is None else per_row * row_weight.to(torch.float64)

@@ -1,0 +1,124 @@
+"""`qgguf convert --rounding feedback|auto` end to end on a tiny random Llama: the plan records the rounding of every
+tensor, export writes exactly the error-feedback bytes of that rounding (read back by gguf-py), the file runs in
+the built llama-completion, and reruns are byte-identical (with and without the encode cache)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from qgguf import formats
+from qgguf.assets.tiny import make_tiny_llama, tiny_text
+from qgguf.llamacpp.build import tool_path
+
+
+def qgguf(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qgguf", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, llama_build):
+    d = tmp_path_factory.mktemp("fbconvert")
+    model = make_tiny_llama(d / "model", seed=3)
+    text = d / "calib.txt"
+    text.write_text(tiny_text(seed=1))
+    res = qgguf("calibrate", model, "-o", d / "stats.safetensors", "--text", text, "--tokens", 1024, "--seq-len", 128,
+                "--covariance", d / "cov")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return model, d
+
+
+def _convert(setup, name: str, *extra):
+    model, d = setup
+    out = d / f"{name}.gguf"
+    res = qgguf("convert", model, "-o", out, "--target-bpw", 4.5, "--stats", d / "stats.safetensors",
+                "--covariance", d / "cov", *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, json.loads(out.with_name(f"{name}.plan.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def feedback_file(setup):
+    return _convert(setup, "fb", "--rounding", "feedback")
+
+
+def test_plan_records_the_rounding_and_export_writes_it(feedback_file, setup):
+    import gguf
+
+    from qgguf.calibrate.covariance import CovarianceStore
+    from qgguf.calibrate.stats import load_stats
+    from qgguf.export.writer import open_gguf, tensor_f32
+    from qgguf.formats.feedback import Feedback
+
+    model, d = setup
+    out, plan = feedback_file
+    rounding = {t["name"]: t["rounding"] for t in plan["tensors"]}
+    types = {t["name"]: t["type"] for t in plan["tensors"]}
+    for name, how in rounding.items():
+        has_h = name != "token_embd.weight"
+        assert how == ("feedback" if has_h and formats.get(types[name]).feedback else "plain"), name
+    assert sum(h == "feedback" for h in rounding.values()) >= 10
+    r = gguf.GGUFReader(out)
+    written = {t.name: t for t in r.tensors}
+    assert {n: written[n].tensor_type.name for n in types} == types
+    assert r.fields["qgguf.rounding"].contents() == "feedback"
+
+    # the bytes of a feedback tensor are those of Feedback.encode on the converter's weights with its H
+    stats, store = load_stats(d / "stats.safetensors"), CovarianceStore(d / "cov")
+    from qgguf.convert import converter_gguf
+    from qgguf.models import model_sha256
+
+    reader = open_gguf(converter_gguf(model, model_sha256(model)))
+    checked = 0
+    for t in reader.tensors:
+        if rounding.get(t.name) != "feedback":
+            continue
+        fmt = formats.get(types[t.name])
+        w = tensor_f32(t, "cpu", reader)
+        imp = torch.from_numpy(stats[t.name].importance)
+        fb = Feedback(store.get(t.name), t.name).encode(fmt, w, imp).numpy().reshape(-1)
+        got = np.asarray(written[t.name].data).view(np.uint8).reshape(-1)
+        assert np.array_equal(got, fb), t.name
+        assert not np.array_equal(got, fmt.encode(w, imp).reshape(-1)), f"{t.name}: same bytes as plain rounding"
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3
+
+
+def test_feedback_file_runs_in_llama_completion(feedback_file):
+    out, _ = feedback_file
+    r = subprocess.run([str(tool_path("llama-completion")), "-m", str(out), "-p", "the old", "-n", "16", "-no-cnv",
+                        "--temp", "0", "-t", "1"], capture_output=True, text=True, errors="replace",
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the old" in r.stdout and len(r.stdout.strip()) > len("the old")
+
+
+def test_reruns_are_byte_identical_and_auto_picks_per_tensor(feedback_file, setup):
+    _, d = setup
+    out, _ = feedback_file
+    again, _ = _convert(setup, "fb2", "--rounding", "feedback", "--encode-cache", d / "enc")
+    assert again.read_bytes() == out.read_bytes()
+    cached, _ = _convert(setup, "fb3", "--rounding", "feedback", "--encode-cache", d / "enc")
+    assert cached.read_bytes() == out.read_bytes()
+    _, auto = _convert(setup, "auto", "--rounding", "auto")
+    for t in auto["tensors"]:  # auto takes, for the chosen type, the rounding whose K-FAC ΔKL is lower
+        assert t["rounding"] in ("plain", "feedback")
+    assert any(t["rounding"] == "feedback" for t in auto["tensors"])
+    _, pplan = _convert(setup, "plain")
+    assert all(t["rounding"] == "plain" for t in pplan["tensors"])
+
+
+def test_feedback_without_covariance_is_a_clear_error(setup, tmp_path):
+    model, d = setup
+    res = qgguf("convert", model, "-o", tmp_path / "x.gguf", "--target-bpw", 4.5, "--stats", d / "stats.safetensors",
+                "--rounding", "feedback")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--covariance DIR" in res.stderr
+    assert not (tmp_path / "x.gguf").exists()
