@@ -195,3 +195,21 @@ def test_cuda_home_notice_is_dropped_and_compile_cache_is_ours(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**env, "QGGUF_CACHE": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")})
     assert res.stdout.strip() == str(tmp_path / "mine")  # the user's setting wins
+
+
+def test_a_cmake_cache_of_another_checkout_is_dropped(tmp_path):
+    """Build folders are keyed by content, so two checkouts of the same sources share one; CMake refuses a cache
+    that another source folder made ("does not match the source ... used to generate cache"). configure drops it
+    and keeps a cache of this checkout (and the built objects beside it)."""
+    from qgguf.llamacpp.build import _forget_other_source, repo_root
+
+    for configured_from, kept in ((tmp_path / "other-checkout", False), (repo_root(), True)):
+        bdir = tmp_path / f"build-{kept}"
+        (bdir / "CMakeFiles").mkdir(parents=True)
+        (bdir / "bin").mkdir()
+        (bdir / "bin" / "llama-x").write_text("built")
+        (bdir / "CMakeCache.txt").write_text(f"# cache\nCMAKE_HOME_DIRECTORY:INTERNAL={configured_from}\n")
+        _forget_other_source(bdir, repo_root())
+        assert (bdir / "CMakeCache.txt").is_file() == kept
+        assert (bdir / "CMakeFiles").is_dir() == kept
+        assert (bdir / "bin" / "llama-x").read_text() == "built"

@@ -413,10 +413,23 @@ def configure(spec: BuildSpec) -> Path:
     bdir.mkdir(parents=True, exist_ok=True)
     if spec.cuda:
         cuda_host_options(make_links=True)
+    _forget_other_source(bdir, repo_root())
     cmd = ["cmake", "-S", str(repo_root()), "-B", str(bdir), f"-DQGGUF_LLAMA_SOURCE_DIR={tree}"]
     cmd += [f"-D{k}={v}" for k, v in sorted(spec.cmake_options().items())]
     _run_logged(cmd, spec.root / "build.log", "configure llama.cpp")
     return bdir
+
+
+def _forget_other_source(bdir: Path, source: Path) -> None:
+    """Drop a CMake cache that another checkout configured. The build key hashes content, not paths, so two
+    checkouts (or a moved one) share a build folder, but CMake refuses a cache made for another source folder."""
+    cache = bdir / "CMakeCache.txt"
+    if not cache.is_file():
+        return
+    m = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.*)$", cache.read_text(errors="replace"), re.M)
+    if m and Path(m.group(1)).resolve() != source.resolve():
+        cache.unlink()
+        shutil.rmtree(bdir / "CMakeFiles", ignore_errors=True)
 
 
 def build(spec: BuildSpec, jobs: int | None = None, install_gguf_py: bool = True) -> Path:
