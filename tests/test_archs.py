@@ -77,30 +77,8 @@ def test_gpt2_with_an_unknown_tokenizer_fails_in_one_line(text, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- brute force
 
-def per_sequence_fisher(model, names: set[str], ids: torch.Tensor, cotangent: torch.Tensor) -> dict:
-    """F = Σ_seq (∂ℓ_seq/∂W)² / N from autograd weight gradients, one sequence at a time, through the modules'
-    own forward (Conv1D's in × out layout, Gemma's row scale and all). Shapes as HF stores the weights."""
-    params = {n: p for n, p in model.named_parameters() if n in names}
-    F = {n: torch.zeros_like(p) for n, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        for b in range(ids.shape[0]):
-            for p in params.values():
-                p.grad = None
-            with torch.enable_grad():
-                logits = model(input_ids=ids[b:b + 1], use_cache=False).logits
-                (logits * cotangent[b:b + 1]).sum().backward()
-            for n, p in params.items():
-                F[n] += p.grad.square()
-    finally:
-        for p in params.values():
-            p.requires_grad_(False)
-    return {n: f / ids.numel() for n, f in F.items()}
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
-def test_fisher_matches_brute_force(arch, tmp_path):
+def test_fisher_matches_brute_force(arch, tmp_path, per_sequence_fisher):
     """GPT-2: Conv1D weights (in × out) and a position table shared by the batch; Gemma 2: an embedding whose output
     is √hidden·W[id], so its Fisher is hidden × that of the gradient at its output (missing it is off 256×)."""
     from transformers import AutoTokenizer
@@ -132,7 +110,7 @@ def test_statistics_missing_a_tensor_are_not_blamed_on_another_model(text, tmp_p
     """Statistics of this very model that lack a tensor (a calibration that skipped it) say so, not 'another
     model', and nothing is written."""
     from qgguf.calibrate.runner import calibrate
-    from qgguf.calibrate.stats import load_stats, save_stats
+    from qgguf.calibrate.stats import save_stats
 
     model = make_tiny("qwen3", tmp_path / "m", ffn=256)
     stats = calibrate(model, tmp_path / "full.safetensors", text=text, tokens=128, seq_len=64, progress=False)

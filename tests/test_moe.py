@@ -85,32 +85,8 @@ def test_tiny_moe_converts_with_stacked_experts_and_runs(arch, moe_models, tmp_p
 
 # ---------------------------------------------------------------------------------------------------- calibrate
 
-def per_sequence_expert_fisher(model, names: list[str], ids, cotangent) -> dict:
-    """Σ_seq (∂ℓ_seq/∂W)² / N for 3-D expert parameters from autograd, one sequence at a time, through the
-    model's own experts implementation."""
-    import torch
-
-    params = {n: p for n, p in model.named_parameters() if n in names}
-    F = {n: torch.zeros_like(p) for n, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        for b in range(ids.shape[0]):
-            for p in params.values():
-                p.grad = None
-            with torch.enable_grad():
-                logits = model(input_ids=ids[b:b + 1], use_cache=False).logits
-                (logits * cotangent[b:b + 1]).sum().backward()
-            for n, p in params.items():
-                F[n] += p.grad.square()
-    finally:
-        for p in params.values():
-            p.requires_grad_(False)
-    return {n: f / ids.numel() for n, f in F.items()}
-
-
 @pytest.mark.parametrize("arch", ["mixtral", "ernie4_5_moe"])
-def test_expert_fisher_matches_brute_force(arch, moe_models):
+def test_expert_fisher_matches_brute_force(arch, moe_models, per_sequence_fisher):
     """Per expert and input channel, the Fisher of each GGUF expert tensor (gate and up rows of the fused
     gate_up_proj apart) equals brute-force per-sequence weight gradients of the 3-D parameters; the routed-token
     counts add up to tokens × experts per token."""
@@ -132,7 +108,7 @@ def test_expert_fisher_matches_brute_force(arch, moe_models):
     col = FisherCollector(model, weights, estimator="sequence", experts=experts)
     cotangent = col.step(ids, generator=torch.Generator().manual_seed(1))
     col.close()
-    ref = per_sequence_expert_fisher(model, list(experts), ids, cotangent)
+    ref = per_sequence_fisher(model, set(experts), ids, cotangent)
     k = model.config.num_experts_per_tok if hasattr(model.config, "num_experts_per_tok") else model.config.moe_k
     names = set()
     for hf_name, targets in experts.items():
