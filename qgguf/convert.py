@@ -198,6 +198,7 @@ def run(args) -> int:
     from qgguf.plan.measure import TensorInput, measure_tensors
 
     device = str(resolve_device(args.device))  # before any stage announces itself
+    engines.choose(device)  # a bad QGGUF_ENCODER fails here, not after calibrating
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for llama.cpp's converter, a child process

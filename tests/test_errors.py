@@ -43,3 +43,24 @@ def test_debug_shows_the_traceback(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "ValueError: bad value" in err
 
+
+
+def test_bad_covariance_folder_and_encoder_fail_before_any_work(tiny_llama, tmp_path, capsys, monkeypatch):
+    """`--covariance` naming a file, and an unknown QGGUF_ENCODER, are refused before calibration starts: one
+    line, exit 2, nothing written."""
+    text = tmp_path / "t.txt"
+    text.write_text("a few words of text " * 50)
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    stats = tmp_path / "s.safetensors"
+    assert cli.main(["calibrate", str(tiny_llama), "-o", str(stats), "--text", str(text), "--tokens", "64",
+                     "--seq-len", "32", "--covariance", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("qgguf: error: --covariance") and "not a writable folder" in err[-1]
+    assert not any("calibrate:" in line for line in err) and not stats.exists()
+    monkeypatch.setenv("QGGUF_ENCODER", "fast")
+    out = tmp_path / "o.gguf"
+    assert cli.main(["convert", str(tiny_llama), "-o", str(out), "--target-bpw", "4.5", "--text", str(text)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qgguf: error: QGGUF_ENCODER='fast' is not an encoder; use torch, ggml or auto"]
+    assert not list(tmp_path.glob("o.*"))

@@ -21,23 +21,23 @@ the smaller one is already within 2× the floor.
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qgguf.bench.cli import parse_bench_args  # noqa: E402
+from qgguf.bench.cli import open_bench  # noqa: E402
 from qgguf.bench.config import machine_description  # noqa: E402
-from qgguf.bench.reference import Reference, reference  # noqa: E402
+from qgguf.bench.reference import Reference  # noqa: E402
+from qgguf.bench.report import write_study  # noqa: E402
 from qgguf.bench.rows import measure  # noqa: E402
-from qgguf.docs import write_section  # noqa: E402
 from qgguf.errors import QggufError  # noqa: E402
 from qgguf.files import atomic_output  # noqa: E402
 from qgguf.hashing import checkout_commit  # noqa: E402
 from qgguf.llamacpp.runner import PPL_PROGRESS, Tools  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 PROBES = {"Q8_0": "Q8_0 (block-32 types: Q4_0 … Q8_0, IQ4_NL, NL*_32)",
           "Q6_K": "Q8_K (K-quants, IQ4_XS, NL*_XS)"}
@@ -123,16 +123,8 @@ def main() -> int:
         return 0
     update = "--update-docs" in argv
     argv = [a for a in argv if a != "--update-docs"]
-    cfg = parse_bench_args(argv)
-    results_path = cfg.out / "results.json"
-    if not results_path.is_file():
-        raise QggufError(f"no bench results in {cfg.out}; run `qgguf bench` with the same options first")
-    results = json.loads(results_path.read_text())
-    tools = Tools(cuda=cfg.gpu, threads=cfg.threads)
+    cfg, results, tools, ref = open_bench(argv)
     logs = cfg.out / "logs"
-    ref = reference(cfg, tools, logs)
-    if ref.imatrix is None:
-        raise QggufError("the floor probes use the bench's imatrix; give presets to the bench")
     folder = cfg.out / "floor"
     folder.mkdir(exist_ok=True)
     probes = [probe(p, cfg, ref, tools, folder, logs) for p in PROBES]
@@ -144,14 +136,8 @@ def main() -> int:
            "command": "python tools/activation_floor.py " + " ".join(argv), "bench_command": results["command"],
            "commit": checkout_commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine_description(cfg.gpu),
            "probes": probes, "floor": floor, "rows": rows, "breaks": breaks}
-    with atomic_output(folder / "floor.json") as tmp:
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-    md = markdown(res)
-    print(md)
-    if update:
-        slug = re.sub(r"[^a-z0-9.]+", "-", f"{res['model']}-{res['text']}-{res['backend']}".lower()).strip("-")
-        write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "floor", slug, md,
-                      heading="## Activation floor: the KLD llama.cpp's quantised activations add")
+    write_study(results, "floor", "## Activation floor: the KLD llama.cpp's quantised activations add", res,
+                markdown(res), folder / "floor.json", DOCS if update else None)
     return 0
 
 

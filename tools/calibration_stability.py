@@ -15,24 +15,21 @@ Run `qgguf bench` with the same options first (its reference logits, its Q4_K_M 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qgguf.bench.cli import parse_bench_args  # noqa: E402
+from qgguf.bench.cli import open_bench  # noqa: E402
 from qgguf.bench.config import machine_description  # noqa: E402
-from qgguf.bench.reference import reference  # noqa: E402
+from qgguf.bench.report import write_study  # noqa: E402
 from qgguf.bench.rows import measure  # noqa: E402
 from qgguf.calibrate.stats import load_stats  # noqa: E402
-from qgguf.docs import write_section  # noqa: E402
 from qgguf.errors import QggufError  # noqa: E402
-from qgguf.files import atomic_output  # noqa: E402
 from qgguf.hashing import checkout_commit  # noqa: E402
-from qgguf.llamacpp.runner import Tools  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 SHARE = 0.95      # tensors carrying this share of the total Fisher
 TOLERANCE = 0.10  # relative ΣF difference allowed between seeds
@@ -75,18 +72,12 @@ def main() -> int:
     bench_argv = argv[cut + 1:]
     update = "--update-docs" in bench_argv
     bench_argv = [a for a in bench_argv if a != "--update-docs"]
-    cfg = parse_bench_args(bench_argv)
-    results_path = cfg.out / "results.json"
-    if not results_path.is_file():
-        raise QggufError(f"no bench results in {cfg.out}; run `qgguf bench` with the same options first")
-    results = json.loads(results_path.read_text())
+    cfg, results, tools, ref = open_bench(bench_argv)
     preset = [r for r in results["rows"] if r["series"] == "llama-quantize + imatrix" and r["label"] == own.preset]
     if not preset:
         raise QggufError(f"the bench in {cfg.out} has no {own.preset} row with an imatrix; add it to --presets")
     size = int(preset[0]["file_bytes"])
-    tools = Tools(cuda=cfg.gpu, threads=cfg.threads)
     logs = cfg.out / "logs"
-    ref = reference(cfg, tools, logs)
     folder = cfg.out / "stability"
     folder.mkdir(exist_ok=True)
     device = "cuda" if cfg.gpu else "cpu"
@@ -116,14 +107,8 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%d"), "machine": machine_description(cfg.gpu), "preset": own.preset,
            "size": size, "palette": own.palette, "tokens": cfg.calib_tokens, "runs": runs, "kld_diff": diff,
            "kld_allowed": allowed, "plans_agree": diff < allowed, "fisher": spread}
-    with atomic_output(folder / "stability.json") as tmp:
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-    md = markdown(res)
-    print(md)
-    if update:
-        slug = re.sub(r"[^a-z0-9.]+", "-", f"{res['model']}-{res['text']}-{res['backend']}".lower()).strip("-")
-        write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "stability", slug, md,
-                      heading="## Calibration stability: two seeds, one plan")
+    write_study(results, "stability", "## Calibration stability: two seeds, one plan", res, markdown(res),
+                folder / "stability.json", DOCS if update else None)
     return 0
 
 

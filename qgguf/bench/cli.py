@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from qgguf.bench.config import (
@@ -16,9 +17,12 @@ from qgguf.bench.config import (
     PRESETS,
     config_from_args,
 )
+from qgguf.bench.reference import Reference, reference
 from qgguf.bench.report import print_summary
 from qgguf.bench.run import run_bench
 from qgguf.calibrate.runner import DEFAULT_TOKENS
+from qgguf.errors import QggufError
+from qgguf.llamacpp.runner import Tools
 from qgguf.plan.rules import PALETTES
 
 
@@ -65,11 +69,17 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_cmd)
 
 
-def parse_bench_args(argv: list[str]) -> BenchConfig:
-    """A BenchConfig from `qgguf bench`'s own arguments (tools that work on a bench's folder take the same)."""
+def open_bench(argv: list[str]) -> tuple[BenchConfig, dict, Tools, Reference]:
+    """A finished bench's folder, from `qgguf bench`'s own arguments (tools that study a bench take the same):
+    its config, its results, the tools and its (cached) reference."""
     ap = argparse.ArgumentParser(prog="qgguf")
     add_parser(ap.add_subparsers(dest="cmd"))
-    return config_from_args(ap.parse_args(["bench", *argv]))
+    cfg = config_from_args(ap.parse_args(["bench", *argv]))
+    path = cfg.out / "results.json"
+    if not path.is_file():
+        raise QggufError(f"no bench results in {cfg.out}; run `qgguf bench` with the same options first")
+    tools = Tools(cuda=cfg.gpu, threads=cfg.threads)
+    return cfg, json.loads(path.read_text()), tools, reference(cfg, tools, cfg.out / "logs")
 
 
 def _cmd(args) -> int:

@@ -165,6 +165,22 @@ def stale_rows(results: dict) -> list[str]:
             if r["spec"].get("tools") != tools or (r["kind"] == "qgguf" and r["spec"].get("code") != code)]
 
 
+def section_slug(results: dict) -> str:
+    """The name of a bench's sections in docs/benchmarks.md: model, text and backend."""
+    return re.sub(r"[^a-z0-9.]+", "-", f"{results['model']['name']}-{results['text']['name']}-{results['backend']}"
+                  .lower()).strip("-")
+
+
+def write_study(results: dict, kind: str, heading: str, data: dict, md: str, out: Path, docs: Path | None) -> None:
+    """A study made on a bench's folder (tools/activation_floor.py, tools/calibration_stability.py): its JSON in
+    `out`, its markdown printed, and with `docs` its section there under `heading`."""
+    with atomic_output(out) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    print(md)
+    if docs is not None:
+        write_section(docs, kind, section_slug(results), md, heading=heading)
+
+
 def update_docs(results: dict, plot: Path, docs: Path, note: str = "") -> Path:
     """Put this bench's section (between its own markers) and its plot into `docs`; other sections stay as they are.
     `note`: a paragraph placed under the section's heading (what the numbers can and cannot say).
@@ -175,8 +191,7 @@ def update_docs(results: dict, plot: Path, docs: Path, note: str = "") -> Path:
         raise QggufError(f"{len(stale)} row(s) ({', '.join(stale[:3])}{' …' if len(stale) > 3 else ''}) were made by "
                          "other code than this checkout's; run the bench again (it re-measures them) before "
                          "--update-docs")
-    slug = re.sub(r"[^a-z0-9.]+", "-", f"{results['model']['name']}-{results['text']['name']}-{results['backend']}"
-                  .lower()).strip("-")
+    slug = section_slug(results)
     img_rel = Path("bench") / f"{slug}.png"
     img = docs.parent / img_rel
     img.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from qgguf.calibrate.stats import Stats, TensorStats, save_stats
 from qgguf.calibrate.text import adds_bos, default_text_path, read_text, token_chunks
 from qgguf.devices import resolve_device
 from qgguf.errors import QggufError
-from qgguf.files import check_output_path
+from qgguf.files import check_output_path, writable_folder
 from qgguf.hashing import sha256_file
 from qgguf.models import model_sha256
 
@@ -245,6 +245,10 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
         raise QggufError(f"--batch-size must be at least 1, not {batch_size}")
     cfg = check_model_dir(model_dir)
     check_output_path(out, [model_dir])
+    if covariance is not None:  # before any work: a bad folder fails at once, not after the calibration
+        if Path(covariance).resolve() == model_dir.resolve():
+            raise QggufError(f"--covariance {covariance} is the model folder; give a folder of its own")
+        writable_folder(Path(covariance), "--covariance")
     if imatrix_out is not None:
         from qgguf.calibrate.imatrix import SOURCES
 
