@@ -87,13 +87,13 @@ def main() -> int:
         if not stats.is_file():
             tools.run([sys.executable, "-m", "qgguf", "calibrate", str(cfg.model.path), "-o", str(stats), "--text",
                        str(cfg.calib.path), "--tokens", str(cfg.calib_tokens), "--seed", str(seed), "--threads",
-                       str(cfg.threads), "--device", device], logs / f"stability-s{seed}.calibrate.log",
+                       str(cfg.threads), "--device", device, *cfg.convert_args], logs / f"stability-s{seed}.calibrate.log",
                       f"calibrate, seed {seed}")
         gguf = folder / f"{own.palette}-{own.preset}-size-s{seed}.gguf"
         if not gguf.is_file():
             tools.run([sys.executable, "-m", "qgguf", "convert", str(cfg.model.path), "-o", str(gguf),
                        "--target-size", str(size), "--stats", str(stats), "--palette", own.palette, "-t",
-                       str(cfg.threads), "--device", device], logs / f"stability-s{seed}.convert.log",
+                       str(cfg.threads), "--device", device, *cfg.convert_args], logs / f"stability-s{seed}.convert.log",
                       f"convert at {own.preset} size, seed {seed}")
         m = measure(gguf, ref, cfg, tools, logs, f"stability-s{seed}")
         runs.append({"seed": seed, "stats": str(stats), "file_bytes": m["file_bytes"], "bpw": m["bpw"],
