@@ -266,6 +266,12 @@ def test_bad_input_is_one_clear_error(tiny_llama, texts, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Q4_K_X" in err and "Q4_K_M" in err and "Traceback" not in err
     assert main(bench_args(tiny_llama, texts, tmp_path / "o", tmp_path / "c", "--ctx", "127")) == 2
+    stats = tmp_path / "s.safetensors"
+    stats.write_bytes(b"x")
+    assert main(bench_args(tiny_llama, texts, tmp_path / "o", tmp_path / "c", "--stats", str(stats),
+                           "--rounding", "plain", "feedback")) == 2
+    err = capsys.readouterr().err
+    assert "--rounding feedback needs the input covariance" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
@@ -318,6 +324,46 @@ def test_qgguf_rows_say_why_they_cannot_run(tmp_path):
     assert auto_targets({}) == ()
     ext = rows["qgguf-extended-bpw-4.00"].skip
     assert ext == "" if extended_palette_exists() else ext.startswith("the extended palette does not exist")
+
+
+def test_qgguf_rows_per_rounding(tmp_path):
+    """--rounding plain feedback: the plain rows keep their ids, series and spec; the feedback rows are a series
+    of their own whose spec names the rounding and the covariance's digest and whose convert gets both."""
+    src = Source(tmp_path, "m", "0" * 64, "m")
+    cfg = BenchConfig(model=src, text=src, calib=src, out=tmp_path, presets=("Q4_K_M",), targets=(),
+                      palettes=("stock",), roundings=("plain", "feedback"))
+    plain_stats, fb_stats, cov = tmp_path / "p.safetensors", tmp_path / "f.safetensors", tmp_path / "cov"
+    plain_stats.write_bytes(b"p")
+    fb_stats.write_bytes(b"f")
+    cov.mkdir()
+    (cov / "index.json").write_text("{}")
+    stats = {"plain": (plain_stats, None), "feedback": (fb_stats, cov)}
+    rows = {r.id: r for r in qgguf_rows(cfg, None, {"Q4_K_M": {"file_bytes": 1000}}, {}, "usage: --stats", "",
+                                        stats)}
+    assert set(rows) == {"qgguf-stock-size-Q4_K_M", "qgguf-stock-feedback-size-Q4_K_M"}
+    plain, fb = rows["qgguf-stock-size-Q4_K_M"], rows["qgguf-stock-feedback-size-Q4_K_M"]
+    assert plain.series == "qgguf (stock palette)" and "rounding" not in plain.spec
+    assert fb.series == "qgguf (stock palette, feedback rounding)" and fb.spec["rounding"] == "feedback"
+    assert fb.spec["covariance"] and fb.spec["stats"] != plain.spec["stats"]
+
+    ran = []
+
+    class FakeTools:
+        times = type("T", (), {"last_run": {}})()
+
+        def run(self, cmd, *a, **k):
+            ran.append(cmd)
+            Path(cmd[cmd.index("-o") + 1]).write_bytes(b"g" * 10)
+
+    qgguf_rows(cfg, FakeTools(), {"Q4_K_M": {"file_bytes": 1000}}, {}, "usage: --stats", "", stats)[1].make(
+        tmp_path / "x.gguf")
+    cmd = ran[-1]
+    assert cmd[cmd.index("--rounding") + 1] == "feedback" and cmd[cmd.index("--covariance") + 1] == str(cov)
+    assert cmd[cmd.index("--stats") + 1] == str(fb_stats)
+    qgguf_rows(cfg, FakeTools(), {"Q4_K_M": {"file_bytes": 1000}}, {}, "usage: --stats", "", stats)[0].make(
+        tmp_path / "y.gguf")
+    assert "--rounding" not in ran[-1] and ran[-1][ran[-1].index("--stats") + 1] == str(plain_stats)
+    assert "--rounding plain feedback" in cfg.command()
 
 
 def test_docs_section_replaced_between_its_own_markers():

@@ -23,6 +23,7 @@ from qgguf.bench.run import run_bench
 from qgguf.calibrate.runner import DEFAULT_TOKENS
 from qgguf.errors import QggufError
 from qgguf.llamacpp.runner import Tools
+from qgguf.plan.measure import ROUNDINGS
 from qgguf.plan.rules import PALETTES
 
 
@@ -49,6 +50,9 @@ def add_parser(sub) -> None:
                    help="presets whose exact file size qgguf is matched at (default: every preset)")
     p.add_argument("--palettes", nargs="+", default=list(PALETTES), choices=PALETTES,
                    help="qgguf palettes (default: both; extended is skipped while it does not exist)")
+    p.add_argument("--rounding", dest="roundings", nargs="+", default=["plain"], choices=ROUNDINGS,
+                   help="how qgguf rows choose their integers (qgguf convert --rounding), one series each "
+                   "(default plain; feedback and auto calibrate the input covariance too)")
     p.add_argument("--plain-rows", action="store_true", help="also quantise each preset without the imatrix")
     p.add_argument("--no-qgguf", dest="qgguf_rows", action="store_false", help="stock rows only")
     p.add_argument("--gpu", action="store_true", help="run on the CUDA build (-ngl 999) and measure pp512/tg128")

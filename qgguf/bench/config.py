@@ -125,6 +125,7 @@ class BenchConfig:
     targets: tuple[float, ...] | None = None  # None: auto (see AUTO_TARGET_MARGIN)
     sizes: tuple[str, ...] | None = None      # presets whose file size qgguf is matched at; None: all
     palettes: tuple[str, ...] = PALETTES
+    roundings: tuple[str, ...] = ("plain",)  # qgguf convert --rounding, one series each
     plain_rows: bool = False
     qgguf_rows: bool = True
     gpu: bool = False
@@ -155,6 +156,8 @@ class BenchConfig:
                  "--targets", *(["auto"] if self.targets is None else [f"{t:g}" for t in self.targets]),
                  *(["--sizes", *self.sizes] if self.sizes is not None else []),
                  "--palettes", *self.palettes]
+        if self.roundings != ("plain",):
+            parts += ["--rounding", *self.roundings]
         if self.plain_rows:
             parts.append("--plain-rows")
         if not self.qgguf_rows:
@@ -163,8 +166,8 @@ class BenchConfig:
             parts.append("--gpu")
         if self.stats:
             parts += ["--stats", str(self.stats)]
-        for a in self.convert_args:
-            parts += ["--convert-arg", a]
+        # `--convert-arg=ARG`: argparse reads a separate `--max-rows` as an option of its own
+        parts += [f"--convert-arg={a}" for a in self.convert_args]
         parts += ["-t", str(self.threads), "-o", str(self.out)]
         return shlex.join(parts)
 
@@ -204,6 +207,10 @@ def config_from_args(args) -> BenchConfig:
         targets = tuple(sorted(set(values)))
     if args.stats is not None:
         require_file(args.stats, "--stats file", "give the statistics file written by `qgguf calibrate`")
+        fb = [r for r in getattr(args, "roundings", None) or [] if r != "plain"]
+        if fb:
+            raise QggufError(f"--rounding {fb[0]} needs the input covariance, which --stats does not carry; drop "
+                             "--stats (the bench calibrates both) or keep --rounding plain")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise QggufError(f"-o {str(out)!r} is a file; give a folder for the bench results")
@@ -218,6 +225,7 @@ def config_from_args(args) -> BenchConfig:
         calib_tokens=args.calib_tokens,
         presets=presets,
         targets=targets, sizes=sizes, palettes=tuple(dict.fromkeys(args.palettes)),
+        roundings=tuple(dict.fromkeys(getattr(args, "roundings", None) or ["plain"])),
         plain_rows=args.plain_rows, qgguf_rows=args.qgguf_rows, gpu=args.gpu, threads=args.threads,
         stats=args.stats, convert_args=tuple(args.convert_args), redo=tuple(args.redo), keep_gguf=args.keep_gguf,
         timeout=args.timeout, docs=docs, cache=args.cache, attempts=max(1, args.attempts))

@@ -182,22 +182,33 @@ def convert_help() -> tuple[str | None, str]:
     return res.stdout, ""
 
 
-def calibration_stats(cfg: BenchConfig, tools: Tools, help_text: str | None) -> Path | None:
-    """qgguf's calibration statistics for every qgguf row: --stats if given, else `qgguf calibrate` run once
-    on the calibration text (cached like the reference). None when convert takes no --stats (it calibrates)."""
+def calibration_stats(cfg: BenchConfig, tools: Tools, help_text: str | None, covariance: bool = False
+                      ) -> tuple[Path | None, Path | None]:
+    """qgguf's calibration statistics for the qgguf rows: --stats if given, else `qgguf calibrate` run once on the
+    calibration text (cached like the reference); with `covariance` (feedback/auto rounding) a calibration that
+    also writes the input covariance folder, its own pair. (None, None) when convert takes no --stats (it
+    calibrates)."""
     if cfg.stats is not None or not help_text or "--stats" not in help_text:
-        return cfg.stats
+        return cfg.stats, None
     folder = (cfg.cache or cache_dir("bench")) / cfg.model.key
-    stats = folder / f"stats-{cfg.calib.key}-t{cfg.calib_tokens}-{cfg.backend}.safetensors"
-    if not stats.is_file():
+    stem = f"stats-{cfg.calib.key}-t{cfg.calib_tokens}-{cfg.backend}" + ("-cov" if covariance else "")
+    stats = folder / f"{stem}.safetensors"
+    cov = folder / f"{stem}.covariance" if covariance else None
+    if not stats.is_file() or (cov is not None and not (cov / "index.json").is_file()):
         cmd = [sys.executable, "-m", "qgguf", "calibrate", str(cfg.model.path), "-o", str(stats), "--text",
                str(cfg.calib.path), "--tokens", str(cfg.calib_tokens), "--threads", str(cfg.threads),
                "--device", "cuda" if cfg.gpu else "cpu"]
+        if cov is not None:
+            if cov.exists():  # an unfinished folder (no index): calibrate writes a new one
+                shutil.rmtree(cov)
+            cmd += ["--covariance", str(cov)]
+        log = "calibrate-cov.log" if covariance else "calibrate.log"
         with tools.times.step("calibrate"):
-            tools.run(cmd, cfg.out / "logs" / "calibrate.log", "qgguf calibrate", timeout=cfg.timeout)
+            tools.run(cmd, cfg.out / "logs" / log, "qgguf calibrate" + (" --covariance" if covariance else ""),
+                      timeout=cfg.timeout)
         if not stats.is_file():
-            raise QggufError(f"qgguf calibrate finished but wrote no {stats}; see {cfg.out / 'logs' / 'calibrate.log'}")
-    return stats
+            raise QggufError(f"qgguf calibrate finished but wrote no {stats}; see {cfg.out / 'logs' / log}")
+    return stats, cov
 
 
 def extended_palette_exists() -> bool:
@@ -216,13 +227,18 @@ def auto_targets(stock_done: dict[str, dict]) -> tuple[float, ...]:
 
 
 def qgguf_rows(cfg: BenchConfig, tools: Tools, stock_done: dict[str, dict], common: dict, help_text: str | None,
-               why_not: str, stats: Path | None = None) -> list[Row]:
-    """`qgguf convert` at each preset's file size and at each bpw target, per palette."""
+               why_not: str, stats: dict[str, tuple[Path | None, Path | None]] | None = None) -> list[Row]:
+    """`qgguf convert` at each preset's file size and at each bpw target, per palette and rounding. `stats`:
+    per rounding, the statistics file and covariance folder (calibration_stats)."""
     rows = []
     targets = cfg.targets if cfg.targets is not None else auto_targets(stock_done)
-    stats_digest = sha256_file(stats) if stats else None
-    for palette in cfg.palettes:
-        series = f"qgguf ({palette} palette)"
+    for palette, rounding in [(p, r) for p in cfg.palettes for r in cfg.roundings]:
+        stats_file, cov = (stats or {}).get(rounding, (None, None))
+        # plain rounding keeps the ids, series and spec it had before --rounding existed
+        series = f"qgguf ({palette} palette" + ("" if rounding == "plain" else f", {rounding} rounding") + ")"
+        tag = "" if rounding == "plain" else f"{rounding}-"
+        extra_spec = {} if rounding == "plain" else {
+            "rounding": rounding, "covariance": sha256_file(cov / "index.json") if cov else None}
         skip = why_not
         if not skip and palette == "extended" and not extended_palette_exists():
             skip = "the extended palette does not exist yet (no non-stock types are registered)"
@@ -234,20 +250,23 @@ def qgguf_rows(cfg: BenchConfig, tools: Tools, stock_done: dict[str, dict], comm
         for t in targets:
             budgets.append((f"bpw-{t:.2f}", f"{t:g} bpw", "--target-bpw", float(t)))
         for part, label, flag, value in budgets:
-            rid = f"qgguf-{palette}-{part}"
+            rid = f"qgguf-{palette}-{tag}{part}"
             spec = {**common, "kind": "qgguf", "palette": palette, "budget": flag.removeprefix("--"),
-                    "value": value, "stats": stats_digest,
+                    "value": value, "stats": sha256_file(stats_file) if stats_file else None, **extra_spec,
                     "convert_args": list(cfg.convert_args), "qgguf": __version__,
                     "code": package_sha256()}
             row_skip = skip or ("" if not math.isnan(value) else
                                 f"the stock {part.removeprefix('size-')} row did not finish, so its size is unknown")
 
-            def make(out: Path, flag=flag, value=value, palette=palette, rid=rid) -> dict:
+            def make(out: Path, flag=flag, value=value, palette=palette, rid=rid, rounding=rounding,
+                     stats=stats_file, cov=cov) -> dict:
                 target = str(int(value)) if flag == "--target-size" else f"{value:g}"
                 cmd = [sys.executable, "-m", "qgguf", "convert", str(cfg.model.path), "-o", str(out), flag, target,
                        "--palette", palette]
                 if stats:
                     cmd += ["--stats", str(stats)]
+                if rounding != "plain":
+                    cmd += ["--rounding", rounding] + (["--covariance", str(cov)] if cov else [])
                 if help_text and "--threads" in help_text:
                     cmd += ["--threads", str(cfg.threads)]
                 if help_text and "--device" in help_text:

@@ -72,10 +72,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         by_preset = {r["label"]: r for r in records if r["series"] == "llama-quantize + imatrix"}
         by_preset.update({r["label"]: r for r in records if r["series"] == "llama-quantize"
                           and r["label"] not in by_preset})
-        stats = None
+        stats: dict = {}
         if help_text is not None:
             try:
-                stats = calibration_stats(cfg, tools, help_text)
+                for rounding in cfg.roundings:
+                    stats[rounding] = calibration_stats(cfg, tools, help_text, covariance=rounding != "plain")
             except QggufError as e:
                 help_text, why_not = None, f"qgguf calibrate failed: {str(e).splitlines()[0]}"
                 failed.append({"id": "calibrate", "error": str(e)})
