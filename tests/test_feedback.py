@@ -135,8 +135,8 @@ def test_unusable_covariances_fall_back_with_a_log_line(name, capsys):
     dead[:, 10:42] = 0
     dead[10:42, :] = 0  # a zero input column (32 channels that never fired)
     fb = Feedback(dead, "blk.2.t")
+    _check_finite(f, fb.encode(f, x, imp), x.shape)  # factorised on first use: the line comes then
     assert "blk.2.t: error feedback: 32 input channel(s) never fired" in capsys.readouterr().err
-    _check_finite(f, fb.encode(f, x, imp), x.shape)
 
     g = torch.Generator().manual_seed(8)
     A = torch.randn(N, 3, generator=g, dtype=torch.float64)
@@ -161,6 +161,32 @@ def test_unusable_covariances_fall_back_with_a_log_line(name, capsys):
     fb = Feedback(bad, "blk.5.t")
     assert fb.fallback and torch.equal(fb.encode(f, x, imp), plain)
     assert "blk.5.t: its damped input covariance does not factorise" in capsys.readouterr().err
+
+
+def test_tensors_reading_one_input_share_its_factor(capsys):
+    """q/k/v (gate/up) read one input: its Cholesky factor is computed once, and each tensor still logs its own
+    fallback line; another H (or the same H in another dtype) gets its own factor; none is made before use."""
+    from qgguf.formats import feedback as fbm
+
+    H = _ar1(N, RHO)
+    a, b = Feedback(H.clone(), "blk.0.attn_q"), Feedback(H.clone(), "blk.0.attn_k")
+    assert a._f is None  # nothing factorised yet (measure on a warm cache never needs it)
+    assert a.U is not None and b.U is a.U
+    c = Feedback(_ar1(N, 0.5), "blk.0.ffn_up")
+    assert c.U is not None and not torch.equal(c.U, a.U)
+    assert Feedback(H.to(torch.float32), "t").U is not a.U
+    dead = torch.zeros(N, N, dtype=torch.float64)
+    for name in ("blk.1.attn_q", "blk.1.attn_v"):
+        assert Feedback(dead, name).fallback
+        assert f"{name}: its input never fired" in capsys.readouterr().err
+    big = fbm.FACTOR_CACHE_FLOATS
+    try:
+        fbm.FACTOR_CACHE_FLOATS = N * N - 1  # an input over the limit (an ffn_down's) is not kept
+        x, y = Feedback(_ar1(N, 0.7), "d1"), Feedback(_ar1(N, 0.7), "d2")
+        assert x.U is not None and y.U is not x.U and torch.equal(y.U, x.U)
+    finally:
+        fbm.FACTOR_CACHE_FLOATS = big
+    assert len(fbm._factors) <= fbm.FACTOR_CACHE_SIZE
 
 
 def test_lockstep_types_give_each_types_own_bytes():

@@ -33,8 +33,12 @@ Q8_0 and the float types have no levels here (Format.feedback is False) and are 
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import QggufError
@@ -51,8 +55,71 @@ def _log(name: str, msg: str) -> None:
     print(f"qgguf: {name}: {msg}", file=sys.stderr)
 
 
+@dataclass
+class _Factor:
+    """What one input covariance gives every tensor that reads it: the Cholesky factor of its damped inverse."""
+
+    U: torch.Tensor | None = None        # float32 upper factor; None: rounded plainly (see fallback)
+    diag: torch.Tensor | None = None     # diag(H), dead channels zeroed: the default importance
+    damping: float | None = None
+    fallback: str | None = None          # why H is unusable
+    events: list[str] = field(default_factory=list)
+
+
+# Tensors that read one input (q/k/v, gate/up) share its factor: the last few are kept, keyed by H's content.
+# Factors over FACTOR_CACHE_FLOATS (an ffn_down's, read by one tensor only) are not kept: memory stays one H.
+FACTOR_CACHE_SIZE = 2
+FACTOR_CACHE_FLOATS = 1 << 26
+_factors: OrderedDict[tuple, _Factor] = OrderedDict()
+
+
+def _factor_key(H: torch.Tensor, damp: float) -> tuple:
+    h = hashlib.blake2b(H.detach().cpu().contiguous().numpy().reshape(-1).view(np.uint8), digest_size=16)
+    return (h.hexdigest(), tuple(H.shape), str(H.dtype), str(H.device), damp)
+
+
+def _factorise(H: torch.Tensor, damp: float) -> _Factor:
+    """U of (H + λI)⁻¹ with the fallbacks of the module docstring (H float64, square)."""
+    n = int(H.shape[0])
+    if not bool(torch.isfinite(H).all()):
+        return _Factor(fallback="its input covariance holds NaN or Inf")
+    H = (H + H.T) / 2
+    d = H.diagonal().clone()
+    dead = d <= 0
+    if bool(dead.all()):
+        return _Factor(fallback="its input never fired in calibration (H = 0)")
+    f = _Factor()
+    mean = float(d[~dead].mean())
+    f.diag = torch.where(dead, torch.zeros_like(d), d).to(torch.float32)
+    if bool(dead.any()):
+        H[dead, :] = 0
+        H[:, dead] = 0
+        H[dead, dead] = mean
+        f.events.append(f"{int(dead.sum())} input channel(s) never fired: rounded on their own")
+    lam = damp * mean
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    for attempt in range(DAMP_TRIES + 1):
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                break
+        if attempt < DAMP_TRIES:
+            lam *= DAMP_GROWTH
+    else:
+        f.fallback = f"its damped input covariance does not factorise (λ up to {lam:.3g}): rank-deficient"
+        return f
+    if attempt:
+        f.events.append(f"H is rank-deficient: damping raised to λ = {lam:.3g}")
+    f.damping = lam
+    f.U = U.to(torch.float32)
+    return f
+
+
 class Feedback:
-    """The Cholesky factor of one tensor's damped H⁻¹, computed once and used for every type.
+    """The Cholesky factor of one tensor's damped H⁻¹, used for every type; factorised on first use, and shared
+    with the other tensors that read the same input (FACTOR_CACHE_SIZE).
 
     H: the input covariance (n × n, any float dtype, any device). `importance`: the per-input-channel weight the
     plain encoder uses (the Fisher importance); None → diag(H). `fallback` holds the reason when the tensor is
@@ -61,59 +128,54 @@ class Feedback:
     def __init__(self, H, name: str = "tensor", damp: float = DAMP, device: torch.device | str | None = None,
                  log: bool = True):
         self.name = name
-        self.fallback: str | None = None
-        self.events: list[str] = []
-        self.U: torch.Tensor | None = None
-        self.diag: torch.Tensor | None = None
         H = torch.as_tensor(H)
         if device is not None:
             H = H.to(device)
-        H = H.to(torch.float64)
         if H.ndim != 2 or H.shape[0] != H.shape[1]:
             raise ValueError(f"{name}: H must be square, not {tuple(H.shape)}")
         self.n = int(H.shape[0])
-        if not bool(torch.isfinite(H).all()):
-            self._fail("its input covariance holds NaN or Inf", log)
-            return
-        H = (H + H.T) / 2
-        d = H.diagonal().clone()
-        dead = d <= 0
-        if bool(dead.all()):
-            self._fail("its input never fired in calibration (H = 0)", log)
-            return
-        mean = float(d[~dead].mean())
-        self.diag = torch.where(dead, torch.zeros_like(d), d).to(torch.float32)
-        if bool(dead.any()):
-            H[dead, :] = 0
-            H[:, dead] = 0
-            H[dead, dead] = mean
-            self.events.append(f"{int(dead.sum())} input channel(s) never fired: rounded on their own")
-        lam = damp * mean
-        eye = torch.eye(self.n, dtype=H.dtype, device=H.device)
-        for attempt in range(DAMP_TRIES + 1):
-            L, info = torch.linalg.cholesky_ex(H + lam * eye)
-            if int(info) == 0:
-                Hinv = torch.cholesky_inverse(L)
-                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-                if int(info) == 0 and bool(torch.isfinite(U).all()):
-                    break
-            if attempt < DAMP_TRIES:
-                lam *= DAMP_GROWTH
-        else:
-            self._fail(f"its damped input covariance does not factorise (λ up to {lam:.3g}): rank-deficient", log)
-            return
-        if attempt:
-            self.events.append(f"H is rank-deficient: damping raised to λ = {lam:.3g}")
-        self.damping = lam
-        self.U = U.to(torch.float32)
-        if log:
-            for e in self.events:
-                _log(name, f"error feedback: {e}")
+        self._H, self._damp, self._log = H, damp, log
+        self._f: _Factor | None = None
 
-    def _fail(self, why: str, log: bool) -> None:
-        self.fallback = why
-        if log:
-            _log(self.name, f"{why}; plain rounding instead of error feedback")
+    def _factor(self) -> _Factor:
+        if self._f is None:
+            key = _factor_key(self._H, self._damp) if self.n * self.n <= FACTOR_CACHE_FLOATS else None
+            f = _factors.get(key) if key else None
+            if f is None:
+                f = _factorise(self._H.to(torch.float64), self._damp)
+                if key:
+                    _factors[key] = f
+                    while len(_factors) > FACTOR_CACHE_SIZE:
+                        _factors.popitem(last=False)
+            else:
+                _factors.move_to_end(key)
+            self._f, self._H = f, None
+            if self._log:
+                if f.fallback:
+                    _log(self.name, f"{f.fallback}; plain rounding instead of error feedback")
+                for e in f.events:
+                    _log(self.name, f"error feedback: {e}")
+        return self._f
+
+    @property
+    def U(self) -> torch.Tensor | None:
+        return self._factor().U
+
+    @property
+    def diag(self) -> torch.Tensor | None:
+        return self._factor().diag
+
+    @property
+    def damping(self) -> float | None:
+        return self._factor().damping
+
+    @property
+    def fallback(self) -> str | None:
+        return self._factor().fallback
+
+    @property
+    def events(self) -> list[str]:
+        return self._factor().events
 
     # ------------------------------------------------------------------------------------------ encoding
     def encode(self, fmt: Format, weights: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:

@@ -281,13 +281,12 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
     fmts = [f for f in fmts if f.accepts(row_len)]
     paths = {f.name: _cache_file(key, f.name, engine, kfac is not None) if key else None for f in fmts}
     cached = {f.name: _cache_read(paths[f.name]) if paths[f.name] else None for f in fmts}
-    if kfac is not None and kfac.fb.U is not None:
+    todo = [f for f in fmts if cached[f.name] is None and f.feedback] if kfac is not None else []
+    if todo and kfac.fb.U is not None:  # the factor is made here, when a type needs it (none on a warm cache)
         # feedback rounding of the sampled rows in every type still to measure, at once (formats/feedback.py:
         # the types' column loops run in lockstep)
-        todo = [f for f in fmts if cached[f.name] is None and f.feedback]
-        if todo:
-            x = w3[0].index_select(0, torch.as_tensor(rows, device=w.device))
-            kfac.rows_bytes = kfac.fb.encode_many(todo, x, imp[0] if imp is not None else None)
+        x = w3[0].index_select(0, torch.as_tensor(rows, device=w.device))
+        kfac.rows_bytes = kfac.fb.encode_many(todo, x, imp[0] if imp is not None else None)
     for fmt in fmts:
         path = paths[fmt.name]
         r = cached[fmt.name]
