@@ -87,7 +87,7 @@ def main() -> int:
         if not stats.is_file():
             tools.run([sys.executable, "-m", "qgguf", "calibrate", str(cfg.model.path), "-o", str(stats), "--text",
                        str(cfg.calib.path), "--tokens", str(cfg.calib_tokens), "--seed", str(seed), "--threads",
-                       str(cfg.threads), "--device", device, *cfg.convert_args], logs / f"stability-s{seed}.calibrate.log",
+                       str(cfg.threads), "--device", device], logs / f"stability-s{seed}.calibrate.log",
                       f"calibrate, seed {seed}")
         gguf = folder / f"{own.palette}-{own.preset}-size-s{seed}.gguf"
         if not gguf.is_file():
