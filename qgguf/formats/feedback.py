@@ -190,9 +190,9 @@ class Feedback:
         """encode() for several types at once: the same bytes per type, but their column loops run in lockstep,
         one set of vector operations over all types' copies of the rows (measure tries every type).
 
-        `engine` (formats/engines.py): with ggml's, on a CPU, each block's scale search of the types whose
-        encoder reads nothing beyond the block (all but the block-32 Q4_0 … Q8_0, whose importance uses the
-        whole row's Σx²) runs in ggml: the same bytes, without torch's per-call overhead on one block column."""
+        `engine` (formats/engines.py): with ggml's, on a CPU, each block's scale search runs in ggml (the block-32
+        Q4_0 … Q5_1, whose importance reads the whole row's Σx², through the fork's entry point that takes it
+        given): the same bytes, without torch's per-call overhead on one block column."""
         W = torch.as_tensor(weights).to(torch.float32)
         if self.U is not None:
             W = W.to(self.U.device)
@@ -238,11 +238,17 @@ def _row_sigma2(W: torch.Tensor) -> torch.Tensor:
     return fdiv(seq_sum((W * W).t().contiguous()), W.shape[1])
 
 
-def _block_engine(fmt: Format, engine: Engine | None, dev: torch.device) -> Engine | None:
-    """`engine` when it can choose `fmt`'s block scales on its own (a block is a whole ggml row for it)."""
+def _block_engine(fmt: Format, engine: Engine | None, dev: torch.device) -> tuple[Engine | None, bool]:
+    """(`engine` when it can choose `fmt`'s block scales, whether it needs the row statistic σ² given): a block
+    is a whole ggml row for the types whose encoder reads only the block; the block-32 Q4_0 … Q5_1 read the
+    whole row's σ², which the fork's patch 0011 takes from the caller."""
     if engine is None or dev.type != "cpu" or not engine.encodes(fmt):
-        return None
-    return engine if type(fmt).encode_blocks_sigma is Format.encode_blocks_sigma else None
+        return None, False
+    if type(fmt).encode_blocks_sigma is Format.encode_blocks_sigma:
+        return engine, False
+    if getattr(fmt, "row_sigma2", False) and engine.takes_row_sigma2():
+        return engine, True
+    return None, False
 
 
 def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.Tensor,
@@ -289,8 +295,10 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
                 if not bool(torch.isfinite(xbt).all()):
                     bad[k] = True
                     continue
-                if by[k] is not None:
-                    q = by[k].encode_rows(f, xbt.t().contiguous(), imp[s0:s0 + B].contiguous())
+                eng, with_sigma2 = by[k]
+                if eng is not None:
+                    q = eng.encode_rows(f, xbt.t().contiguous(), imp[s0:s0 + B].contiguous(),
+                                        sigma2 if with_sigma2 else None)
                 else:
                     q = f.encode_blocks_sigma(xbt.t().contiguous(), imp[s0:s0 + B].expand(rows, B).contiguous(),
                                               sigma2)
