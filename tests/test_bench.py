@@ -364,6 +364,11 @@ def test_qgguf_rows_per_rounding(tmp_path):
         tmp_path / "y.gguf")
     assert "--rounding" not in ran[-1] and ran[-1][ran[-1].index("--stats") + 1] == str(plain_stats)
     assert "--rounding plain feedback" in cfg.command()
+    from qgguf.bench.report import section_slug
+
+    res = {"model": {"name": "SmolLM2-135M (de-gridded)"}, "text": {"name": "austen"}, "backend": "cpu"}
+    assert section_slug(res) == section_slug({**res, "roundings": ["plain"]}) == "smollm2-135m-de-gridded-austen-cpu"
+    assert section_slug({**res, "roundings": ["plain", "feedback"]}).endswith("-cpu-rounding-plain-feedback")
 
 
 def test_docs_section_replaced_between_its_own_markers():

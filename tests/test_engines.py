@@ -43,6 +43,28 @@ def test_ggml_engine_gives_the_torch_bytes(name, ggml_engine):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_row_statistic_given_to_ggml(name, ggml_engine):
+    """The fork's qgguf_quantize_rows_sigma2 (patch 0011): with each row's own Σx²/n it is ggml_quantize_chunk;
+    with another σ² it is the torch encoder's block path with that σ² (error feedback encodes one block column of
+    a long row, whose σ² it passes)."""
+    from qgguf.formats.legacy import _row_sigma2
+
+    f = formats.get(name)
+    assert ggml_engine.takes_row_sigma2()
+    rng = np.random.default_rng(11)
+    x = torch.from_numpy((rng.standard_t(4, size=(200, 128)) * rng.lognormal(0, 1, size=(200, 1))).astype(np.float32))
+    imp = torch.from_numpy(rng.gamma(0.5, size=128).astype(np.float32))
+    own = _row_sigma2(x, 128)  # one value per row (the row is one "block" of 128 here)
+    assert torch.equal(ggml_engine.encode_rows(f, x, imp, own), ggml_engine.encode_rows(f, x, imp))
+    block = x[:, 32:64].contiguous()  # one block column of the rows, with the whole rows' σ²
+    want = f.encode_blocks_sigma(block, imp[32:64].expand(200, 32).contiguous(), own)
+    assert torch.equal(ggml_engine.encode_rows(f, block, imp[32:64].contiguous(), own), want)
+    assert not torch.equal(want, ggml_engine.encode_rows(f, block, imp[32:64].contiguous()))  # σ² matters
+    with pytest.raises(QggufError, match="needs the importance"):
+        ggml_engine.encode_rows(f, block, None, own)
+
+
 def test_ggml_engine_keeps_the_input_checks(ggml_engine):
     f = formats.get("Q4_0")
     x = np.ones((4, 64), dtype=np.float32)

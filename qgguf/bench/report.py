@@ -166,9 +166,12 @@ def stale_rows(results: dict) -> list[str]:
 
 
 def section_slug(results: dict) -> str:
-    """The name of a bench's sections in docs/benchmarks.md: model, text and backend."""
+    """The name of a bench's sections in docs/benchmarks.md: model, text and backend, and the roundings when they
+    are not plain alone (a rounding study is a section of its own, beside the model's default bench)."""
+    roundings = results.get("roundings") or ["plain"]
+    tail = "" if roundings == ["plain"] else "-rounding-" + "-".join(roundings)
     return re.sub(r"[^a-z0-9.]+", "-", f"{results['model']['name']}-{results['text']['name']}-{results['backend']}"
-                  .lower()).strip("-")
+                  f"{tail}".lower()).strip("-")
 
 
 def write_study(results: dict, kind: str, heading: str, data: dict, md: str, out: Path, docs: Path | None) -> None:
@@ -246,7 +249,8 @@ def write_report(cfg: BenchConfig, ref: Reference, records: list[dict], skipped:
         "model": {"name": cfg.model.name, "path": str(cfg.model.path), "sha256": cfg.model.digest},
         "text": {"name": cfg.text.name, "sha256": cfg.text.digest},
         "calibration": {"name": cfg.calib.name, "sha256": cfg.calib.digest, "imatrix_chunks": cfg.imatrix_chunks},
-        "backend": cfg.backend, "ctx": cfg.ctx, "chunks": base.get("chunks") or cfg.chunks, "scored_tokens": tokens,
+        "backend": cfg.backend, "roundings": list(cfg.roundings), "ctx": cfg.ctx,
+        "chunks": base.get("chunks") or cfg.chunks, "scored_tokens": tokens,
         "f32": f32_row, "rows": records, "skipped": skipped, "failed": failed,
         "savings": [s.to_dict() for s in sv], "timing": timing or {},
     }

@@ -190,7 +190,7 @@ def encode_tensor(fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor
         return fmt.encode(w, importance, tensor=name, device=device, engine=engine)
     from qgguf.formats.feedback import Feedback
 
-    return Feedback(covariance, name, device=device).encode(fmt, w.to(device), importance).cpu().numpy()
+    return Feedback(covariance, name, device=device).encode(fmt, w.to(device), importance, engine).cpu().numpy()
 
 
 def _encode(fmt, w: torch.Tensor, imp, name: str, device, cache: EncodeCache | None, engine: engines.Engine,

@@ -44,16 +44,27 @@ class Engine:
         """Whether ggml encodes `fmt` here (float types stay with torch: a cast, nothing to gain)."""
         return self.name == "ggml" and fmt.quantized
 
-    def encode_rows(self, fmt: Format, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        """Rows x [n, row_len] (float32, CPU, checked by the caller) → bytes [n, row bytes], with ggml."""
+    def encode_rows(self, fmt: Format, x: torch.Tensor, w: torch.Tensor | None,
+                    sigma2: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows x [n, row_len] (float32, CPU, checked by the caller) → bytes [n, row bytes], with ggml.
+        `sigma2` [n]: the block-32 types' row statistic, given (see ggml_ref.quantize_rows)."""
         from qgguf.llamacpp import ggml_ref
 
         so = ggml_ref._load(self.library)
         xa = np.ascontiguousarray(x.numpy(), dtype=np.float32)
         wa = None if w is None else np.ascontiguousarray(w.numpy(), dtype=np.float32)
+        sa = None if sigma2 is None else np.ascontiguousarray(sigma2.numpy(), dtype=np.float32)
         out = np.empty((xa.shape[0], fmt.row_bytes(xa.shape[1])), dtype=np.uint8)
-        ggml_ref.quantize_rows(so, fmt.type_id, xa, wa, out, threads=max(1, torch.get_num_threads()))
+        ggml_ref.quantize_rows(so, fmt.type_id, xa, wa, out, threads=max(1, torch.get_num_threads()), sigma2=sa)
         return torch.from_numpy(out)
+
+    def takes_row_sigma2(self) -> bool:
+        """Whether encode_rows accepts `sigma2` (ggml built with cpp_ext's patch 0011)."""
+        if self.name != "ggml":
+            return False
+        from qgguf.llamacpp import ggml_ref
+
+        return ggml_ref.has_row_sigma2(ggml_ref._load(self.library))
 
 
 TORCH = Engine("torch")

@@ -43,6 +43,7 @@ import torch
 
 from ..errors import QggufError
 from .base import Format
+from .engines import Engine
 from .common import fdiv, seq_sum
 
 DAMP = 0.01          # λ = DAMP · mean diag(H), as GPTQ's default percdamp
@@ -178,15 +179,20 @@ class Feedback:
         return self._factor().events
 
     # ------------------------------------------------------------------------------------------ encoding
-    def encode(self, fmt: Format, weights: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, fmt: Format, weights: torch.Tensor, importance: torch.Tensor | None = None,
+               engine: Engine | None = None) -> torch.Tensor:
         """Raw GGUF bytes [rows, bytes per row] of `weights` (rows × n) in `fmt`, rounded with error feedback
-        (plain rounding for types without levels and when H is unusable)."""
-        return self.encode_many([fmt], weights, importance)[fmt.name]
+        (plain rounding for types without levels and when H is unusable). `engine`: see encode_many."""
+        return self.encode_many([fmt], weights, importance, engine)[fmt.name]
 
-    def encode_many(self, fmts: list[Format], weights: torch.Tensor, importance: torch.Tensor | None = None
-                    ) -> dict[str, torch.Tensor]:
+    def encode_many(self, fmts: list[Format], weights: torch.Tensor, importance: torch.Tensor | None = None,
+                    engine: Engine | None = None) -> dict[str, torch.Tensor]:
         """encode() for several types at once: the same bytes per type, but their column loops run in lockstep,
-        one set of vector operations over all types' copies of the rows (measure tries every type)."""
+        one set of vector operations over all types' copies of the rows (measure tries every type).
+
+        `engine` (formats/engines.py): with ggml's, on a CPU, each block's scale search runs in ggml (the block-32
+        Q4_0 … Q5_1, whose importance reads the whole row's Σx², through the fork's entry point that takes it
+        given): the same bytes, without torch's per-call overhead on one block column."""
         W = torch.as_tensor(weights).to(torch.float32)
         if self.U is not None:
             W = W.to(self.U.device)
@@ -211,7 +217,7 @@ class Feedback:
         per = max(1, LOCKSTEP_FLOATS // max(1, rows * n))
         for g0 in range(0, len(todo), per):
             group = todo[g0:g0 + per]
-            res = _feedback(group, W, imp, self.U)
+            res = _feedback(group, W, imp, self.U, engine)
             for f in group:
                 if res[f.name] is None:
                     _log(self.name, f"{f.name}: weights left the finite range during error feedback; plain rounding")
@@ -232,14 +238,28 @@ def _row_sigma2(W: torch.Tensor) -> torch.Tensor:
     return fdiv(seq_sum((W * W).t().contiguous()), W.shape[1])
 
 
-def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.Tensor
-              ) -> dict[str, torch.Tensor | None]:
+def _block_engine(fmt: Format, engine: Engine | None, dev: torch.device) -> tuple[Engine | None, bool]:
+    """(`engine` when it can choose `fmt`'s block scales, whether it needs the row statistic σ² given): a block
+    is a whole ggml row for the types whose encoder reads only the block; the block-32 Q4_0 … Q5_1 read the
+    whole row's σ², which the fork's patch 0011 takes from the caller."""
+    if engine is None or dev.type != "cpu" or not engine.encodes(fmt):
+        return None, False
+    if type(fmt).encode_blocks_sigma is Format.encode_blocks_sigma:
+        return engine, False
+    if getattr(fmt, "row_sigma2", False) and engine.takes_row_sigma2():
+        return engine, True
+    return None, False
+
+
+def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.Tensor,
+              engine: Engine | None = None) -> dict[str, torch.Tensor | None]:
     """Error-feedback rounding of W in every type of `fmts`, lockstep. Each type k has its own copy of the
     weights (channel-major, Wt[k]: a column is a contiguous vector over the rows) and its own grid; per column the
     same few vector operations update all of them."""
     rows, n = W.shape
     T, dev = len(fmts), W.device
     sigma2 = _row_sigma2(W)  # of the weights as given: the statistic plain rounding uses
+    by = [_block_engine(f, engine, dev) for f in fmts]
     Wt = W.t().contiguous().unsqueeze(0).repeat(T, 1, 1)              # [T, n, rows]
     # level values of every type, padded with +inf to the longest (searchsorted over each type's own row)
     vals = [f.level_values(dev) for f in fmts]
@@ -275,8 +295,13 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
                 if not bool(torch.isfinite(xbt).all()):
                     bad[k] = True
                     continue
-                q = f.encode_blocks_sigma(xbt.t().contiguous(), imp[s0:s0 + B].expand(rows, B).contiguous(),
-                                          sigma2)
+                eng, with_sigma2 = by[k]
+                if eng is not None:
+                    q = eng.encode_rows(f, xbt.t().contiguous(), imp[s0:s0 + B].contiguous(),
+                                        sigma2 if with_sigma2 else None)
+                else:
+                    q = f.encode_blocks_sigma(xbt.t().contiguous(), imp[s0:s0 + B].expand(rows, B).contiguous(),
+                                              sigma2)
                 a, b = f.grid(q)
                 sl = slice(s0 - c0, s0 - c0 + B)
                 A[k, sl] = a.t()

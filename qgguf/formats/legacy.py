@@ -28,6 +28,7 @@ QK = 32
 
 class _Block32(Format):
     block_size = QK
+    row_sigma2 = True  # the importance path reads the whole row's Σx²/n (encode_blocks_sigma takes it given)
 
     def encode_blocks(self, x: torch.Tensor, w: torch.Tensor | None, row_len: int) -> torch.Tensor:
         xt = x.t().contiguous()  # position-major [32, nb], see common.py

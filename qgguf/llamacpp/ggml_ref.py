@@ -53,7 +53,17 @@ def _load(path: Path) -> ctypes.CDLL:
     so.ggml_get_type_traits.argtypes = [ctypes.c_int]
     so.ggml_row_size.restype = ctypes.c_size_t
     so.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    if hasattr(so, "qgguf_quantize_rows_sigma2"):  # the fork's patch 0011
+        so.qgguf_quantize_rows_sigma2.restype = ctypes.c_size_t
+        so.qgguf_quantize_rows_sigma2.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p,
+                                                  ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_float),
+                                                  ctypes.POINTER(ctypes.c_float)]
     return so
+
+
+def has_row_sigma2(so: ctypes.CDLL) -> bool:
+    """Whether `so` takes the block-32 types' row statistic from the caller (cpp_ext patch 0011)."""
+    return hasattr(so, "qgguf_quantize_rows_sigma2")
 
 
 def traits(type_id: int) -> _TypeTraits:
@@ -88,18 +98,29 @@ def quantize(type_id: int, x: np.ndarray, importance: np.ndarray | None = None) 
 
 
 def quantize_rows(so: ctypes.CDLL, type_id: int, x: np.ndarray, importance: np.ndarray | None,
-                  out: np.ndarray, threads: int) -> None:
+                  out: np.ndarray, threads: int, sigma2: np.ndarray | None = None) -> None:
     """ggml_quantize_chunk of the rows of a C-contiguous float32 `x` into `out` (rows × row-size uint8), split
     over `threads` threads by rows. Rows are quantised independently, so the bytes do not depend on the split;
-    ctypes releases the GIL for each call, so the threads run in parallel."""
+    ctypes releases the GIL for each call, so the threads run in parallel.
+
+    `sigma2` (float32 [rows], Q4_0/Q4_1/Q5_0/Q5_1 with importance, has_row_sigma2): each row's statistic σ² of
+    the importance weight qw·sqrt(σ² + x²), in place of the row's own Σx²/n — a row here is then one block of a
+    longer row whose σ² it is."""
     nrows, n_per_row = x.shape
     imp = None if importance is None else importance.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    if sigma2 is not None and (importance is None or not has_row_sigma2(so)):
+        raise QggufError("a given row statistic needs the importance and the fork's qgguf_quantize_rows_sigma2 "
+                         "(patch 0011); run `qgguf llama build`")
     so.ggml_quantize_init(type_id)  # the tables of the types that have them, once, before any thread
 
     def run(r0: int, r1: int) -> None:
         src = x[r0:r1].ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         dst = out[r0:r1].ctypes.data_as(ctypes.c_void_p)
-        n = so.ggml_quantize_chunk(type_id, src, dst, 0, r1 - r0, n_per_row, imp)
+        if sigma2 is not None:
+            n = so.qgguf_quantize_rows_sigma2(type_id, src, dst, r1 - r0, n_per_row, imp,
+                                              sigma2[r0:r1].ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        else:
+            n = so.ggml_quantize_chunk(type_id, src, dst, 0, r1 - r0, n_per_row, imp)
         if n != out[r0:r1].nbytes:
             raise QggufError(f"ggml_quantize_chunk wrote {n} bytes for {r1 - r0} rows, expected {out[r0:r1].nbytes}")
 

@@ -286,7 +286,7 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
         # feedback rounding of the sampled rows in every type still to measure, at once (formats/feedback.py:
         # the types' column loops run in lockstep)
         x = w3[0].index_select(0, torch.as_tensor(rows, device=w.device))
-        kfac.rows_bytes = kfac.fb.encode_many(todo, x, imp[0] if imp is not None else None)
+        kfac.rows_bytes = kfac.fb.encode_many(todo, x, imp[0] if imp is not None else None, engine)
     for fmt in fmts:
         path = paths[fmt.name]
         r = cached[fmt.name]
@@ -475,7 +475,7 @@ def _measure_type(fmt: formats.Format, w3: torch.Tensor, rows: np.ndarray, inv_p
                 kp += _h_sum(x, y, kfac, idx, wr)
                 if feedback:
                     raw = kfac.rows_bytes.get(fmt.name)
-                    raw = (kfac.fb.encode(fmt, x, None if imp is None else imp[g]) if raw is None
+                    raw = (kfac.fb.encode(fmt, x, None if imp is None else imp[g], engine) if raw is None
                            else raw[r0:r0 + per_chunk])
                     kf += _h_sum(x, fmt.decode(raw, tuple(x.shape)), kfac, idx, wr)
             x2 = _scale_sq(x, _scale_block(fmt))
