@@ -24,6 +24,17 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def disk_bytes(path: Path) -> int:
+    """Bytes on disk under a folder (allocated blocks; symbolic links not followed: shared builds and assets)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = Path(root) / f
+            if not p.is_symlink():
+                total += p.stat().st_blocks * 512
+    return total
+
+
 def require_dir(path: Path, what: str, fix: str) -> Path:
     path = Path(path)
     if not path.is_dir():

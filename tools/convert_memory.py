@@ -8,7 +8,10 @@ of RssAnon (heap, tensors, torch: memory the process owns) and of RssFile (pages
 memory-mapped F32 GGUF that gguf-py reads: page cache the kernel can drop at any time, shared with other readers).
 The exact peak RSS from wait4's rusage is printed beside them. The model's F32 GGUF size and its largest tensor
 come from the converter's F32 GGUF in the qgguf cache. Prints one Markdown table row and appends a JSON record to
---json; the written GGUF is deleted.
+--json; the written GGUF is deleted unless --keep names where it goes. With --cold-cache the record has the bytes
+that folder holds at the end (the cache's disk use; shared links not followed). The convert runs from the current
+directory's qgguf when that is a checkout (`cd OLD_CHECKOUT && python .../convert_memory.py ...` measures old code),
+and the record names that checkout's commit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qgguf.files import disk_bytes  # noqa: E402
 from qgguf.procmem import Sampler  # noqa: E402
 
 
@@ -46,6 +51,18 @@ def model_facts(model: str) -> dict:
             "largest_tensor": largest.name, "largest_tensor_bytes": int(largest.n_bytes)}
 
 
+def checkout_commit(path: Path) -> str | None:
+    """The commit of the git checkout at `path` (+dirty with uncommitted changes), None outside one."""
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="HF model folder or model asset name")
@@ -54,6 +71,8 @@ def main() -> int:
     ap.add_argument("--cold-cache", type=Path, default=None, metavar="DIR",
                     help="run convert with QGGUF_CACHE=DIR (an empty folder: the F32 conversion and every "
                     "measurement are made in the run); the model facts still come from the usual cache")
+    ap.add_argument("--keep", type=Path, default=None, metavar="OUT",
+                    help="keep the written GGUF here (e.g. to compare the bytes of two checkouts)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
@@ -82,6 +101,12 @@ def main() -> int:
         wall = time.time() - t0
         rc = os.waitstatus_to_exitcode(status)
         size = out.stat().st_size if out.is_file() else None
+        digest = None
+        if rc == 0 and args.keep:
+            import hashlib
+
+            digest = hashlib.sha256(out.read_bytes()).hexdigest()
+            shutil.move(str(out), args.keep)
     if rc != 0:
         print(log[-3000:], file=sys.stderr)
         print(f"qgguf convert failed (exit {rc})", file=sys.stderr)
@@ -98,6 +123,8 @@ def main() -> int:
            "peak_anon_mib": round(main_peak.get("RssAnon", 0) / mib, 1),
            "peak_file_mib": round(main_peak.get("RssFile", 0) / mib, 1),
            "children_peak_rss_mib": round(child_peak.get("VmHWM", 0) / mib, 1) if child_peak else None,
+           "cache_bytes": disk_bytes(args.cold_cache) if args.cold_cache else None, "out_sha256": digest,
+           "commit": checkout_commit(Path.cwd()),
            "load_avg": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M")}
     if args.json:
         with open(args.json, "a") as f:

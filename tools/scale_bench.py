@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qgguf.files import disk_bytes  # noqa: E402
 from qgguf.procmem import Sampler  # noqa: E402
 
 SHAPE_8B = dict(hidden=4096, ffn=14336, heads=32, kv_heads=8, vocab=128256)
@@ -120,17 +121,6 @@ def build(out: Path, layers: int, seed: int = 0) -> Path:
     return out
 
 
-def du(path: Path) -> int:
-    """Bytes on disk under a folder (symbolic links not followed)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = Path(root) / f
-            if not p.is_symlink():
-                total += p.stat().st_blocks * 512
-    return total
-
-
 def _pty_lines(fd: int):
     """Lines (split at \\n or \\r) read from a pseudo-terminal's master side until the child closes it."""
     buf = b""
@@ -205,7 +195,7 @@ def run_one(model: Path, layers: int, work: Path, device: str, extra: list[str])
             "steps": steps, "startup_s": round(min(times.values()) if times else end, 1),
             "peak_rss_mib": round(usage.ru_maxrss / 1024), "peak_anon_mib": round(sampler.peak["main"].get("RssAnon", 0) / 1024),
             "converter_peak_rss_mib": round(child.get("VmHWM", 0) / 1024) if child else None,
-            "source_bytes": du(model), "cache_bytes": du(cache), "out_bytes": out.stat().st_size,
+            "source_bytes": disk_bytes(model), "cache_bytes": disk_bytes(cache), "out_bytes": out.stat().st_size,
             "weights": sum(w for _, items in tensors_of(layers) for _, shape in items for w in [_prod(shape)]),
             "load_avg": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "commit": _commit(), "log_tail": text.strip().splitlines()[-1][:200]}
