@@ -242,49 +242,52 @@ def _count(text: str) -> float:
     return float(text[:-1]) * mult[text[-1]] if text[-1] in mult else float(text)
 
 
+def _elapsed(text: str) -> float | None:
+    """tqdm's elapsed time ('[01:10<', '[1:02:03<') in a bar line, in seconds."""
+    import re
+
+    m = re.search(r"\[(?:(\d+):)?(\d+):(\d+)<", text)
+    return None if m is None else int(m.group(1) or 0) * 3600 + int(m.group(2)) * 60 + int(m.group(3))
+
+
 def tensor_times(log: Path, gguf_path: Path) -> dict[str, dict[str, float]]:
-    """Seconds per tensor in measure and in export, from a log whose lines start with a time stamp (seconds) and
-    the converter's GGUF (tensor order and sizes). measure: from the first bar line naming a tensor to the first
-    naming the next; export: from the first bar line whose count reaches the weights before a tensor to the first
-    reaching the weights up to it (the counts are rounded to 3 digits, so small tensors blur into their neighbours;
-    per layer the sums are sound)."""
+    """Seconds per tensor in measure and in export, from a convert log's progress-bar lines and the converter's
+    GGUF (tensor order and sizes).
+
+    Times come from each bar line's own elapsed field (whole seconds since the bar started), not from the log's
+    stamps: a bar line is only complete when the next redraw's carriage return arrives, so its stamp is one redraw
+    late. measure: the line "k/N …, NAME" is drawn as tensor k (NAME) ends, so tensor k took elapsed(k) −
+    elapsed(k−1). export: the bar counts weights; a tensor ends at the first line whose count reaches the weights
+    up to it (counts are rounded to 3 digits, so small tensors blur into their neighbours). Per layer the sums
+    are sound to a second."""
     import re
 
     import gguf
 
     tensors = [(t.name, int(t.n_elements)) for t in gguf.GGUFReader(gguf_path).tensors]
-    lines = []
-    for raw in log.read_text(errors="replace").splitlines():
-        stamp, _, text = raw.partition("\t")
-        try:
-            lines.append((float(stamp), text))
-        except ValueError:
-            continue
+    texts = [raw.partition("\t")[2] for raw in log.read_text(errors="replace").splitlines()]
     out: dict[str, dict[str, float]] = {"measure": {}, "export": {}}
-    starts = []
-    for t, text in lines:
-        m = re.match(r"measure:.*\]\s*$", text) and re.search(r", ([\w.]+)\]\s*$", text)
-        if m and (not starts or starts[-1][1] != m.group(1)):
-            starts.append((t, m.group(1)))
-    end_measure = next((t for t, text in lines if text.startswith("qgguf: export:")), None)
-    for i, (t, name) in enumerate(starts):
-        t_next = starts[i + 1][0] if i + 1 < len(starts) else end_measure
-        if t_next is not None:
-            out["measure"][name] = round(t_next - t, 2)
+    prev = 0.0
+    for text in texts:
+        m = re.match(r"measure:.*?(\d+)/\d+ \[.*, ([\w.]+)\]\s*$", text)
+        e = _elapsed(text) if m else None
+        if m and e is not None and m.group(2) not in out["measure"] and int(m.group(1)) == len(out["measure"]) + 1:
+            out["measure"][m.group(2)] = e - prev
+            prev = e
     counts = []
-    for t, text in lines:
+    for text in texts:
         m = re.match(r"export:.*\| ([\d.]+[kMGT]?)/([\d.]+[kMGT]?) \[", text)
-        if m:
-            counts.append((t, _count(m.group(1))))
-    t_export = next((t for t, text in lines if text.startswith("qgguf: export:")), None)
-    done, prev_t = 0, t_export
+        e = _elapsed(text) if m else None
+        if m and e is not None:
+            counts.append((e, _count(m.group(1))))
+    done, prev = 0, 0.0
     for name, n in tensors:
         done += n
-        hit = next((t for t, c in counts if c >= done * 0.999), None)
-        if hit is None or prev_t is None:
+        hit = next((e for e, c in counts if c >= done * 0.999), None)
+        if hit is None:
             break
-        out["export"][name] = round(hit - prev_t, 2)
-        prev_t = hit
+        out["export"][name] = hit - prev
+        prev = hit
     return out
 
 
