@@ -312,3 +312,18 @@ def test_cli_subprocess_reports_error_without_traceback(tiny_llama, texts, tmp_p
     assert res.returncode != 0
     assert "has only" in res.stderr and "--tokens" in res.stderr and "Traceback" not in res.stderr
     assert _no_output(out)
+
+
+def test_calibrate_takes_an_asset_name_like_convert(tiny_llama, texts, tmp_path, monkeypatch, capsys):
+    """`qgguf calibrate smollm2-135m …` reads the fetched asset, as `qgguf convert smollm2-135m` does; a name that is
+    neither a folder nor an asset is one line naming both fixes."""
+    from qgguf.assets import fetch
+
+    monkeypatch.setattr(fetch, "asset_path", lambda name: tiny_llama if name == "tiny-asset" else fetch._get(name))
+    out = tmp_path / "a.safetensors"
+    assert run_cli("calibrate", "tiny-asset", "-o", out, "--text", texts["cal"], "--tokens", 256, "--seq-len", 128) == 0
+    assert out.is_file()
+    assert run_cli("calibrate", "no-such-model", "-o", tmp_path / "b.safetensors") != 0
+    err = capsys.readouterr().err
+    assert "neither a model folder nor a model asset" in err and "Traceback" not in err
+    assert not (tmp_path / "b.safetensors").exists()

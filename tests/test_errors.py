@@ -64,3 +64,25 @@ def test_bad_covariance_folder_and_encoder_fail_before_any_work(tiny_llama, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["qgguf: error: QGGUF_ENCODER='fast' is not an encoder; use torch, ggml or auto"]
     assert not list(tmp_path.glob("o.*"))
+
+
+# llama.cpp's converter runs as a child process: its stderr is all qgguf sees of why it failed
+_TRACEBACK = "Traceback (most recent call last):\n  File \"convert_hf_to_gguf.py\", line 1, in <module>\n"
+
+
+@pytest.mark.parametrize("stderr, words", [
+    # a full disk: the converter's progress bar is the last thing it prints (seen on an 8B-shaped model)
+    (_TRACEBACK + "OSError: [Errno 28] No space left on device\nWriting:  65%|██████▍   | 1.92G/2.97G [00:20<00:11]\r",
+     "is full"),
+    # the exception line, not the progress redraws after it
+    (_TRACEBACK + "NotImplementedError: BPE pre-tokenizer was not recognized\rWriting:  10%|█ | 1/9 [00:01<00:08]",
+     "NotImplementedError: BPE pre-tokenizer was not recognized"),
+    # no exception line: the last line that is not a redraw
+    ("INFO:hf-to-gguf:Loading model\nkilled by the out-of-memory killer\nWriting:  5%|▌ | 1/20 [00:01<00:19]\r",
+     "killed by the out-of-memory killer"),
+])
+def test_converter_failure_names_the_reason(tmp_path, stderr, words):
+    from qgguf.llamacpp.converter import failure_reason
+
+    reason = failure_reason(stderr, tmp_path / "x.gguf")
+    assert words in reason and "\n" not in reason and "%|" not in reason

@@ -13,7 +13,8 @@ from qgguf.calibrate.runner import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="estimate per-tensor Fisher information and per-channel importance "
                                          "(statistics for the planner, and a llama.cpp imatrix)")
-    p.add_argument("model_dir", type=Path, help="Hugging Face causal-LM folder")
+    p.add_argument("model_dir", metavar="model", help="Hugging Face causal-LM folder, or an asset name from `qgguf "
+                   "fetch` (e.g. smollm2-135m)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output statistics file (.safetensors)")
     p.add_argument("--text", type=Path, default=None, help="calibration text, UTF-8 (default: the wiki asset)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to read (default {DEFAULT_TOKENS})")
@@ -51,9 +52,11 @@ def add_parser(sub) -> None:
 
 
 def _cmd(args) -> int:
+    from qgguf.models import resolve_model
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    stats = calibrate(args.model_dir, args.out, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
+    stats = calibrate(resolve_model(args.model_dir), args.out, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
                       device=args.device, seed=args.seed, per_element=args.per_element, dtype=args.dtype,
                       batch_size=args.batch_size, imatrix_out=args.imatrix, imatrix_from=args.imatrix_from,
                       estimator=args.estimator, probe=args.probe, grad_checkpoint=args.grad_checkpoint,

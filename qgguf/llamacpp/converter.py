@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,12 +51,28 @@ def convert_hf(model_dir: Path, out: Path, outtype: str = "f32", quiet: bool = T
         cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
         res = subprocess.run(cmd, env=converter_env(tree), capture_output=quiet, text=True)
         if res.returncode != 0:
-            # the converter's last line names its exception; its traceback stays behind `convert-hf -v`
-            lines = [l.strip() for l in (res.stderr or "").splitlines() if l.strip()] if quiet else []
-            reason = f": {lines[-1]}" if lines else ""
+            reason = failure_reason(res.stderr or "", tmp) if quiet else ""
             raise QggufError(f"llama.cpp's converter failed on {model_dir} (exit {res.returncode}){reason} (its "
                              f"full output: `qgguf convert-hf {model_dir} -o FILE.gguf -v`)")
     return out
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*|^error:.*", re.I)
+
+
+def failure_reason(stderr: str, out: Path) -> str:
+    """The converter's reason, as ': …' for one message: a full disk named as such (its progress bar is the last
+    thing it prints then), else its exception line (its traceback stays behind `convert-hf -v`), else its last
+    line that is not a progress-bar redraw."""
+    if "No space left on device" in stderr or "[Errno 28]" in stderr:
+        free = shutil.disk_usage(out.parent).free / 1e9
+        return (f": the disk holding {out.parent} is full ({free:.1f} GB free now); free space there, or point "
+                "QGGUF_CACHE at a larger disk")
+    lines = [l.strip() for l in re.split(r"[\r\n]+", stderr) if l.strip()]
+    exc = [l for l in lines if _EXCEPTION_LINE.match(l)]
+    text = [l for l in lines if not re.search(r"\d+%\|", l)]  # tqdm redraws: 'Writing:  65%|██  | …'
+    line = exc[-1] if exc else text[-1] if text else ""
+    return f": {line}" if line else ""
 
 
 def add_parser(sub) -> None:
