@@ -1,10 +1,10 @@
 """Plain against error-feedback rounding at one plan, per tensor kind: predicted error and measured KLD.
 
-Takes the plan JSON of a feedback convert (a type and a rounding per tensor) and writes that plan again, every file
-with the same types and so the same bytes:
+Takes the plan JSON of a convert (a type and a rounding per tensor) and writes that plan again, every file with the
+same types and so the same bytes:
 
 - plain: every tensor rounded plain;
-- feedback: the plan's own roundings;
+- feedback: the plan's own roundings (a plain plan: feedback on every tensor that has an input covariance);
 - KIND only (attn_q, attn_k, ..., ffn_down): feedback on the tensors of that kind, the rest plain;
 - with `--covariance NAME=DIR`: the plan's roundings against another input covariance folder (one entry per
   tensor, as `qgguf calibrate --covariance` writes it), e.g. one rescaled to test the K-FAC model.
@@ -90,7 +90,7 @@ def main() -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cut = argv.index("--")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", type=Path, required=True, help="plan JSON of a `qgguf convert --rounding feedback`")
+    ap.add_argument("--plan", type=Path, required=True, help="plan JSON of a `qgguf convert` (feedback or plain)")
     ap.add_argument("--covariance", action="append", default=[], metavar="NAME=DIR",
                     help="another input covariance folder to round the plan's feedback tensors against")
     ap.add_argument("--eval-covariance", type=Path, default=None, metavar="DIR",
@@ -124,10 +124,19 @@ def main() -> int:
     plan = json.loads(own.plan.read_text())
     types = {t["name"]: t["type"] for t in plan["tensors"]}
     fb_plan = {t["name"]: t.get("rounding", "plain") for t in plan["tensors"]}
+    store = CovarianceStore(cov_dir)
+    if not any(r == "feedback" for r in fb_plan.values()):
+        # a plain plan: its types, with feedback on every tensor that has an input covariance and whose type
+        # feedback rounding writes (what `--rounding feedback` would round, at the plain plan's types)
+        fb_plan = {n: ("feedback" if n in store and store.leader(n) and formats.get(t).feedback else "plain")
+                   for n, t in types.items()}
+        print(f"feedback_kinds: {own.plan.name} is a plain plan: its types, feedback on the "
+              f"{sum(r == 'feedback' for r in fb_plan.values())} tensors that have an input covariance",
+              file=sys.stderr)
     fb_names = sorted(n for n, r in fb_plan.items() if r == "feedback")
     if not fb_names:
-        raise QggufError(f"{own.plan}: no tensor of this plan is rounded with feedback; give the plan of a "
-                         "`qgguf convert --rounding feedback` (or auto)")
+        raise QggufError(f"{own.plan}: no tensor of this plan can be rounded with feedback (none has an input "
+                         "covariance in the bench's calibration)")
     by_kind: dict[str, list[str]] = defaultdict(list)
     for n in fb_names:
         by_kind[kind_of(n)].append(n)
@@ -138,15 +147,14 @@ def main() -> int:
                          f"(it does: {', '.join(sorted(by_kind))})")
 
     stats = load_stats(stats_path)
-    store = CovarianceStore(cov_dir)
     held_out = CovarianceStore(own.eval_covariance) if own.eval_covariance else None
     model_hash = model_sha256(cfg.model.path)
     src = converter_gguf(cfg.model.path, model_hash)
     reader = open_gguf(src)
     importance = {n: torch.from_numpy(stats[n].importance) for n in types}
     device = "cuda" if cfg.gpu else "cpu"
-    folder = cfg.out / "kinds"
-    folder.mkdir(exist_ok=True)
+    folder = cfg.out / "kinds" / own.plan.name.removesuffix(".plan.json").removesuffix(".json")  # one per plan
+    folder.mkdir(parents=True, exist_ok=True)
     cache_dir = cfg.out / ENCODE_CACHE
 
     variants: list[tuple[str, dict[str, str], object]] = [
@@ -219,7 +227,7 @@ def main() -> int:
 
     res = {"model": cfg.model.name, "text": cfg.text.name, "backend": cfg.backend, "plan": str(own.plan),
            "plan_bytes": plan["totals"].get("bytes") if "totals" in plan else None,
-           "command": "python tools/feedback_kinds.py " + " ".join(argv), "commit": checkout_commit(),
+           "plan_name": folder.name, "command": "python tools/feedback_kinds.py " + " ".join(argv), "commit": checkout_commit(),
            "date": time.strftime("%Y-%m-%d"), "machine": machine_description(cfg.gpu),
            "chunks": ref.base.get("chunks"), "ctx": cfg.ctx, "files": rows, "kinds": table,
            "eval_covariance": str(own.eval_covariance) if own.eval_covariance else None}
@@ -228,14 +236,15 @@ def main() -> int:
         tmp.write_text(json.dumps(res, indent=1) + "\n")
     print(md)
     if update:
-        slug = re.sub(r"[^a-z0-9.]+", "-", f"{cfg.model.name}-{cfg.text.name}-{cfg.backend}".lower()).strip("-")
+        slug = re.sub(r"[^a-z0-9.]+", "-", f"{cfg.model.name}-{cfg.text.name}-{cfg.backend}-{folder.name}".lower()
+                      ).strip("-")
         write_section(DOCS, "feedback-kinds", slug, md, heading=HEADING)
     return 0
 
 
 def markdown(res: dict) -> str:
     lines = [f"### {res['model']} on {res['text']}, {res['chunks']} chunks of {res['ctx']} tokens, "
-             f"{res['backend'].upper()}", "",
+             f"{res['backend'].upper()}: the plan {res.get('plan_name', '')}", "",
              f"- command: `{res['command']}`",
              f"- commit {res['commit']}, {res['date']}, {res['machine']}; every file has the plan's types "
              "(the same size); only the rounding differs", "",
