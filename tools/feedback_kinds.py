@@ -26,6 +26,7 @@ second covariance, encodes only what is new.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import re
@@ -109,7 +110,7 @@ def main() -> int:
     logs = cfg.out / "logs"
     logs.mkdir(exist_ok=True)
     tools = Tools(cuda=cfg.gpu, threads=cfg.threads)
-    ref = reference(cfg, tools, logs)
+    ref = reference(dataclasses.replace(cfg, presets=()), tools, logs)  # the logits; no imatrix needed
     help_text, _ = convert_help()
     stats_path, cov_dir = calibration_stats(cfg, tools, help_text, covariance=True)
     if cov_dir is None:
