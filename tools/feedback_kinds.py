@@ -6,8 +6,11 @@ same types and so the same bytes:
 - plain: every tensor rounded plain;
 - feedback: the plan's own roundings (a plain plan: feedback on every tensor that has an input covariance);
 - KIND only (attn_q, attn_k, ..., ffn_down): feedback on the tensors of that kind, the rest plain;
-- with `--covariance NAME=DIR`: the plan's roundings against another input covariance folder (one entry per
-  tensor, as `qgguf calibrate --covariance` writes it), e.g. one rescaled to test the K-FAC model.
+- with `--variant`: the plan's roundings against a changed input covariance, to test the K-FAC model:
+  `fisherH` is H̃ = S·H·S with S_j = sqrt(I_j / H_jj) (the measured channel Fisher I as its diagonal, H's
+  correlations; per tensor), `ridge=A` is H + A·mean(diag H)·I (feedback rounding adds 0.01 × itself);
+- with `--covariance NAME=DIR`: the same against another covariance folder (as `qgguf calibrate --covariance`
+  writes it).
 
 Each file's mean KLD is measured against the bench's F32 logits (llama-perplexity --kl-divergence). Per kind the
 tool also gives the predicted ΔKL of both roundings from the whole tensors' errors, under the two metrics of
@@ -15,7 +18,8 @@ plan/measure.py: the K-FAC one feedback plans are made with (½·ΣF·Σ_r d_r·
 channel-Fisher one plain plans are made with (½·ΣF·Σ_j I_j·ē_j / Σ_j I_j, ē_j the mean square error of input
 channel j). Where the two disagree on feedback's gain, the K-FAC model misjudges the loss.
 
-    python tools/feedback_kinds.py --plan PLAN.json [--covariance NAME=DIR ...] -- <the bench's options>
+    python tools/feedback_kinds.py --plan PLAN.json [--variant fisherH] [--variant ridge=0.1] [--covariance NAME=DIR]
+        [--eval-covariance DIR] -- <the bench's options>
         [--update-docs]
 
 The bench's options name the model, text, calibration and folder (its reference logits and calibration are reused
@@ -34,6 +38,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -84,6 +89,35 @@ def tensor_errors(w: torch.Tensor, y: torch.Tensor, fisher_sum: float, channel_f
     return {"channel": 0.5 * fisher_sum * channel, "kfac": 0.5 * fisher_sum * kfac}
 
 
+def changed_covariance(spec: str, store: CovarianceStore, stats) -> Callable[[str], np.ndarray | None]:
+    """name → the changed H of that tensor (float32, from float64 arithmetic), for --variant SPEC."""
+    def fisher_h(name: str) -> np.ndarray | None:
+        H = store.get(name)
+        if H is None:
+            return None
+        H = H.astype(np.float64)
+        f = np.asarray(stats[name].importance, dtype=np.float64)
+        d = np.diag(H).copy()
+        S = np.where(d > 0, np.sqrt(np.maximum(f, 0) / np.where(d > 0, d, 1)), 0.0)
+        return (S[:, None] * H * S[None, :]).astype(np.float32)
+
+    def ridge(a: float) -> Callable[[str], np.ndarray | None]:
+        def get(name: str) -> np.ndarray | None:
+            H = store.get(name)
+            if H is None:
+                return None
+            H = H.astype(np.float64)
+            return (H + a * float(np.mean(np.diag(H))) * np.eye(H.shape[0])).astype(np.float32)
+        return get
+
+    if spec == "fisherH":
+        return fisher_h
+    m = re.fullmatch(r"ridge=([0-9.]+(?:e-?\d+)?)", spec)
+    if m:
+        return ridge(float(m.group(1)))
+    raise QggufError(f"--variant {spec!r}: give fisherH or ridge=A (A a number, e.g. 0.1)")
+
+
 def main() -> int:
     argv = sys.argv[1:]
     if "--" not in argv:
@@ -92,6 +126,8 @@ def main() -> int:
     cut = argv.index("--")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plan", type=Path, required=True, help="plan JSON of a `qgguf convert` (feedback or plain)")
+    ap.add_argument("--variant", action="append", default=[], metavar="fisherH|ridge=A",
+                    help="round the plan's feedback tensors against a changed H too (see above)")
     ap.add_argument("--covariance", action="append", default=[], metavar="NAME=DIR",
                     help="another input covariance folder to round the plan's feedback tensors against")
     ap.add_argument("--eval-covariance", type=Path, default=None, metavar="DIR",
@@ -163,6 +199,8 @@ def main() -> int:
         ("feedback", dict(fb_plan), store.get)]
     variants += [(f"{k} only", {n: ("feedback" if n in by_kind[k] else "plain") for n in types}, store.get)
                  for k in kinds]
+    variants += [(f"feedback, H={name}", dict(fb_plan), changed_covariance(name, store, stats))
+                 for name in own.variant]
     variants += [(f"feedback, H={name}", dict(fb_plan), s.get) for name, s in extra_cov.items()]
 
     rows = []
