@@ -118,6 +118,16 @@ def _exact_size(the_plan: Plan, written: int) -> Plan:
     return dataclasses.replace(the_plan, layout=dataclasses.replace(the_plan.layout, header_bytes=header))
 
 
+def feedback_on_plain(the_plan: Plan, store, ndim: dict[str, int]) -> Plan:
+    """The plain plan with feedback rounding on every 2-D tensor that has an input covariance and whose type
+    feedback rounding writes (F16/BF16/Q8_0 and embeddings stay plain): its types and predicted ΔKL are plain
+    rounding's, an upper estimate (docs/design.md, "Error-feedback rounding")."""
+    def how(t) -> str:
+        return ("feedback" if ndim.get(t.name) == 2 and store is not None and t.name in store
+                and store.leader(t.name) is not None and formats.get(t.type).feedback else "plain")
+    return dataclasses.replace(the_plan, tensors=[dataclasses.replace(t, rounding=how(t)) for t in the_plan.tensors])
+
+
 def _expert_info(t) -> dict | None:
     """What the plan JSON records about a stacked expert tensor's calibration: tokens routed to each expert and
     the experts whose statistics are the prior."""
@@ -262,7 +272,8 @@ def run(args) -> int:
     def inputs():
         for t in planned:
             imp = torch.from_numpy(stats[t.name].importance)
-            cov = store.get(t.name) if store is not None else None  # one tensor's H at a time
+            # one tensor's H at a time; feedback-on-plain measures plainly (its plan uses plain rounding's errors)
+            cov = store.get(t.name) if store is not None and args.rounding != "feedback-on-plain" else None
             yield TensorInput(name=t.name, weights=tensor_f32(t, device, reader), importance=imp,
                               channel_fisher=imp, covariance=cov,
                               row_fisher=stats[t.name].row_fisher if cov is not None else None)
@@ -283,7 +294,8 @@ def run(args) -> int:
             measured = measure_tensors(inputs(), types, max_rows=args.max_rows, device=device,
                                        shapes=[tuple(int(s) for s in reversed(t.shape.tolist())) for t in planned])
         with times.stage("plan"):
-            choices = [dataclasses.replace(measured[t.name].choices(stats[t.name].fisher_sum, args.rounding),
+            plan_rounding = "plain" if args.rounding == "feedback-on-plain" else args.rounding
+            choices = [dataclasses.replace(measured[t.name].choices(stats[t.name].fisher_sum, plan_rounding),
                                            experts=_expert_info(stats[t.name])) for t in planned]
             if split:
                 from qgguf.plan.placement import plan_split
@@ -297,6 +309,8 @@ def run(args) -> int:
             else:
                 the_plan = plan(choices, budget, layout, overrides=overrides, min_type=args.min_type,
                                 max_type=args.max_type)
+            if args.rounding == "feedback-on-plain":
+                the_plan = feedback_on_plain(the_plan, store, {t.name: len(t.shape) for t in planned})
         importance = {t.name: torch.from_numpy(stats[t.name].importance) for t in planned}
         meta = {"qgguf.version": __version__, "qgguf.budget": the_plan.budget_text, "qgguf.palette": args.palette,
                 "qgguf.stats": json.dumps({k: stats.meta.get(k) for k in ("tokens", "seq_len", "seed")})}
@@ -367,8 +381,10 @@ def add_parser(sub) -> None:
     p.add_argument("--rounding", default="plain", choices=ROUNDINGS,
                    help="how each tensor's integers are chosen: plain (each weight on its own, llama.cpp's way; "
                         "default), feedback (error feedback through the layer's input covariance, GPTQ-style: "
-                        "the same GGUF blocks), auto (per tensor and type, whichever measures lower); feedback "
-                        "and auto calibrate the input covariance too")
+                        "the same GGUF blocks), auto (per tensor and type, whichever measures lower), "
+                        "feedback-on-plain (plan with plain rounding's errors, then round every tensor that has an "
+                        "input covariance with feedback: measured best so far); all but plain calibrate the input "
+                        "covariance too")
     p.add_argument("--covariance", metavar="DIR",
                    help="the input covariance from `qgguf calibrate --covariance DIR`, with --stats")
     p.add_argument("--encode-cache", metavar="DIR",

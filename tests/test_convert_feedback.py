@@ -122,3 +122,34 @@ def test_feedback_without_covariance_is_a_clear_error(setup, tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "--covariance DIR" in res.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_feedback_on_plain_keeps_the_plain_plan_and_rounds_with_feedback(setup):
+    """--rounding feedback-on-plain: the plain plan's types and predicted ΔKL, every tensor with an input covariance
+    (and a type feedback rounding writes) rounded with feedback, the others' bytes as in the plain file; it runs."""
+    import gguf
+
+    plain, pplan = _convert(setup, "plain-ref")
+    out, plan = _convert(setup, "fop", "--rounding", "feedback-on-plain")
+    assert {t["name"]: t["type"] for t in plan["tensors"]} == {t["name"]: t["type"] for t in pplan["tensors"]}
+    assert plan["totals"]["predicted_kl"] == pytest.approx(pplan["totals"]["predicted_kl"])
+    rounding = {t["name"]: t["rounding"] for t in plan["tensors"]}
+    types = {t["name"]: t["type"] for t in plan["tensors"]}
+    for name, how in rounding.items():
+        assert how == ("feedback" if name != "token_embd.weight" and formats.get(types[name]).feedback
+                       else "plain"), name
+    assert sum(h == "feedback" for h in rounding.values()) >= 10
+    a, b = gguf.GGUFReader(plain), gguf.GGUFReader(out)
+    assert b.fields["qgguf.rounding"].contents() == "feedback-on-plain"
+    pa = {t.name: np.asarray(t.data).view(np.uint8).reshape(-1) for t in a.tensors}
+    changed = 0
+    for t in b.tensors:
+        got = np.asarray(t.data).view(np.uint8).reshape(-1)
+        if rounding.get(t.name) == "feedback":
+            changed += not np.array_equal(got, pa[t.name])
+        else:
+            assert np.array_equal(got, pa[t.name]), f"{t.name}: a plain tensor changed"
+    assert changed >= 10
+    r = subprocess.run([str(tool_path("llama-completion")), "-m", str(out), "-p", "the old", "-n", "16", "-no-cnv",
+                        "--temp", "0", "-t", "1"], capture_output=True, text=True, errors="replace", timeout=300)
+    assert r.returncode == 0 and "the old" in r.stdout, r.stderr[-2000:]

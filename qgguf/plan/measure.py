@@ -62,7 +62,9 @@ from qgguf.plan.planner import TensorChoices
 DEFAULT_MAX_ROWS = 1024
 CHUNK_WEIGHTS = 1 << 22  # weights encoded at once: bounds memory on large tensors
 CACHE_VERSION = 2  # bump when the estimator changes
-ROUNDINGS = ("plain", "feedback", "auto")
+# feedback-on-plain: plan with plain rounding's errors (the validated predictor), then round every tensor that has
+# an input covariance with error feedback (the plain plan's types, better integers; measure costs what plain does)
+ROUNDINGS = ("plain", "feedback", "auto", "feedback-on-plain")
 
 
 @dataclass(frozen=True)
