@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qgguf import __version__, formats
 from qgguf.formats import engines
@@ -33,6 +34,9 @@ from qgguf.plan.outputs import summary, write_heatmap, write_plan_json, write_te
 from qgguf.plan.planner import Plan, plan
 from qgguf.plan.rules import PALETTES, llama_quantizes, palette_types, parse_overrides, read_tensor_type_file
 from qgguf.torch_env import compile_cache_dir, compile_is_warm, mark_compile_warm
+
+if TYPE_CHECKING:
+    from qgguf.calibrate.covariance import CovarianceStore
 
 # CPU seconds a cold compile of the K-quant encoders takes (docs/benchmarks.md, "First convert": ~80 s a type
 # on a loaded 2-core CPU); the message divides it by the cores, as inductor compiles in parallel workers.
@@ -118,13 +122,13 @@ def _exact_size(the_plan: Plan, written: int) -> Plan:
     return dataclasses.replace(the_plan, layout=dataclasses.replace(the_plan.layout, header_bytes=header))
 
 
-def feedback_on_plain(the_plan: Plan, store, ndim: dict[str, int]) -> Plan:
+def feedback_on_plain(the_plan: Plan, store: CovarianceStore, ndim: dict[str, int]) -> Plan:
     """The plain plan with feedback rounding on every 2-D tensor that has an input covariance and whose type
     feedback rounding writes (F16/BF16/Q8_0 and embeddings stay plain): its types and predicted ΔKL are plain
     rounding's, an upper estimate (docs/design.md, "Error-feedback rounding")."""
     def how(t) -> str:
-        return ("feedback" if ndim.get(t.name) == 2 and store is not None and t.name in store
-                and store.leader(t.name) is not None and formats.get(t.type).feedback else "plain")
+        return ("feedback" if ndim.get(t.name) == 2 and store.leader(t.name) is not None
+                and formats.get(t.type).feedback else "plain")
     return dataclasses.replace(the_plan, tensors=[dataclasses.replace(t, rounding=how(t)) for t in the_plan.tensors])
 
 

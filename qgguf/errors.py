@@ -40,3 +40,14 @@ def step(name: str) -> Iterator[None]:
 def failed_step() -> str | None:
     """The step (with the steps around it) in which the exception being handled was raised, if any."""
     return " > ".join(_failed_in) if _failed_in else None
+
+
+def run_tool(main, name: str) -> None:
+    """A tool's entry point (tools/*.py): exit with main()'s status; a QggufError is one line naming the tool."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except QggufError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(1)

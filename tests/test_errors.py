@@ -72,7 +72,8 @@ _TRACEBACK = "Traceback (most recent call last):\n  File \"convert_hf_to_gguf.py
 
 @pytest.mark.parametrize("stderr, words", [
     # a full disk: the converter's progress bar is the last thing it prints (seen on an 8B-shaped model)
-    (_TRACEBACK + "OSError: [Errno 28] No space left on device\nWriting:  65%|██████▍   | 1.92G/2.97G [00:20<00:11]\r",
+    (_TRACEBACK + "OSError: [Errno 28] No space left on device\n"
+     "Writing:  65%|██████▍   | 1.92G/2.97G [00:20<00:11]\r",
      "is full"),
     # the exception line, not the progress redraws after it
     (_TRACEBACK + "NotImplementedError: BPE pre-tokenizer was not recognized\rWriting:  10%|█ | 1/9 [00:01<00:08]",

@@ -32,7 +32,7 @@ from qgguf.bench.config import machine_description  # noqa: E402
 from qgguf.bench.reference import Reference  # noqa: E402
 from qgguf.bench.report import write_study  # noqa: E402
 from qgguf.bench.rows import measure  # noqa: E402
-from qgguf.errors import QggufError  # noqa: E402
+from qgguf.errors import run_tool  # noqa: E402
 from qgguf.files import atomic_output  # noqa: E402
 from qgguf.hashing import checkout_commit  # noqa: E402
 from qgguf.llamacpp.runner import PPL_PROGRESS, Tools  # noqa: E402
@@ -142,8 +142,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except QggufError as e:
-        print(f"activation_floor: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_tool(main, "activation_floor")

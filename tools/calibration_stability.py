@@ -26,7 +26,7 @@ from qgguf.bench.config import machine_description  # noqa: E402
 from qgguf.bench.report import write_study  # noqa: E402
 from qgguf.bench.rows import measure  # noqa: E402
 from qgguf.calibrate.stats import load_stats  # noqa: E402
-from qgguf.errors import QggufError  # noqa: E402
+from qgguf.errors import QggufError, run_tool  # noqa: E402
 from qgguf.hashing import checkout_commit  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -137,8 +137,4 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except QggufError as e:
-        print(f"calibration_stability: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_tool(main, "calibration_stability")

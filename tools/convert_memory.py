@@ -76,6 +76,8 @@ def main() -> int:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
+    if args.keep is not None and (not args.keep.parent.is_dir() or args.keep.suffix != ".gguf"):
+        ap.error(f"--keep {args.keep}: give a .gguf path in an existing folder")
     extra = argv[cut + 1:]  # everything after "--" goes to qgguf convert
     facts = model_facts(args.model)
     if args.cold_cache:  # the built llama.cpp and the assets are shared; the convert, stats and measure caches not

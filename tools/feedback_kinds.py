@@ -14,9 +14,10 @@ same types and so the same bytes:
 
 Each file's mean KLD is measured against the bench's F32 logits (llama-perplexity --kl-divergence). Per kind the
 tool also gives the predicted ΔKL of both roundings from the whole tensors' errors, under the two metrics of
-plan/measure.py: the K-FAC one feedback plans are made with (½·ΣF·Σ_r d_r·δ_r H δ_rᵀ / (Σ_r d_r · tr H)) and the
+plan/measure.py: the K-FAC one feedback plans are made with (½·ΣF·Σ_r d_r·δ_r H δ_rᵀ / (Σ_r d_r·tr H)) and the
 channel-Fisher one plain plans are made with (½·ΣF·Σ_j I_j·ē_j / Σ_j I_j, ē_j the mean square error of input
-channel j). Where the two disagree on feedback's gain, the K-FAC model misjudges the loss.
+channel j), and with `--eval-covariance DIR` the K-FAC one under a covariance the rounding did not see. The
+measured changes say which prediction to trust (docs/design.md, "Error-feedback rounding").
 
     python tools/feedback_kinds.py --plan PLAN.json [--variant fisherH] [--variant ridge=0.1] [--covariance NAME=DIR]
         [--eval-covariance DIR] -- <the bench's options>
@@ -55,7 +56,7 @@ from qgguf.calibrate.covariance import CovarianceStore  # noqa: E402
 from qgguf.calibrate.stats import load_stats  # noqa: E402
 from qgguf.convert import converter_gguf  # noqa: E402
 from qgguf.docs import write_section  # noqa: E402
-from qgguf.errors import QggufError  # noqa: E402
+from qgguf.errors import QggufError, run_tool  # noqa: E402
 from qgguf.export.encode_cache import EncodeCache  # noqa: E402
 from qgguf.export.writer import export_gguf, open_gguf, tensor_f32  # noqa: E402
 from qgguf.files import atomic_output  # noqa: E402
@@ -118,6 +119,18 @@ def changed_covariance(spec: str, store: CovarianceStore, stats) -> Callable[[st
     raise QggufError(f"--variant {spec!r}: give fisherH or ridge=A (A a number, e.g. 0.1)")
 
 
+def read_plan(path: Path) -> dict:
+    """A plan JSON as convert writes it (a type and a rounding per tensor), or one clear error."""
+    try:
+        plan = json.loads(Path(path).read_text())
+        if not all("name" in t and "type" in t for t in plan["tensors"]):
+            raise KeyError("tensors")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QggufError(f"--plan {path}: not a readable plan ({type(e).__name__}: {e}); give the .plan.json "
+                         "that `qgguf convert` wrote beside its GGUF") from None
+    return plan
+
+
 def main() -> int:
     argv = sys.argv[1:]
     if "--" not in argv:
@@ -139,6 +152,18 @@ def main() -> int:
     bench_argv = argv[cut + 1:]
     update = "--update-docs" in bench_argv
     bench_argv = [a for a in bench_argv if a != "--update-docs"]
+    # the inputs first: a bad one fails before the reference and calibration run
+    plan = read_plan(own.plan)
+    for spec in own.variant:
+        changed_covariance(spec, None, None)  # refuses an unknown spec
+    extra_cov = {}
+    for item in own.covariance:
+        name, sep, folder = item.partition("=")
+        if not sep or not re.fullmatch(r"[\w.-]+", name):
+            raise QggufError(f"--covariance {item!r}: give NAME=DIR (NAME of letters, digits, '.', '-', '_')")
+        extra_cov[name] = CovarianceStore(Path(folder))
+
+    held_out = CovarianceStore(own.eval_covariance) if own.eval_covariance else None
     bp = argparse.ArgumentParser(prog="qgguf")
     add_parser(bp.add_subparsers(dest="cmd"))
     cfg = config_from_args(bp.parse_args(["bench", *bench_argv]))
@@ -151,14 +176,6 @@ def main() -> int:
     stats_path, cov_dir = calibration_stats(cfg, tools, help_text, covariance=True)
     if cov_dir is None:
         raise QggufError("this qgguf's convert takes no --stats; the study needs the bench's calibration")
-    extra_cov = {}
-    for item in own.covariance:
-        name, sep, folder = item.partition("=")
-        if not sep or not re.fullmatch(r"[\w.-]+", name):
-            raise QggufError(f"--covariance {item!r}: give NAME=DIR (NAME of letters, digits, '.', '-', '_')")
-        extra_cov[name] = CovarianceStore(Path(folder))
-
-    plan = json.loads(own.plan.read_text())
     types = {t["name"]: t["type"] for t in plan["tensors"]}
     fb_plan = {t["name"]: t.get("rounding", "plain") for t in plan["tensors"]}
     store = CovarianceStore(cov_dir)
@@ -184,7 +201,6 @@ def main() -> int:
                          f"(it does: {', '.join(sorted(by_kind))})")
 
     stats = load_stats(stats_path)
-    held_out = CovarianceStore(own.eval_covariance) if own.eval_covariance else None
     model_hash = model_sha256(cfg.model.path)
     src = converter_gguf(cfg.model.path, model_hash)
     reader = open_gguf(src)
@@ -266,7 +282,8 @@ def main() -> int:
 
     res = {"model": cfg.model.name, "text": cfg.text.name, "backend": cfg.backend, "plan": str(own.plan),
            "plan_bytes": plan["totals"].get("bytes") if "totals" in plan else None,
-           "plan_name": folder.name, "command": "python tools/feedback_kinds.py " + " ".join(argv), "commit": checkout_commit(),
+           "plan_name": folder.name, "command": "python tools/feedback_kinds.py " + " ".join(argv),
+           "commit": checkout_commit(),
            "date": time.strftime("%Y-%m-%d"), "machine": machine_description(cfg.gpu),
            "chunks": ref.base.get("chunks"), "ctx": cfg.ctx, "files": rows, "kinds": table,
            "eval_covariance": str(own.eval_covariance) if own.eval_covariance else None}
@@ -308,7 +325,8 @@ def markdown(res: dict) -> str:
                  f"{k['channel_feedback']:.5f}", f"{k['channel_feedback'] - k['channel_plain']:+.5f}"]
         if held:
             cells.append(f"{k['heldout_feedback'] - k['heldout_plain']:+.5f}")
-        cells += ([f"{k['kld']:.5f} ± {k['kld_err']:.5f}", f"{k['kld_change']:+.5f}"] if "kld" in k else ["–", "–"])
+        cells += ([f"{k['kld']:.5f} ± {k['kld_err']:.5f}", f"{k['kld_change']:+.5f}"] if "kld" in k
+                  else ["–", "–"])
         lines.append("| " + " | ".join(cells) + " |")
     tot = {m: sum(k[m] for k in res["kinds"]) for m in ("kfac_plain", "kfac_feedback", "channel_plain",
                                                          "channel_feedback")}
@@ -322,8 +340,4 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except QggufError as e:
-        print(f"feedback_kinds: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_tool(main, "feedback_kinds")
