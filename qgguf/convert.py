@@ -175,8 +175,12 @@ def stats_for(model_dir: Path, model_hash: str, args) -> tuple[Path, Path | None
     else a cached calibration keyed by everything it depends on (the covariance adds its own entry)."""
     from qgguf.calibrate.runner import calibrate
     from qgguf.calibrate.text import default_text_path
+    from qgguf.plan.measure import SPLIT_ROUNDINGS
 
-    want_cov = getattr(args, "rounding", "plain") != "plain"
+    rounding = getattr(args, "rounding", "plain")
+    want_cov = rounding != "plain"
+    # feedback and auto plan with feedback rounding's held-out error: their covariance keeps the split
+    want_split = rounding in SPLIT_ROUNDINGS
     if args.stats:
         cov = getattr(args, "covariance", None)
         if want_cov and not cov:
@@ -187,14 +191,15 @@ def stats_for(model_dir: Path, model_hash: str, args) -> tuple[Path, Path | None
     require_file(text, "calibration text", "give a UTF-8 text file with --text, or run `qgguf fetch wiki`")
     key = calibration_key(model_hash, text, args)
     if want_cov:  # the covariance run also keeps the per-row Fisher: its own statistics file
-        key = hashlib.sha256(f"{key}|covariance".encode()).hexdigest()
+        key = hashlib.sha256(f"{key}|covariance{'|split' if want_split else ''}".encode()).hexdigest()
     out = cache_dir("stats", model_hash[:16]) / f"{key[:24]}.safetensors"
     cov_dir = out.with_name(f"{key[:24]}.covariance") if want_cov else None
     if not sealed(out, key) or (cov_dir is not None and not (cov_dir / "index.json").is_file()):
         what = "diagonal Fisher, sampled labels" + (", input covariance" if want_cov else "")
         print(f"qgguf: calibrating on {args.tokens:,} tokens of {text.name} ({what}) ...", file=sys.stderr)
         calibrate(model_dir, out, text=text, tokens=args.tokens, seq_len=args.seq_len, device=args.device,
-                  seed=args.seed, grad_checkpoint=args.grad_checkpoint, covariance=cov_dir)
+                  seed=args.seed, grad_checkpoint=args.grad_checkpoint, covariance=cov_dir,
+                  covariance_split=want_split)
         seal(out, key)  # after the covariance folder's index: a sealed entry has both
     return out, cov_dir
 
@@ -209,7 +214,7 @@ def run(args) -> int:
     from qgguf.calibrate.stats import load_stats
     from qgguf.export.writer import export_gguf, open_gguf, tensor_f32
     from qgguf.models import model_sha256
-    from qgguf.plan.measure import TensorInput, measure_tensors
+    from qgguf.plan.measure import SPLIT_ROUNDINGS, TensorInput, measure_tensors
 
     device = str(resolve_device(args.device))  # before any stage announces itself
     engines.choose(device)  # a bad QGGUF_ENCODER fails here, not after calibrating
@@ -251,6 +256,10 @@ def run(args) -> int:
         if store.index.get("model_sha256") not in (None, model_hash):
             raise QggufError(f"the covariance in {cov_dir} was computed for another model; run `qgguf calibrate "
                              f"{args.model} -o FILE --covariance DIR` and pass both")
+        if args.rounding in SPLIT_ROUNDINGS and not store.has_split:
+            print(f"qgguf: the covariance in {cov_dir} has no held-out split: feedback rounding's errors are scored "
+                  "on the tokens it was fitted to and promise more than they give (calibrate with "
+                  "--covariance-split to plan with held-out errors)", file=sys.stderr)
     if stats.meta.get("model_sha256") not in (None, model_hash):
         raise QggufError(f"statistics {stats_path} were computed for another model (model hash "
                          f"{str(stats.meta.get('model_sha256'))[:12]}…, this one is {model_hash[:12]}…); "
@@ -278,8 +287,9 @@ def run(args) -> int:
             imp = torch.from_numpy(stats[t.name].importance)
             # one tensor's H at a time; feedback-on-plain measures plainly (its plan uses plain rounding's errors)
             cov = store.get(t.name) if store is not None and args.rounding != "feedback-on-plain" else None
+            split = store.get_split(t.name) if cov is not None else None
             yield TensorInput(name=t.name, weights=tensor_f32(t, device, reader), importance=imp,
-                              channel_fisher=imp, covariance=cov,
+                              channel_fisher=imp, covariance=cov, covariance_split=split,
                               row_fisher=stats[t.name].row_fisher if cov is not None else None)
 
     shapes = [(int(t.n_elements) // int(t.shape[0]), int(t.shape[0])) for t in planned]

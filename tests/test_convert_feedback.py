@@ -28,7 +28,7 @@ def setup(tmp_path_factory, llama_build):
     text = d / "calib.txt"
     text.write_text(tiny_text(seed=1))
     res = qgguf("calibrate", model, "-o", d / "stats.safetensors", "--text", text, "--tokens", 1024, "--seq-len", 128,
-                "--covariance", d / "cov")
+                "--covariance", d / "cov", "--covariance-split")
     assert res.returncode == 0, res.stderr[-2000:]
     return model, d
 
@@ -153,3 +153,23 @@ def test_feedback_on_plain_keeps_the_plain_plan_and_rounds_with_feedback(setup):
     r = subprocess.run([str(tool_path("llama-completion")), "-m", str(out), "-p", "the old", "-n", "16", "-no-cnv",
                         "--temp", "0", "-t", "1"], capture_output=True, text=True, errors="replace", timeout=300)
     assert r.returncode == 0 and "the old" in r.stdout, r.stderr[-2000:]
+
+
+def test_feedback_plans_with_the_held_out_error_and_says_when_it_cannot(setup, feedback_file, tmp_path):
+    """A split covariance makes --rounding feedback plan with held-out errors; a folder without the split still
+    works, with a line saying its errors are in-sample, and its plan predicts a lower ΔKL (the optimism)."""
+    model, d = setup
+    res = qgguf("calibrate", model, "-o", tmp_path / "stats.safetensors", "--text", d / "calib.txt", "--tokens", 1024,
+                "--seq-len", 128, "--covariance", tmp_path / "cov")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "insample.gguf"
+    res = qgguf("convert", model, "-o", out, "--target-bpw", 4.5, "--stats", tmp_path / "stats.safetensors",
+                "--covariance", tmp_path / "cov", "--rounding", "feedback")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "has no held-out split" in res.stderr
+    _, held_plan = feedback_file
+    in_plan = json.loads(out.with_suffix(".plan.json").read_text())
+    assert in_plan["totals"]["predicted_kl"] < held_plan["totals"]["predicted_kl"]
+    res = qgguf("convert", model, "-o", tmp_path / "held.gguf", "--target-bpw", 4.5, "--stats", d / "stats.safetensors",
+                "--covariance", d / "cov", "--rounding", "feedback")
+    assert res.returncode == 0 and "has no held-out split" not in res.stderr

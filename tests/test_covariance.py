@@ -93,6 +93,47 @@ def test_layer_by_layer_passes_give_the_same_files(cov_run, tiny_llama, text, tm
     assert json.loads((tmp_path / "cov" / "index.json").read_text()) == json.loads((cov / "index.json").read_text())
 
 
+def test_split_halves_equal_direct_and_full_h_is_unchanged(cov_run, tiny_llama, text, tmp_path):
+    """--covariance-split keeps the even sequences' H beside the full one: H_a and the derived H_b equal a direct
+    computation over the even and the odd sequences, the full H is the same as without the split, and a layer per
+    pass gives the same files."""
+    _, cov = cov_run
+    rc = main(["calibrate", str(tiny_llama), "-o", str(tmp_path / "s.safetensors"), "--text", str(text), "--tokens",
+               str(TOKENS), "--seq-len", str(SEQ), "--covariance", str(tmp_path / "cov"), "--estimator", "token",
+               "--covariance-split"])
+    assert rc == 0
+    split, plain = CovarianceStore(tmp_path / "cov"), CovarianceStore(cov)
+    assert split.has_split and not plain.has_split and plain.get_split("blk.0.attn_q.weight") is None
+
+    model = load_model(tiny_llama, torch.device("cpu"), "float32")
+    weights, targets = collect_weights(model, TensorNameMap(tiny_llama))
+    modules = {m: targets[weights[id(m.weight)]].name for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and id(m.weight) in weights}
+    chunks = token_chunks(AutoTokenizer.from_pretrained(tiny_llama), text.read_text(), TOKENS, SEQ)
+    assert len(chunks) >= 4
+    even, odd = _inputs(model, modules, chunks[0::2]), _inputs(model, modules, chunks[1::2])
+    assert split.index["tokens_a"] == sum(int(c.numel()) for c in chunks[0::2])
+    for name in ("blk.0.attn_v.weight", "blk.1.ffn_down.weight", "output.weight"):
+        np.testing.assert_array_equal(split.get(name), plain.get(name))
+        H_a, H_b = split.get_split(name)
+        for got, x in ((H_a, even[name]), (H_b, odd[name])):
+            direct = (x.T @ x / x.shape[0]).numpy()
+            np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-5 * np.abs(direct).max())
+        assert not np.allclose(H_a, H_b)  # two samples of the text, not one matrix twice
+
+    calibrate(tiny_llama, tmp_path / "s1.safetensors", text=text, tokens=TOKENS, seq_len=SEQ, estimator="token",
+              covariance=tmp_path / "cov1", covariance_budget=1, covariance_split=True, progress=False)
+    for f in sorted((tmp_path / "cov").glob("layer-*.safetensors")):
+        assert (tmp_path / "cov1" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_split_without_covariance_is_refused(tiny_llama, text, tmp_path, capsys):
+    rc = main(["calibrate", str(tiny_llama), "-o", str(tmp_path / "s.safetensors"), "--text", str(text),
+               "--covariance-split"])
+    assert rc != 0 and "--covariance DIR" in capsys.readouterr().err
+    assert not (tmp_path / "s.safetensors").exists()
+
+
 def test_row_fisher_is_per_output_row_in_gguf_order(cov_run, tiny_llama, text, tmp_path):
     from qgguf.llamacpp.converter import convert_hf
 

@@ -212,3 +212,49 @@ def test_every_expert_is_measured_when_rows_are_sampled():
     full = measure_tensor(TensorInput("blk.0.ffn_up_exps.weight", w, imp), ["Q4_0"], max_rows=None, cache=False)
     assert m.rows_measured < full.rows_measured == 512
     assert m.results["Q4_0"].mse == pytest.approx(full.results["Q4_0"].mse, rel=0.05)
+
+
+def _kfac(w: torch.Tensor, y: torch.Tensor, H: np.ndarray, d: np.ndarray) -> float:
+    """Σ_r d_r δ_r H δ_rᵀ / (Σ_r d_r · tr H), computed directly in float64."""
+    D = (y - w).double().numpy()
+    return float((d * np.einsum("rj,jk,rk->r", D, H.astype(np.float64), D)).sum() / (d.sum() * np.trace(H)))
+
+
+def test_kfac_errors_and_the_held_out_split():
+    """The K-FAC errors measure records are δHδᵀ of the real roundings; with a held-out split, feedback rounding is
+    fitted to H_a and both errors are scored on H_b, and on too few tokens that error shows the over-fitting the
+    in-sample one hides."""
+    from qgguf.formats.engines import TORCH
+    from qgguf.formats.feedback import Feedback
+
+    rng = np.random.default_rng(3)
+    rows, n, tokens = 48, 256, 160  # fewer tokens per half than inputs: H_a is rank-deficient, the fit over-fits
+    mix = rng.normal(size=(n, n)) / np.sqrt(n) + np.eye(n)
+    xa, xb = rng.normal(size=(tokens, n)) @ mix, rng.normal(size=(tokens, n)) @ mix
+    H_a, H_b = (xa.T @ xa / tokens).astype(np.float32), (xb.T @ xb / tokens).astype(np.float32)
+    H = ((H_a.astype(np.float64) + H_b) / 2).astype(np.float32)
+    w = torch.from_numpy(weights(rows, n, seed=4))
+    d = rng.uniform(0.5, 2.0, rows)
+    imp = torch.from_numpy(np.diag(H).copy())
+    fmt = formats.get("Q4_K")
+
+    def measured(split):
+        t = TensorInput("blk.0.ffn_down.weight", w, imp, covariance=H, row_fisher=d, covariance_split=split)
+        return measure_tensor(t, ["Q4_K"], max_rows=None, cache=False, engine=TORCH).results["Q4_K"]
+
+    plain = fmt.decode(fmt.encode(w, imp), tuple(w.shape))
+
+    def feedback(Hfit):
+        return fmt.decode(Feedback(Hfit, log=False).encode(fmt, w, imp, TORCH), tuple(w.shape))
+
+    r = measured(None)
+    assert r.kfac_plain == pytest.approx(_kfac(w, plain, H, d), rel=1e-4)
+    assert r.kfac_feedback == pytest.approx(_kfac(w, feedback(H), H, d), rel=1e-4)
+    held = measured((H_a, H_b))
+    assert held.kfac_plain == pytest.approx(_kfac(w, plain, H_b, d), rel=1e-4)
+    assert held.kfac_feedback == pytest.approx(_kfac(w, feedback(H_a), H_b, d), rel=1e-4)
+    # scored on its own tokens feedback promises more than it keeps on the others
+    in_sample = _kfac(w, feedback(H_a), H_a, d) / _kfac(w, plain, H_a, d)
+    assert held.kfac_feedback / held.kfac_plain > 1.2 * in_sample
+    with pytest.raises(QggufError, match="held-out split"):
+        measured((H_a[:8, :8], H_b))

@@ -182,16 +182,17 @@ def convert_help() -> tuple[str | None, str]:
     return res.stdout, ""
 
 
-def calibration_stats(cfg: BenchConfig, tools: Tools, help_text: str | None, covariance: bool = False
-                      ) -> tuple[Path | None, Path | None]:
+def calibration_stats(cfg: BenchConfig, tools: Tools, help_text: str | None, covariance: bool = False,
+                      split: bool = False) -> tuple[Path | None, Path | None]:
     """qgguf's calibration statistics for the qgguf rows: --stats if given, else `qgguf calibrate` run once on the
     calibration text (cached like the reference); with `covariance` (feedback/auto rounding) a calibration that
-    also writes the input covariance folder, its own pair. (None, None) when convert takes no --stats (it
-    calibrates)."""
+    also writes the input covariance folder, its own pair; `split` keeps the held-out split in it (feedback/auto
+    plan with it). (None, None) when convert takes no --stats (it calibrates)."""
     if cfg.stats is not None or not help_text or "--stats" not in help_text:
         return cfg.stats, None
     folder = (cfg.cache or cache_dir("bench")) / cfg.model.key
-    stem = f"stats-{cfg.calib.key}-t{cfg.calib_tokens}-{cfg.backend}" + ("-cov" if covariance else "")
+    stem = (f"stats-{cfg.calib.key}-t{cfg.calib_tokens}-{cfg.backend}" + ("-cov" if covariance else "")
+            + ("-split" if covariance and split else ""))
     stats = folder / f"{stem}.safetensors"
     cov = folder / f"{stem}.covariance" if covariance else None
     if not stats.is_file() or (cov is not None and not (cov / "index.json").is_file()):
@@ -201,7 +202,7 @@ def calibration_stats(cfg: BenchConfig, tools: Tools, help_text: str | None, cov
         if cov is not None:
             if cov.exists():  # an unfinished folder (no index): calibrate writes a new one
                 shutil.rmtree(cov)
-            cmd += ["--covariance", str(cov)]
+            cmd += ["--covariance", str(cov)] + (["--covariance-split"] if split else [])
         log = "calibrate-cov.log" if covariance else "calibrate.log"
         with tools.times.step("calibrate"):
             tools.run(cmd, cfg.out / "logs" / log, "qgguf calibrate" + (" --covariance" if covariance else ""),

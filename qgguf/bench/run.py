@@ -28,6 +28,7 @@ from qgguf.bench.rows import ENCODE_CACHE, Row, calibration_stats, convert_help,
 from qgguf.errors import QggufError
 from qgguf.llamacpp.build import LLAMA_CPP_COMMIT
 from qgguf.llamacpp.runner import Tools
+from qgguf.plan.measure import SPLIT_ROUNDINGS
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -75,8 +76,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         stats: dict = {}
         if help_text is not None:
             try:
+                # one covariance calibration serves every rounding that needs one; split when any plans with it
+                split = any(r in SPLIT_ROUNDINGS for r in cfg.roundings)
                 for rounding in cfg.roundings:
-                    stats[rounding] = calibration_stats(cfg, tools, help_text, covariance=rounding != "plain")
+                    stats[rounding] = calibration_stats(cfg, tools, help_text, covariance=rounding != "plain",
+                                                        split=split)
             except QggufError as e:
                 help_text, why_not = None, f"qgguf calibrate failed: {str(e).splitlines()[0]}"
                 failed.append({"id": "calibrate", "error": str(e)})

@@ -8,6 +8,7 @@ import torch
 
 from qgguf.calibrate.fisher import DEFAULT_ESTIMATOR, ESTIMATORS, PROBES
 from qgguf.calibrate.runner import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENS, DTYPES, calibrate
+from qgguf.errors import QggufError
 
 
 def add_parser(sub) -> None:
@@ -47,6 +48,10 @@ def add_parser(sub) -> None:
                    help="also write the input covariance E[x xᵀ] of every Linear weight to DIR (one safetensors "
                         "file per layer) and keep each Linear weight's per-row Fisher, for error-feedback rounding "
                         "(`qgguf convert --rounding feedback|auto`); costs one forward pass per group of layers")
+    p.add_argument("--covariance-split", action="store_true",
+                   help="with --covariance: also keep the covariance of every other sequence, so measure scores "
+                        "feedback rounding on tokens it was not fitted to (what --rounding feedback|auto plan with); "
+                        "doubles the folder and the passes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd)
 
@@ -54,13 +59,15 @@ def add_parser(sub) -> None:
 def _cmd(args) -> int:
     from qgguf.models import resolve_model
 
+    if args.covariance_split and args.covariance is None:
+        raise QggufError("--covariance-split splits the input covariance: give --covariance DIR too")
     if args.threads:
         torch.set_num_threads(args.threads)
     stats = calibrate(resolve_model(args.model_dir), args.out, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
                       device=args.device, seed=args.seed, per_element=args.per_element, dtype=args.dtype,
                       batch_size=args.batch_size, imatrix_out=args.imatrix, imatrix_from=args.imatrix_from,
                       estimator=args.estimator, probe=args.probe, grad_checkpoint=args.grad_checkpoint,
-                      covariance=args.covariance)
+                      covariance=args.covariance, covariance_split=args.covariance_split)
     total = sum(t.fisher_sum for t in stats.tensors.values())
     print(f"{args.out}: {len(stats.tensors)} tensors, {stats.meta['tokens']} tokens, ΣF over all = {total:.4g}")
     if args.imatrix:

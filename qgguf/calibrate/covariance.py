@@ -26,6 +26,13 @@ only (no gradient): a pass costs at most one forward over the text, usually less
 On disk (a folder): `layer-<key>.safetensors` per layer (float32 H of each group, metadata: the group members and
 the token count) and `index.json` (tensor name → file and leader, tokens), written last: a folder without it is
 incomplete and is computed again.
+
+Held-out split (`split=True`). Feedback rounding fits its integers to H, so δHδᵀ scored on the same H is a training
+error: it promises about three times the KLD gain the rounding delivers (docs/design.md, "Error-feedback
+rounding"). A split run also keeps H_a, the covariance of the even-numbered sequences (`<leader>@a`, its token
+count in the index as `tokens_a`); the odd ones' H_b = (N·H − N_a·H_a)/N_b follows from it, so one extra matrix per
+input serves both halves. Measure then rounds with H_a and scores with H_b: the error of a rounding on tokens it
+never saw. The accumulators double (a pass holds about half the layers) and so does the folder.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from qgguf.errors import QggufError
 from qgguf.files import atomic_output
 
 INDEX = "index.json"
+HALF = "@a"  # suffix of the even sequences' H in a split folder
 COV_VERSION = 1
 DEFAULT_BUDGET_BYTES = 4 << 30  # float64 accumulators held at once (at least one layer's)
 
@@ -61,6 +69,7 @@ class _Group:
     n_in: int
     layer: str                      # "blk.N" or the GGUF name's first part ("output")
     acc: torch.Tensor | None = field(default=None, repr=False)
+    acc_a: torch.Tensor | None = field(default=None, repr=False)  # even sequences only (split runs)
 
 
 def layer_of(gguf_name: str) -> str:
@@ -100,11 +109,11 @@ def find_groups(model: nn.Module, modules: dict[nn.Module, str], probe: torch.Te
     return order
 
 
-def _passes(groups: list[_Group], budget_bytes: int) -> list[list[str]]:
+def _passes(groups: list[_Group], budget_bytes: int, accumulators: int = 1) -> list[list[str]]:
     """Layers in execution order, packed into passes whose float64 accumulators fit the budget."""
     layers: dict[str, int] = {}
     for g in groups:
-        layers[g.layer] = layers.get(g.layer, 0) + 8 * g.n_in * g.n_in
+        layers[g.layer] = layers.get(g.layer, 0) + 8 * accumulators * g.n_in * g.n_in
     passes: list[list[str]] = [[]]
     used = 0
     for layer, size in layers.items():
@@ -122,16 +131,21 @@ def layer_file(folder: Path, layer: str) -> Path:
 
 def collect_covariance(model: nn.Module, modules: dict[nn.Module, str], chunks: list[torch.Tensor], folder: Path,
                        in_dev: torch.device, budget_bytes: int = DEFAULT_BUDGET_BYTES, progress: bool = True,
-                       meta: dict | None = None) -> dict:
+                       meta: dict | None = None, split: bool = False) -> dict:
     """Accumulate H = (1/N) Σ_t x_t x_tᵀ of every distinct Linear input over `chunks` (1-D token tensors) and
-    write it to `folder`, layer by layer (see the module docstring). Returns the index."""
+    write it to `folder`, layer by layer (see the module docstring); `split` also keeps H_a of the even-numbered
+    chunks (the held-out split). Returns the index."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     groups = find_groups(model, modules, chunks[0][: min(8, chunks[0].numel())].unsqueeze(0).to(in_dev))
-    passes = _passes(groups, budget_bytes)
+    if split and len(chunks) < 2:
+        raise QggufError("covariance: a held-out split needs at least two calibration sequences; calibrate on more "
+                         "tokens")
+    passes = _passes(groups, budget_bytes, 2 if split else 1)
     n_tok = sum(int(c.numel()) for c in chunks)
+    n_a = sum(int(c.numel()) for c in chunks[0::2])
     if progress:
         gib = sum(8 * g.n_in ** 2 for g in groups) / 2 ** 30
         print(f"qgguf: covariance: {len(groups)} distinct Linear inputs ({gib:.3g} GiB of float64 H in all) in "
@@ -145,12 +159,17 @@ def collect_covariance(model: nn.Module, modules: dict[nn.Module, str], chunks: 
             last = active[-1]
             for g in active:
                 g.acc = torch.zeros(g.n_in, g.n_in, dtype=torch.float64, device=_param_device(g.module))
+                g.acc_a = torch.zeros_like(g.acc) if split else None
+            even = [True]  # whether the chunk in flight is even-numbered (read by the hooks)
 
             def hook_for(g: _Group, last: _Group = last):
                 def hook(module, args, output):
                     x = args[0].detach().float().reshape(-1, g.n_in)
                     # one float32 product per sequence (≤ seq_len terms), summed in float64 across sequences
-                    g.acc += (x.T @ x).to(torch.float64).to(g.acc.device)
+                    xx = (x.T @ x).to(torch.float64).to(g.acc.device)
+                    g.acc += xx
+                    if g.acc_a is not None and even[0]:
+                        g.acc_a += xx
                     if g is last:
                         raise _Stop
                 return hook
@@ -158,7 +177,8 @@ def collect_covariance(model: nn.Module, modules: dict[nn.Module, str], chunks: 
             handles = [g.module.register_forward_hook(hook_for(g)) for g in active]
             try:
                 with torch.no_grad():
-                    for c in chunks:
+                    for i, c in enumerate(chunks):
+                        even[0] = i % 2 == 0
                         try:
                             model(input_ids=c.unsqueeze(0).to(in_dev), use_cache=False)
                         except _Stop:
@@ -170,17 +190,21 @@ def collect_covariance(model: nn.Module, modules: dict[nn.Module, str], chunks: 
             for layer in layers:
                 mine = [g for g in active if g.layer == layer]
                 arrays = {g.leader: (g.acc / n_tok).to(torch.float32).cpu().numpy() for g in mine}
+                if split:
+                    arrays.update({g.leader + HALF: (g.acc_a / n_a).to(torch.float32).cpu().numpy() for g in mine})
                 info = {"groups": {g.leader: g.members for g in mine}, "tokens": n_tok}
                 path = layer_file(folder, layer)
                 with atomic_output(path) as tmp:
                     save_file(arrays, str(tmp), metadata={"qgguf_covariance": json.dumps(info, sort_keys=True)})
                 for g in mine:
-                    g.acc = None  # freed before the next pass allocates
+                    g.acc = g.acc_a = None  # freed before the next pass allocates
                     for name in g.members:
                         index[name] = {"file": path.name, "leader": g.leader}
     finally:
         bar.close()
     out = {"version": COV_VERSION, "tokens": n_tok, "tensors": dict(sorted(index.items())), **(meta or {})}
+    if split:
+        out["tokens_a"] = n_a
     with atomic_output(folder / INDEX) as tmp:
         tmp.write_text(json.dumps(out, indent=1, sort_keys=True))
     return out
@@ -212,17 +236,35 @@ class CovarianceStore:
         e = self.index["tensors"].get(name)
         return None if e is None else e["leader"]
 
+    @property
+    def has_split(self) -> bool:
+        """Whether the folder holds the held-out split (calibrate --covariance-split)."""
+        return "tokens_a" in self.index
+
     def get(self, name: str) -> np.ndarray | None:
         """H (n × n float32) of the input `name` reads, or None when the tensor has none (an embedding)."""
+        e = self.index["tensors"].get(name)
+        return None if e is None else self._read(name, e, e["leader"])
+
+    def get_split(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(H_a, H_b): the input covariance of `name` over the even and the odd calibration sequences, or None
+        when the folder has no split or the tensor no H."""
+        e = self.index["tensors"].get(name)
+        if e is None or not self.has_split:
+            return None
+        n, n_a = int(self.index["tokens"]), int(self.index["tokens_a"])
+        H, H_a = self._read(name, e, e["leader"]), self._read(name, e, e["leader"] + HALF)
+        # in float64: H_b is a difference of two sums (the odd sequences' share of H)
+        H_b = (n * H.astype(np.float64) - n_a * H_a.astype(np.float64)) / (n - n_a)
+        return H_a, H_b.astype(np.float32)
+
+    def _read(self, name: str, e: dict, key: str) -> np.ndarray:
         from safetensors import SafetensorError, safe_open
 
-        e = self.index["tensors"].get(name)
-        if e is None:
-            return None
         path = self.folder / e["file"]
         try:
             with safe_open(str(path), framework="numpy") as f:
-                return f.get_tensor(e["leader"])
+                return f.get_tensor(key)
         except (OSError, SafetensorError) as err:
             raise QggufError(f"{path}: cannot read the covariance of {name} ({err}); run `qgguf calibrate "
                              "--covariance DIR` again") from None

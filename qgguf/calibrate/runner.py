@@ -224,11 +224,12 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
               imatrix_out: Path | None = None, imatrix_from: str = "act", estimator: str = DEFAULT_ESTIMATOR,
               probe: str = "label", progress: bool = True, grad_checkpoint: bool = False,
               covariance: Path | None = None, covariance_budget: int | None = None,
-              min_expert_tokens: int = MIN_EXPERT_TOKENS) -> Stats:
+              covariance_split: bool = False, min_expert_tokens: int = MIN_EXPERT_TOKENS) -> Stats:
     """Run the calibration and write the statistics file (and optionally an llama.cpp imatrix GGUF).
 
     `covariance`: a folder for the input covariance of every Linear weight (calibrate/covariance.py); the
-    statistics then also hold each Linear weight's per-row Fisher factor `row_fisher`."""
+    statistics then also hold each Linear weight's per-row Fisher factor `row_fisher`. `covariance_split`: also keep
+    the held-out split (the even sequences' H), for measure's held-out error of feedback rounding."""
     from qgguf.calibrate.names import TensorNameMap
     from qgguf.models import check_model_dir
 
@@ -341,7 +342,7 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
         collect_covariance(model, modules, chunks, Path(covariance), in_dev,
                            budget_bytes=covariance_budget or DEFAULT_BUDGET_BYTES, progress=progress,
                            meta={"model_sha256": meta["model_sha256"], "text_sha256": meta["text_sha256"],
-                                 "seq_len": seq_len})
+                                 "seq_len": seq_len}, split=covariance_split)
         stats.timing["covariance_s"] = time.perf_counter() - t_cov
     save_stats(stats, out, inputs=[model_dir])
     if imatrix_out is not None:

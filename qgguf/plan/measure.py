@@ -25,6 +25,11 @@ rows independently, so a row's error does not depend on which other rows are enc
 proportional to each row's Fisher-weighted energy, and the sums over the sample are scaled to the whole tensor
 by the ratio of error to block-scale energy, which is known exactly for every row (sample_rows, _ratio).
 
+With a held-out split of the covariance (TensorInput.covariance_split) feedback rounding is fitted to one half of
+the calibration tokens and both errors are scored on the other half's H: scored on the H it was fitted to, the
+feedback error is a training error that promises about three times the KLD gain (docs/design.md). The half-data
+fit is a little worse than export's full-data one, so the held-out error leans pessimistic.
+
 Results are cached on disk (cache_dir("measure")), keyed by the tensor's bytes, the importance and Fisher bytes,
 the row subset, the type, and the encoder's code (`Engine.key`: the torch kernels' source or ggml's library; a
 changed encoder is measured afresh); results that hold K-FAC errors also key on formats/feedback.py and the torch
@@ -65,6 +70,8 @@ CACHE_VERSION = 2  # bump when the estimator changes
 # feedback-on-plain: plan with plain rounding's errors (the validated predictor), then round every tensor that has
 # an input covariance with error feedback (the plain plan's types, better integers; measure costs what plain does)
 ROUNDINGS = ("plain", "feedback", "auto", "feedback-on-plain")
+# the roundings that plan with feedback rounding's K-FAC error: measured held out (a split covariance) when they can
+SPLIT_ROUNDINGS = ("feedback", "auto")
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,9 @@ class TensorInput:
     fisher:         per-element Fisher, the shape of `weights`, for the Fisher-weighted error (optional).
     covariance:     the input covariance H (row_len × row_len) of a 2-D tensor: adds the K-FAC errors of plain and
                     feedback rounding (optional).
+    covariance_split: (H_a, H_b), the covariance over two disjoint halves of the calibration tokens (optional, with
+                    `covariance`): feedback rounding is then fitted to H_a and both K-FAC errors are scored on H_b,
+                    tokens the rounding never saw (the held-out error; calibrate --covariance-split).
     row_fisher:     the per-row Fisher factor d (rows) for those errors; all ones when absent.
     """
 
@@ -149,6 +159,7 @@ class TensorInput:
     fisher: torch.Tensor | np.ndarray | None = None
     covariance: torch.Tensor | np.ndarray | None = None
     row_fisher: torch.Tensor | np.ndarray | None = None
+    covariance_split: tuple | None = None
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -274,7 +285,8 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
     key = None
     if cache:
         h = hashlib.blake2b(digest_size=20)
-        for a in (w, t.importance, t.channel_fisher, t.fisher, t.covariance, t.row_fisher):
+        for a in (w, t.importance, t.channel_fisher, t.fisher, t.covariance, t.row_fisher,
+                  *(t.covariance_split or ())):
             hash_array(h, a)
         h.update(f"rows={max_rows}|seed={seed}".encode())
         key = h.hexdigest()
@@ -325,7 +337,13 @@ class _Kfac:
 
 
 def _kfac_setup(t: TensorInput, w: torch.Tensor, row_len: int) -> _Kfac:
-    H = _tensor(t.covariance).to(w.device, torch.float32)
+    fit = t.covariance
+    if t.covariance_split is not None:  # round with one half of the tokens, score with the other
+        fit, score = t.covariance_split
+        if tuple(np.shape(fit)) != tuple(np.shape(score)) or tuple(np.shape(fit)) != tuple(np.shape(t.covariance)):
+            raise QggufError(f"{t.name}: the held-out split's covariances do not match the input covariance's "
+                             "shape; run `qgguf calibrate --covariance DIR --covariance-split` again")
+    H = _tensor(t.covariance if t.covariance_split is None else score).to(w.device, torch.float32)
     if tuple(H.shape) != (row_len, row_len):
         raise QggufError(f"{t.name}: the input covariance is {tuple(H.shape)}, rows have {row_len} weights; use the "
                          "covariance computed for this model (calibrate --covariance)")
@@ -341,7 +359,7 @@ def _kfac_setup(t: TensorInput, w: torch.Tensor, row_len: int) -> _Kfac:
         d = torch.ones_like(d)
         Hf = torch.eye(row_len, dtype=torch.float32, device=w.device)
         den = float(rows * row_len)
-    return _Kfac(Hf, d, den, Feedback(t.covariance, t.name, device=w.device))
+    return _Kfac(Hf, d, den, Feedback(fit, t.name, device=w.device))
 
 
 def _h_sum(x: torch.Tensor, y: torch.Tensor, k: _Kfac, rows: torch.Tensor, wr: torch.Tensor) -> torch.Tensor:
