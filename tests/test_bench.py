@@ -377,3 +377,38 @@ def test_docs_section_replaced_between_its_own_markers():
     text = "head\n<e>\nmiddle\n<b>\nold\n<e>\ntail\n"
     assert replace_marked_section(text, "<b>", "<e>", "<b>\nnew\n<e>\n") == "head\n<e>\nmiddle\n<b>\nnew\n<e>\ntail\n"
     assert replace_marked_section("only <e> here", "<b>", "<e>", "x") is None
+
+
+def test_feedback_rows_calibrate_the_held_out_split(tmp_path):
+    """A bench with --rounding feedback|auto asks `qgguf calibrate` for the split covariance, cached apart from the
+    plain covariance (feedback-on-plain alone does not need the split)."""
+    import contextlib
+
+    from qgguf.bench.rows import calibration_stats
+
+    src = Source(tmp_path, "m", "0" * 64, "m")
+    cfg = BenchConfig(model=src, text=src, calib=src, out=tmp_path, presets=("Q4_K_M",), targets=(),
+                      palettes=("stock",), roundings=("plain", "feedback"), cache=tmp_path / "cache")
+    ran = []
+
+    class FakeTools:
+        class times:
+            @staticmethod
+            def step(name):
+                return contextlib.nullcontext()
+
+        def run(self, cmd, *a, **k):
+            ran.append(cmd)
+            out = Path(cmd[cmd.index("-o") + 1])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(b"s")
+            cov = Path(cmd[cmd.index("--covariance") + 1])
+            cov.mkdir(parents=True)
+            (cov / "index.json").write_text("{}")
+
+    _, split = calibration_stats(cfg, FakeTools(), "usage: --stats", covariance=True, split=True)
+    assert "--covariance-split" in ran[-1] and split.name.endswith("-cov-split.covariance")
+    _, plain = calibration_stats(cfg, FakeTools(), "usage: --stats", covariance=True)
+    assert "--covariance-split" not in ran[-1] and plain != split
+    calibration_stats(cfg, FakeTools(), "usage: --stats", covariance=True, split=True)
+    assert len(ran) == 2  # cached
