@@ -164,3 +164,11 @@ def test_row_fisher_is_per_output_row_in_gguf_order(cov_run, tiny_llama, text, t
         expect = (grads[t.hf_name.removesuffix(".weight")] / TOKENS).numpy()[order]
         np.testing.assert_allclose(t.row_fisher, expect, rtol=1e-4)
     assert stats["token_embd.weight"].row_fisher is None
+
+
+def test_split_of_one_sequence_is_refused_before_calibrating(tiny_llama, text, tmp_path, capsys):
+    rc = main(["calibrate", str(tiny_llama), "-o", str(tmp_path / "s.safetensors"), "--text", str(text), "--tokens",
+               "100", "--seq-len", "128", "--covariance", str(tmp_path / "cov"), "--covariance-split"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "at least two calibration sequences" in err and "Traceback" not in err
+    assert not (tmp_path / "s.safetensors").exists() and not (tmp_path / "cov" / "index.json").exists()

@@ -147,7 +147,7 @@ def collect_covariance(model: nn.Module, modules: dict[nn.Module, str], chunks: 
     n_tok = sum(int(c.numel()) for c in chunks)
     n_a = sum(int(c.numel()) for c in chunks[0::2])
     if progress:
-        gib = sum(8 * g.n_in ** 2 for g in groups) / 2 ** 30
+        gib = sum(8 * g.n_in ** 2 for g in groups) * (2 if split else 1) / 2 ** 30
         print(f"qgguf: covariance: {len(groups)} distinct Linear inputs ({gib:.3g} GiB of float64 H in all) in "
               f"{len(passes)} forward pass(es) over {n_tok:,} tokens", file=sys.stderr)
     index: dict[str, dict] = {}

@@ -273,6 +273,9 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
         raise QggufError(f"cannot load the tokenizer of {str(model_dir)!r} ({e}); the folder needs its "
                          "tokenizer files") from None
     chunks = token_chunks(tokenizer, raw, tokens, seq_len, where=f"calibration text {str(text_path)!r}")
+    if covariance is not None and covariance_split and len(chunks) < 2:  # before the Fisher pass, not after it
+        raise QggufError(f"--covariance-split needs at least two calibration sequences; {tokens:,} tokens of "
+                         f"≤ {seq_len} make {len(chunks)}: give more --tokens or a shorter --seq-len")
 
     t_start = time.perf_counter()
     model = load_model(model_dir, dev, dtype, grad_checkpoint)
