@@ -288,8 +288,9 @@ def run(args) -> int:
             # one tensor's H at a time; feedback-on-plain measures plainly (its plan uses plain rounding's errors)
             cov = store.get(t.name) if store is not None and args.rounding != "feedback-on-plain" else None
             split = store.get_split(t.name) if cov is not None else None
+            fit_tokens = None if cov is None else store.tokens_a if split is not None else store.tokens
             yield TensorInput(name=t.name, weights=tensor_f32(t, device, reader), importance=imp,
-                              channel_fisher=imp, covariance=cov, covariance_split=split,
+                              channel_fisher=imp, covariance=cov, covariance_split=split, fit_tokens=fit_tokens,
                               row_fisher=stats[t.name].row_fisher if cov is not None else None)
 
     shapes = [(int(t.n_elements) // int(t.shape[0]), int(t.shape[0])) for t in planned]
@@ -338,7 +339,8 @@ def run(args) -> int:
         with times.stage("export"), atomic_outputs(outs, inputs=[model_dir, src]) as tmps:
             export_gguf(src, tmps[0], the_plan.types, importance, extra_metadata=meta, device=device,
                         reader=reader, encode_cache=encode_cache, roundings=the_plan.roundings,
-                        covariance=store.get if store is not None else None)
+                        covariance=store.get if store is not None else None,
+                        covariance_tokens=store.tokens if store is not None else None)
             size = tmps[0].stat().st_size
             if budget is not None and budget.kind == "size" and size > budget.value:
                 raise QggufError(f"the written file has {size:,} bytes, over --target-size {int(budget.value):,}; "

@@ -60,7 +60,7 @@ def test_covariance_equals_direct_and_is_shared(cov_run, tiny_llama, text):
     stats = load_stats(stats_path)
     linear = {n for n, t in stats.tensors.items() if t.kind == "linear"}
     assert set(store.index["tensors"]) == linear and "token_embd.weight" not in linear
-    assert store.index["tokens"] == TOKENS
+    assert store.index["tokens"] == TOKENS == store.tokens and store.tokens_a is None
     for blk in (0, 1):  # q/k/v read one input, gate/up another: one H each, the first to run leads
         assert {store.leader(f"blk.{blk}.attn_{k}.weight") for k in "qkv"} == {f"blk.{blk}.attn_q.weight"}
         assert {store.leader(f"blk.{blk}.ffn_{k}.weight") for k in ("gate", "up")} == {f"blk.{blk}.ffn_gate.weight"}
@@ -112,7 +112,7 @@ def test_split_halves_equal_direct_and_full_h_is_unchanged(cov_run, tiny_llama, 
     chunks = token_chunks(AutoTokenizer.from_pretrained(tiny_llama), text.read_text(), TOKENS, SEQ)
     assert len(chunks) >= 4
     even, odd = _inputs(model, modules, chunks[0::2]), _inputs(model, modules, chunks[1::2])
-    assert split.index["tokens_a"] == sum(int(c.numel()) for c in chunks[0::2])
+    assert split.index["tokens_a"] == split.tokens_a == sum(int(c.numel()) for c in chunks[0::2])
     for name in ("blk.0.attn_v.weight", "blk.1.ffn_down.weight", "output.weight"):
         np.testing.assert_array_equal(split.get(name), plain.get(name))
         H_a, H_b = split.get_split(name)

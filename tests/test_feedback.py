@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qgguf import formats
-from qgguf.formats.feedback import Feedback, h_error
+from qgguf.formats.feedback import DAMP, DAMP_PER_INPUT, Feedback, damping, h_error
 
 FEEDBACK_TYPES = [f.name for f in formats.all_formats() if f.feedback]
 N, ROWS = 512, 48
@@ -219,3 +219,63 @@ def test_ggml_block_scales_give_the_same_bytes(llama_build, monkeypatch):
     want, got = fb.encode_many(fmts, x, imp), fb.encode_many(fmts, x, imp, engine)
     for n in names:
         assert torch.equal(got[n], want[n]), n
+
+
+def test_damping_grows_with_inputs_per_calibration_token():
+    assert damping(512, None) == DAMP
+    assert damping(512, 4096) == pytest.approx(DAMP + DAMP_PER_INPUT / 8)
+    assert damping(8960, 4096) > damping(1536, 4096) > damping(1536, 16384) > DAMP
+    H = _ar1(N, RHO) * 3.0
+    assert Feedback(H, "t", tokens=1024).damping == pytest.approx(damping(N, 1024) * 3.0)
+    assert Feedback(H, "t").damping == pytest.approx(DAMP * 3.0)
+    assert Feedback(H, "t", damp=0.5, tokens=1024).damping == pytest.approx(1.5)  # an explicit damp wins
+    with pytest.raises(ValueError):
+        damping(N, 0)
+
+
+def _held_out_ratios(rho: float, tokens: int, names: list[str]) -> dict[str, tuple[float, float]]:
+    """Feedback rounding fitted to H from `tokens` heavy-tailed samples of inputs with covariance AR(1, ρ), scored on
+    the true covariance (tokens never seen): (GPTQ's damping, the token-count damping), each / plain rounding's."""
+    S = _ar1(N, rho)
+    g = torch.Generator().manual_seed(20)
+    X = torch.randn(tokens, N, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(S).T
+    chi2 = torch.distributions.Chi2(torch.tensor(2.5, dtype=torch.float64))
+    torch.manual_seed(21)
+    X = X / torch.sqrt(chi2.sample((tokens, 1)) / 2.5)  # multivariate t, ν = 2.5: a few tokens dominate H
+    H = X.T @ X / tokens
+    x, imp = _student(ROWS, N, 22), H.diagonal().float()
+    out = {}
+    for name in names:
+        f = formats.get(name)
+        err = lambda q: float(h_error(x, f.decode(q, tuple(x.shape)), S).sum())
+        plain = err(f.encode_torch(x, imp))
+        out[name] = (err(Feedback(H, "t", damp=DAMP, log=False).encode(f, x, imp)) / plain,
+                     err(Feedback(H, "t", tokens=tokens, log=False).encode(f, x, imp)) / plain)
+    return out
+
+
+def test_token_damping_keeps_an_over_fitted_h_from_losing_to_plain_rounding():
+    """Fewer tokens than inputs, weakly correlated inputs: feedback fitted with GPTQ's damping doubles the error on
+    tokens it did not see (Qwen2.5-Coder-1.5B's ffn_down from 4,096 tokens: 1.4–1.8×); damped for the token count
+    it stays at plain rounding's error. With strongly correlated inputs it still gains."""
+    names = ["Q4_K", "IQ4_XS", "Q4_0"]
+    for name, (gptq, tok) in _held_out_ratios(0.5, N // 2, names).items():
+        assert gptq > 1.5 and tok < 1.05, (name, gptq, tok)
+    for name, (gptq, tok) in _held_out_ratios(RHO, N // 2, names).items():
+        assert tok < 0.8, (name, gptq, tok)
+
+
+def test_export_cache_keys_feedback_bytes_on_the_token_count(tmp_path):
+    """The same H from another token count is damped otherwise: export's encode cache must not serve its bytes."""
+    from qgguf.export.encode_cache import EncodeCache
+    from qgguf.formats.engines import TORCH
+
+    f, H = formats.get("Q4_K"), _ar1(N, 0.5)
+    x, imp = _student(ROWS, N, 23), torch.rand(N, generator=torch.Generator().manual_seed(24)) + 0.1
+    cache = EncodeCache(tmp_path)
+    assert cache.path(x, imp, f, TORCH, H, 256) != cache.path(x, imp, f, TORCH, H, 4096)
+    few = cache.encode(f, x, imp, "t", "cpu", TORCH, H, 256)
+    many = cache.encode(f, x, imp, "t", "cpu", TORCH, H, 4096)
+    assert np.array_equal(few, Feedback(H, "t", tokens=256).encode(f, x, imp).numpy().reshape(-1))
+    assert np.array_equal(many, Feedback(H, "t", tokens=4096).encode(f, x, imp).numpy().reshape(-1))
+    assert not np.array_equal(few, many)

@@ -238,14 +238,15 @@ def test_kfac_errors_and_the_held_out_split():
     imp = torch.from_numpy(np.diag(H).copy())
     fmt = formats.get("Q4_K")
 
-    def measured(split):
-        t = TensorInput("blk.0.ffn_down.weight", w, imp, covariance=H, row_fisher=d, covariance_split=split)
+    def measured(split, fit_tokens=None):
+        t = TensorInput("blk.0.ffn_down.weight", w, imp, covariance=H, row_fisher=d, covariance_split=split,
+                        fit_tokens=fit_tokens)
         return measure_tensor(t, ["Q4_K"], max_rows=None, cache=False, engine=TORCH).results["Q4_K"]
 
     plain = fmt.decode(fmt.encode(w, imp), tuple(w.shape))
 
-    def feedback(Hfit):
-        return fmt.decode(Feedback(Hfit, log=False).encode(fmt, w, imp, TORCH), tuple(w.shape))
+    def feedback(Hfit, tokens=None):
+        return fmt.decode(Feedback(Hfit, log=False, tokens=tokens).encode(fmt, w, imp, TORCH), tuple(w.shape))
 
     r = measured(None)
     assert r.kfac_plain == pytest.approx(_kfac(w, plain, H, d), rel=1e-4)
@@ -256,5 +257,9 @@ def test_kfac_errors_and_the_held_out_split():
     # scored on its own tokens feedback promises more than it keeps on the others
     in_sample = _kfac(w, feedback(H_a), H_a, d) / _kfac(w, plain, H_a, d)
     assert held.kfac_feedback / held.kfac_plain > 1.2 * in_sample
+    # damped for the tokens behind H_a (fit_tokens), the rounding over-fits less: a lower held-out error
+    damped = measured((H_a, H_b), fit_tokens=tokens)
+    assert damped.kfac_feedback == pytest.approx(_kfac(w, feedback(H_a, tokens), H_b, d), rel=1e-4)
+    assert damped.kfac_plain == held.kfac_plain and damped.kfac_feedback < 0.9 * held.kfac_feedback
     with pytest.raises(QggufError, match="held-out split"):
         measured((H_a[:8, :8], H_b))

@@ -241,6 +241,16 @@ class CovarianceStore:
         """Whether the folder holds the held-out split (calibrate --covariance-split)."""
         return "tokens_a" in self.index
 
+    @property
+    def tokens(self) -> int:
+        """Calibration tokens behind every H of the folder."""
+        return int(self.index["tokens"])
+
+    @property
+    def tokens_a(self) -> int | None:
+        """Tokens behind the split's H_a (the even sequences), None without a split."""
+        return int(self.index["tokens_a"]) if self.has_split else None
+
     def get(self, name: str) -> np.ndarray | None:
         """H (n × n float32) of the input `name` reads, or None when the tensor has none (an embedding)."""
         e = self.index["tensors"].get(name)

@@ -25,12 +25,12 @@ class EncodeCache:
         self.folder = Path(folder)
 
     def path(self, w: torch.Tensor, importance: torch.Tensor | None, fmt: formats.Format, engine: Engine,
-             covariance=None) -> Path:
+             covariance=None, tokens: int | None = None) -> Path:
         if covariance is None:  # plain rounding: the engine's code
             code = f"{engine.key(fmt)}|{code_sha256('export')}"
         else:  # error-feedback rounding runs the torch kernels' levels whatever the engine: that code and H
             code = (f"torch:{formats.encoder_hash(fmt.name)}|{code_sha256('export')}"
-                    f"|feedback|{code_sha256('formats/feedback.py')}")
+                    f"|feedback|{code_sha256('formats/feedback.py')}|tokens={tokens}")
         h = hashlib.blake2b(f"{fmt.name}|{code}|v{ENCODE_CACHE_VERSION}".encode(), digest_size=20)
         hash_array(h, w)
         hash_array(h, importance)
@@ -40,15 +40,16 @@ class EncodeCache:
         return self.folder / d[:2] / f"{d}.bin"
 
     def encode(self, fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor | None, name: str,
-               device: str, engine: Engine, covariance=None) -> np.ndarray:
+               device: str, engine: Engine, covariance=None, tokens: int | None = None) -> np.ndarray:
         from qgguf.export.writer import encode_tensor
 
-        path = self.path(w, importance, fmt, engine, covariance)
+        path = self.path(w, importance, fmt, engine, covariance, tokens)
         nbytes = fmt.nbytes(tuple(w.shape))
         cached = self._read(path, nbytes)
         if cached is not None:
             return cached
-        raw = np.ascontiguousarray(encode_tensor(fmt, w, importance, name, device, engine, covariance)).reshape(-1)
+        raw = np.ascontiguousarray(encode_tensor(fmt, w, importance, name, device, engine, covariance,
+                                                 tokens)).reshape(-1)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
             with open(tmp, "wb") as f:

@@ -82,14 +82,16 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                 importance: Mapping[str, torch.Tensor] | None = None, *,
                 extra_metadata: Mapping[str, str] | None = None, device: str = "cpu",
                 progress: bool = True, reader=None, encode_cache: Path | None = None,
-                roundings: Mapping[str, str] | None = None, covariance=None) -> Path:
+                roundings: Mapping[str, str] | None = None, covariance=None,
+                covariance_tokens: int | None = None) -> Path:
     """Write `out`: `src` with every tensor named in `types` encoded in that type (others copied as they are).
 
     `importance` maps tensor names to per-input-channel vectors for the importance-weighted encoders.
     `reader`: `src` already opened with open_gguf (reading a GGUF's metadata takes seconds on a large
     vocabulary). `encode_cache`: a folder that keeps encoded tensors for later exports (see the module docstring).
     `roundings`: tensor name → "plain" | "feedback" (the plan's); the feedback tensors are rounded with error
-    feedback (formats/feedback.py) against `covariance(name)`, their input covariance H (one tensor's at a time).
+    feedback (formats/feedback.py) against `covariance(name)`, their input covariance H (one tensor's at a time),
+    estimated from `covariance_tokens` calibration tokens (they set the damping).
     """
     import gguf
 
@@ -169,7 +171,7 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
                         raw = np.concatenate([np.asarray(_encode(fmt, w[g], imp[g], t.name, device, cache, engine))
                                               .view(np.uint8).reshape(-1) for g in range(w.shape[0])])
                     else:
-                        raw = _encode(fmt, w, imp, t.name, device, cache, engine, H)
+                        raw = _encode(fmt, w, imp, t.name, device, cache, engine, H, covariance_tokens)
                     del w
                 else:  # not planned: copy the bytes unchanged (as the converter wrote them)
                     raw = np.asarray(t.data).view(np.uint8)
@@ -183,20 +185,21 @@ def export_gguf(src: Path, out: Path, types: Mapping[str, str],
 
 
 def encode_tensor(fmt: formats.Format, w: torch.Tensor, importance: torch.Tensor | None, name: str, device: str,
-                  engine: engines.Engine, covariance=None) -> np.ndarray:
+                  engine: engines.Engine, covariance=None, tokens: int | None = None) -> np.ndarray:
     """One tensor's bytes: plain rounding through `engine`, or error feedback against `covariance` (H) when given
-    (feedback.py's torch code: it needs the torch kernels' levels and grid, whatever the engine)."""
+    (feedback.py's torch code: it needs the torch kernels' levels and grid, whatever the engine), from `tokens`
+    calibration tokens."""
     if covariance is None:
         return fmt.encode(w, importance, tensor=name, device=device, engine=engine)
     from qgguf.formats.feedback import Feedback
 
-    return Feedback(covariance, name, device=device).encode(fmt, w.to(device), importance, engine).cpu().numpy()
+    return Feedback(covariance, name, device=device, tokens=tokens).encode(fmt, w.to(device), importance, engine).cpu().numpy()
 
 
 def _encode(fmt, w: torch.Tensor, imp, name: str, device, cache: EncodeCache | None, engine: engines.Engine,
-            covariance=None):
-    return (cache.encode(fmt, w, imp, name, device, engine, covariance) if cache is not None
-            else encode_tensor(fmt, w, imp, name, device, engine, covariance))
+            covariance=None, tokens: int | None = None):
+    return (cache.encode(fmt, w, imp, name, device, engine, covariance, tokens) if cache is not None
+            else encode_tensor(fmt, w, imp, name, device, engine, covariance, tokens))
 
 
 def verify_gguf(path: Path, expected: Mapping[str, str]) -> None:

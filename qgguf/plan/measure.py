@@ -150,6 +150,8 @@ class TensorInput:
                     `covariance`): feedback rounding is then fitted to H_a and both K-FAC errors are scored on H_b,
                     tokens the rounding never saw (the held-out error; calibrate --covariance-split).
     row_fisher:     the per-row Fisher factor d (rows) for those errors; all ones when absent.
+    fit_tokens:     the calibration tokens behind the H feedback rounding is fitted to (H_a's with a split): they
+                    set its damping (formats/feedback.py, `damping`); None: GPTQ's fixed damping.
     """
 
     name: str
@@ -160,6 +162,7 @@ class TensorInput:
     covariance: torch.Tensor | np.ndarray | None = None
     row_fisher: torch.Tensor | np.ndarray | None = None
     covariance_split: tuple | None = None
+    fit_tokens: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -288,7 +291,7 @@ def measure_tensor(t: TensorInput, types: Sequence[str], *, max_rows: int | None
         for a in (w, t.importance, t.channel_fisher, t.fisher, t.covariance, t.row_fisher,
                   *(t.covariance_split or ())):
             hash_array(h, a)
-        h.update(f"rows={max_rows}|seed={seed}".encode())
+        h.update(f"rows={max_rows}|seed={seed}|fit_tokens={t.fit_tokens}".encode())
         key = h.hexdigest()
 
     fmts = [formats.get(name) for name in types]
@@ -359,7 +362,7 @@ def _kfac_setup(t: TensorInput, w: torch.Tensor, row_len: int) -> _Kfac:
         d = torch.ones_like(d)
         Hf = torch.eye(row_len, dtype=torch.float32, device=w.device)
         den = float(rows * row_len)
-    return _Kfac(Hf, d, den, Feedback(fit, t.name, device=w.device))
+    return _Kfac(Hf, d, den, Feedback(fit, t.name, device=w.device, tokens=t.fit_tokens))
 
 
 def _h_sum(x: torch.Tensor, y: torch.Tensor, k: _Kfac, rows: torch.Tensor, wr: torch.Tensor) -> torch.Tensor:
