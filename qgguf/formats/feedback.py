@@ -115,7 +115,7 @@ def _factorise(H: torch.Tensor, damp: float) -> _Factor:
     lam = damp * mean
     eye = torch.eye(n, dtype=H.dtype, device=H.device)
     # U without forming (H + λI)⁻¹: with P the order reversal and P(H + λI)P = L Lᵀ, U = P L⁻¹ P is upper and
-    # UᵀU = (H + λI)⁻¹; one Cholesky and one triangular solve, half the work of Cholesky, inverse, Cholesky
+    # UᵀU = (H + λI)⁻¹; one Cholesky and one triangular solve in place of Cholesky, inverse and Cholesky
     Hr = H.flip(0, 1)
     for attempt in range(DAMP_TRIES + 1):
         L, info = torch.linalg.cholesky_ex(Hr + lam * eye)
