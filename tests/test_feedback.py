@@ -279,3 +279,61 @@ def test_export_cache_keys_feedback_bytes_on_the_token_count(tmp_path):
     assert np.array_equal(few, Feedback(H, "t", tokens=256).encode(f, x, imp).numpy().reshape(-1))
     assert np.array_equal(many, Feedback(H, "t", tokens=4096).encode(f, x, imp).numpy().reshape(-1))
     assert not np.array_equal(few, many)
+
+
+# On a GPU the factor is the same float64 Cholesky and the column loop the same float32 operations, summed in
+# another order: a level whose value lies within rounding of a decision boundary can flip, and the feedback carries
+# the flip along its row, so bytes may differ while the error does not. The check is the error, per type, and the
+# gain over plain rounding on the same device.
+CUDA_TYPES = ["Q2_K", "Q4_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q4_0", "Q5_1", "NL3_XS", "NL2_32"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_feedback_rounding_matches_the_cpu():
+    H = _ar1(N, RHO)
+    x = _student(ROWS, N, 11)
+    imp = torch.rand(N, generator=torch.Generator().manual_seed(12)) + 0.1
+    fmts = [formats.get(n) for n in CUDA_TYPES]
+    cpu = Feedback(H, "t").encode_many(fmts, x, imp)
+    fb = Feedback(H, "t", device="cuda")
+    assert fb.U.is_cuda
+    gpu = fb.encode_many(fmts, x.cuda(), imp.cuda())
+    for f in fmts:
+        g = gpu[f.name]
+        assert g.is_cuda and g.dtype == torch.uint8 and g.shape == cpu[f.name].shape, f.name
+        g = g.cpu()
+        same = float((g.reshape(-1, f.type_size) == cpu[f.name].reshape(-1, f.type_size)).all(1).float().mean())
+        ec = float(h_error(x, f.decode(cpu[f.name], x.shape), H).sum())
+        eg = float(h_error(x, f.decode(g, x.shape), H).sum())
+        ep = float(h_error(x, f.decode(f.encode_torch(x, imp), x.shape), H).sum())
+        assert abs(eg / ec - 1) < 0.01, f"{f.name}: H-error {eg:.5g} on the GPU, {ec:.5g} on the CPU ({same:.1%} " \
+                                        "of blocks identical)"
+        assert ep / eg >= MIN_GAIN, f"{f.name}: plain {ep:.4g}, feedback on the GPU {eg:.4g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_measure_with_covariance_matches_the_cpu():
+    """measure's K-FAC errors of plain and feedback rounding (every type in lockstep) on the GPU are the CPU's."""
+    from qgguf.plan.measure import TensorInput, measure_tensor
+
+    x = _student(ROWS, N, 13)
+    H = _ar1(N, RHO)
+    imp = torch.rand(N, generator=torch.Generator().manual_seed(14)) + 0.1
+    d = torch.rand(ROWS, generator=torch.Generator().manual_seed(15)) + 0.5
+    types = ["Q4_K", "Q6_K", "IQ4_XS", "Q4_0", "Q8_0"]
+
+    def run(dev: str):
+        t = TensorInput("t", x.to(dev), importance=imp, channel_fisher=imp, covariance=H.to(dev), row_fisher=d,
+                        fit_tokens=4096)
+        return measure_tensor(t, types, cache=False, max_rows=None, device=dev).results
+
+    cpu, gpu = run("cpu"), run("cuda")
+    for name in types:
+        assert gpu[name].nbytes == cpu[name].nbytes
+        assert gpu[name].kfac_plain == pytest.approx(cpu[name].kfac_plain, rel=1e-4), name
+        if cpu[name].kfac_feedback is not None:
+            assert gpu[name].kfac_feedback == pytest.approx(cpu[name].kfac_feedback, rel=0.01), name
+            if formats.get(name).feedback:  # Q8_0 stays plain
+                assert gpu[name].kfac_feedback < gpu[name].kfac_plain, name

@@ -4,15 +4,20 @@ Plain rounding (Format.encode) chooses every weight's level on its own. With the
 the layer, the output error of row r is δ_r H δ_rᵀ, and rounding the input channels one after the other lets the
 channels not yet rounded absorb the error of those already rounded. For each row (all rows at once, as tensors):
 
-    U = the upper Cholesky factor of (H + λI)⁻¹,   λ = (DAMP + DAMP_PER_INPUT · n / N) · mean diag(H)
+    H + λI = U D Uᵀ, U unit upper-triangular,   λ = (DAMP + DAMP_PER_INPUT · n / N) · mean diag(H)
     for each block of the type, in row order (a super-block for the K-quants and _XS types):
         choose the block's scales from the current weights with the type's own scale search (Format.encode of
         the block, with the same importance as plain rounding; the block's indices come with it)
         for each column j of the block:
             w_j → its level under those fixed scales: the encoder's own index if no earlier column moved w_j,
                   else the nearest level (Format.levels / grid / level_values)
-            e_j = (w_j − ŵ_j) / U_jj;   w_k −= e_j · U_jk for the columns k > j
+            e_j = ŵ_j − W_j (against the original weight);   w_k −= e_j · U_jk for the columns k > j
         write the block with its new indices (Format.with_levels): the same layout, scales and decoders
+
+This is LDLQ (QuIP): with δ = W − Ŵ, δ(H + λI)δᵀ = Σ_k D_k (δ_k + Σ_{j<k} δ_j U_jk)², and the column loop makes
+each term as small as the grid allows given the columns before it. It rounds as GPTQ does (the two are the same
+algorithm: QuIP's equivalence theorem), but GPTQ's factor, the Cholesky factor of (H + λI)⁻¹, costs a Cholesky
+and a triangular inverse, U one Cholesky: half the factorisation, which dominates wide inputs (an ffn_down's).
 
 Damping. H is estimated from N calibration tokens; with n inputs it carries about n²/2 numbers fitted to them, and
 rounding fitted to a noisy H over-fits: on the held-out tokens the error grows, and for Qwen2.5-Coder-1.5B's ffn_down
@@ -21,12 +26,15 @@ rounding. λ therefore grows with n/N, the inputs per calibration token (docs/de
 come from held-out K-FAC errors of Qwen tensors (n = 1,536 and 8,960; N = 4,096 and 16,384), where this rule is
 on average within 0.3 % of each tensor's best λ. Without a token count (`tokens=None`) λ is GPTQ's DAMP alone.
 
-The updates inside a lazy batch of LAZY_COLUMNS columns are applied column by column, and those to the columns
-after it as one matrix product (GPTQ's lazy batch updates). `encode_many` rounds one tensor in several types at
+The updates come in three tiers of that one algebra (GPTQ's lazy batch updates, two deep): the columns after a batch
+of LAZY_COLUMNS get the batch's errors e against W through U as one matrix product; inside the batch each column
+passes on its rounding residual w_j − ŵ_j through V = U⁻¹ of the batch's diagonal block (GPTQ's own form, which keeps
+float32 precision: the errors against W grow with the feedback and cancel), column by column within groups of
+PUSH_COLUMNS and as one product to the rest of the batch. `encode_many` rounds one tensor in several types at
 once (measure): each type keeps its own copy of the weights and grid, and one set of vector operations per column
-serves them all; the bytes are those of `encode`, type by type. Why it is exact for a diagonal H: U is then diagonal,
-every update is a zero, no column moves, and each block gets plain rounding's scales and indices — byte for byte
-what Format.encode writes (tests/test_feedback.py checks it for every type).
+serves them all; the bytes are those of `encode`, type by type. Why it is exact for a diagonal H: U is then the
+identity, every update is a zero, no column moves, and each block gets plain rounding's scales and indices — byte
+for byte what Format.encode writes (tests/test_feedback.py checks it for every type).
 
 Fallbacks (one log line per tensor, then plain rounding or a reduced problem, never NaN scales):
   - H with NaN or Inf, or every diagonal entry zero (an input that never fired): plain rounding.
@@ -57,7 +65,8 @@ DAMP = 0.01          # λ's floor: DAMP · mean diag(H), GPTQ's default percdamp
 DAMP_PER_INPUT = 0.75  # λ's share per input per calibration token: (DAMP + DAMP_PER_INPUT · n/N) · mean diag(H)
 DAMP_GROWTH = 10.0   # λ ← 10·λ when the damped H still does not factorise
 DAMP_TRIES = 3
-LAZY_COLUMNS = 256   # columns updated one by one; a multiple of every block size (32, 256)
+LAZY_COLUMNS = 256   # columns whose updates stay inside the batch; a multiple of every block size (32, 256)
+PUSH_COLUMNS = 32    # inside a batch, columns updated one by one; the rest of the batch gets their sum as a product
 
 
 def damping(n: int, tokens: int | None) -> float:
@@ -73,9 +82,10 @@ def _log(name: str, msg: str) -> None:
 
 @dataclass
 class _Factor:
-    """What one input covariance gives every tensor that reads it: the Cholesky factor of its damped inverse."""
+    """What one input covariance gives every tensor that reads it: the unit upper-triangular factor U of its damped
+    H = U D Uᵀ."""
 
-    U: torch.Tensor | None = None        # float32 upper factor; None: rounded plainly (see fallback)
+    U: torch.Tensor | None = None        # float32, unit upper-triangular; None: rounded plainly (see fallback)
     diag: torch.Tensor | None = None     # diag(H), dead channels zeroed: the default importance
     damping: float | None = None
     fallback: str | None = None          # why H is unusable
@@ -95,11 +105,13 @@ def _factor_key(H: torch.Tensor, damp: float) -> tuple:
 
 
 def _factorise(H: torch.Tensor, damp: float) -> _Factor:
-    """U of (H + λI)⁻¹ with the fallbacks of the module docstring (H float64, square)."""
+    """U of H + λI = U D Uᵀ with the fallbacks of the module docstring (H float64, square).
+
+    An ffn_down's H is 8,960² float64 (640 MB): each pass over it costs about as much as a tenth of the Cholesky,
+    so the checks read it without making a copy and the rest works in place on one reversed copy."""
     n = int(H.shape[0])
-    if not bool(torch.isfinite(H).all()):
+    if not bool(torch.isfinite(H.sum())) and not bool(torch.isfinite(H).all()):  # the sum: one pass, no copy
         return _Factor(fallback="its input covariance holds NaN or Inf")
-    H = (H + H.T) / 2
     d = H.diagonal().clone()
     dead = d <= 0
     if bool(dead.all()):
@@ -107,23 +119,28 @@ def _factorise(H: torch.Tensor, damp: float) -> _Factor:
     f = _Factor()
     mean = float(d[~dead].mean())
     f.diag = torch.where(dead, torch.zeros_like(d), d).to(torch.float32)
+    # P(H + λI)P with P the order reversal, symmetrised: (P H P + P Hᵀ P) / 2, one new matrix
+    Hr = torch.add(H, H.T).flip(0, 1).mul_(0.5)
     if bool(dead.any()):
-        H[dead, :] = 0
-        H[:, dead] = 0
-        H[dead, dead] = mean
+        dr = dead.flip(0)
+        Hr[dr, :] = 0
+        Hr[:, dr] = 0
+        Hr[dr, dr] = mean
         f.events.append(f"{int(dead.sum())} input channel(s) never fired: rounded on their own")
     lam = damp * mean
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
-    # U without forming (H + λI)⁻¹: with P the order reversal and P(H + λI)P = L Lᵀ, U = P L⁻¹ P is upper and
-    # UᵀU = (H + λI)⁻¹; one Cholesky and one triangular solve in place of Cholesky, inverse and Cholesky
-    Hr = H.flip(0, 1)
+    # P(H + λI)P = L Lᵀ gives H + λI = R Rᵀ with R = P L P upper, and U = R / diag(R) column by column
+    # (D = diag(R)²): one Cholesky, nothing inverted
+    Hr.diagonal().add_(lam)
     for attempt in range(DAMP_TRIES + 1):
-        L, info = torch.linalg.cholesky_ex(Hr + lam * eye)
+        L, info = torch.linalg.cholesky_ex(Hr)
         if int(info) == 0:
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-            if bool(torch.isfinite(U).all()) and bool((U.diagonal() > 0).all()):
-                break
+            ld = L.diagonal().clone()
+            if bool((ld > 0).all()):
+                U = L.div_(ld).to(torch.float32).flip(0, 1)          # column c of L over L_cc, then reversed
+                if bool(torch.isfinite(U.sum())):
+                    break
         if attempt < DAMP_TRIES:
+            Hr.diagonal().add_(lam * (DAMP_GROWTH - 1))
             lam *= DAMP_GROWTH
     else:
         f.fallback = f"its damped input covariance does not factorise (λ up to {lam:.3g}): rank-deficient"
@@ -131,13 +148,13 @@ def _factorise(H: torch.Tensor, damp: float) -> _Factor:
     if attempt:
         f.events.append(f"H is rank-deficient: damping raised to λ = {lam:.3g}")
     f.damping = lam
-    f.U = U.to(torch.float32)
+    f.U = U
     return f
 
 
 class Feedback:
-    """The Cholesky factor of one tensor's damped H⁻¹, used for every type; factorised on first use, and shared
-    with the other tensors that read the same input (FACTOR_CACHE_SIZE).
+    """The unit upper-triangular factor U of one tensor's damped H = U D Uᵀ, used for every type; factorised on
+    first use, and shared with the other tensors that read the same input (FACTOR_CACHE_SIZE).
 
     H: the input covariance (n × n, any float dtype, any device), from `tokens` calibration tokens (they set the
     damping, see `damping`; `damp` gives λ / mean diag(H) directly instead). `importance`: the per-input-channel
@@ -276,19 +293,26 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
     weights (channel-major, Wt[k]: a column is a contiguous vector over the rows) and its own grid; per column the
     same few vector operations update all of them."""
     rows, n = W.shape
+    # uniform grids first: their nearest level is arithmetic, the codebooks' a search (types are keyed by name)
+    fmts = sorted(fmts, key=lambda f: not _uniform(f, W.device))
     T, dev = len(fmts), W.device
+    nu = sum(_uniform(f, dev) for f in fmts)
     sigma2 = _row_sigma2(W)  # of the weights as given: the statistic plain rounding uses
     by = [_block_engine(f, engine, dev) for f in fmts]
-    Wt = W.t().contiguous().unsqueeze(0).repeat(T, 1, 1)              # [T, n, rows]
-    # level values of every type, padded with +inf to the longest (searchsorted over each type's own row)
+    Wt = W.t().contiguous().unsqueeze(0).repeat(T, 1, 1)              # [T, n, rows]: the targets
     vals = [f.level_values(dev) for f in fmts]
-    kmax = max(v.numel() for v in vals)
-    Vpad = torch.full((T, kmax), float("inf"), device=dev)
-    for k, v in enumerate(vals):
-        Vpad[k, :v.numel()] = v
-    top = torch.tensor([v.numel() - 1 for v in vals], device=dev).unsqueeze(1)  # [T, 1]
-    inv_u = 1 / U.diagonal()
-    step = min(f.block_size for f in fmts)
+    lo = torch.tensor([float(v[0]) for v in vals[:nu]], device=dev).unsqueeze(1)    # [nu, 1]
+    hi_ = torch.tensor([float(v[-1]) for v in vals[:nu]], device=dev).unsqueeze(1)
+    # the codebooks' levels and the midpoints between them, padded to the longest (with +inf midpoints, never
+    # passed): a value's nearest level is the number of midpoints below it, ties going to the lower level
+    cb = vals[nu:]
+    kmax = max([v.numel() for v in cb], default=2)
+    Vcb = torch.zeros((T - nu, kmax), device=dev)
+    mids = torch.full((T - nu, 1, kmax - 1), float("inf"), device=dev)
+    for k, v in enumerate(cb):
+        Vcb[k, :v.numel()] = v
+        mids[k, 0, :v.numel() - 1] = (v[:-1] + v[1:]) / 2
+    W0t = W.t().contiguous()                                           # [n, rows]: the errors are against these
     lazy = max(max(f.block_size for f in fmts), LAZY_COLUMNS)
     out = {f.name: torch.empty((rows, n // f.block_size, f.type_size), dtype=torch.uint8, device=dev)
            for f in fmts}
@@ -304,12 +328,22 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
         V0 = torch.zeros_like(A)
         X0 = torch.zeros_like(A)
         got = torch.zeros_like(A)                                      # the chosen level values
-        E = torch.empty_like(A)
-        # each column's update of the batch, written into one buffer: a fresh product per column is a large
-        # allocation (page faults) that costs more than the arithmetic for wide tensors
-        D = torch.empty_like(A)
-        for s0 in range(c0, c1, step):
-            for k, f in enumerate(fmts):
+        E = torch.empty_like(A)                                        # errors against W: for the later batches
+        Rs = torch.empty_like(A)                                       # rounding residuals: inside the batch
+        # each column's update of its push group, written into one buffer (a fresh product per column is a large
+        # allocation whose page faults cost more than the arithmetic for wide tensors)
+        D = torch.empty((T, PUSH_COLUMNS, rows), device=dev)
+        # Inside the batch the columns pass on their rounding residuals through V = U⁻¹ of the batch's diagonal
+        # block (GPTQ's form, from the batch's targets W̃ = W + g·V, g the earlier batches' pull); the columns after
+        # the batch get its errors against W through U. Pushing the errors against W inside the batch too is the
+        # same algebra, but those errors grow with the feedback and cancel, and in float32 that rounds ~0.4 % worse.
+        Vb = torch.linalg.solve_triangular(U[c0:c1, c0:c1].double(), torch.eye(m, dtype=torch.float64, device=dev),
+                                           upper=True, unitriangular=True).float()
+        if c0:
+            Wt[:, c0:c1] = torch.matmul(Vb.t(), Wt[:, c0:c1] - W0t[c0:c1]).add_(W0t[c0:c1])
+        for s0 in range(c0, c1, PUSH_COLUMNS):
+            s1 = min(s0 + PUSH_COLUMNS, c1)
+            for k, f in enumerate(fmts):                               # blocks opening here: their grids
                 B = f.block_size
                 if s0 % B or bad[k]:
                     continue
@@ -334,31 +368,48 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
                 V0[k, sl] = vals[k][f.levels(q)].t()                   # the plain encoder's level values
                 X0[k, sl] = xbt
                 blocks[k] = (s0, q)
-            for j in range(s0, min(s0 + step, c1)):
+            for j in range(s0, s1):
                 jj = j - c0
                 w = Wt[:, j]                                           # [T, rows]
                 t = (w - Bo[:, jj]).mul_(IA[:, jj])
-                hi = torch.searchsorted(Vpad, t).clamp_(min=1)
-                hi = torch.minimum(hi, top)
-                vlo, vhi = Vpad.gather(1, hi - 1), Vpad.gather(1, hi)
-                near = torch.where(t - vlo <= vhi - t, vlo, vhi)
+                # the nearest level, ties to the lower one: on a uniform grid ⌈t − ½⌉ clamped to it
+                near = torch.empty_like(t)
+                if nu:
+                    torch.clamp(t[:nu].sub(0.5).ceil_(), lo, hi_, out=near[:nu])
+                if nu < T:
+                    i = (t[nu:].unsqueeze(-1) > mids).sum(-1)
+                    torch.gather(Vcb, 1, i, out=near[nu:])
                 # moved by feedback: the nearest level of the block's fixed grid, else the encoder's own level
                 v = torch.where(w != X0[:, jj], near, V0[:, jj], out=got[:, jj])
-                e = torch.mul(w - torch.addcmul(Bo[:, jj], A[:, jj], v), inv_u[j], out=E[:, jj])
-                if j + 1 < c1:
-                    d = torch.mul(U[j, j + 1:c1].view(1, -1, 1), e.unsqueeze(1), out=D[:, :c1 - j - 1])
-                    Wt[:, j + 1:c1].sub_(d)
+                w_hat = torch.addcmul(Bo[:, jj], A[:, jj], v)
+                torch.sub(w_hat, W0t[j], out=E[:, jj])
+                r = torch.sub(w, w_hat, out=Rs[:, jj])
+                if j + 1 < s1:
+                    d = torch.mul(Vb[jj, jj + 1:s1 - c0].view(1, -1, 1), r.unsqueeze(1), out=D[:, :s1 - j - 1])
+                    Wt[:, j + 1:s1].sub_(d)
+            if s1 < c1:  # the group's residuals to the rest of the batch, as one product
+                Wt[:, s1:c1].baddbmm_(Vb[s0 - c0:s1 - c0, s1 - c0:].t().expand(T, -1, -1), Rs[:, s0 - c0:s1 - c0],
+                                      alpha=-1.0)
             for k, f in enumerate(fmts):  # blocks that end here: their bytes with the new levels
                 B = f.block_size
-                end = min(s0 + step, c1)
-                if bad[k] or blocks[k] is None or blocks[k][0] + B != end:
+                if bad[k] or blocks[k] is None or blocks[k][0] + B != s1:
                     continue
                 b0, q = blocks[k]
-                L = torch.searchsorted(vals[k], got[k, b0 - c0:b0 - c0 + B].t().contiguous())  # exact: levels
+                got_k = got[k, b0 - c0:b0 - c0 + B].t().contiguous()
+                if not bool(torch.isfinite(got_k).all()):
+                    bad[k] = True
+                    continue
+                L = torch.searchsorted(vals[k], got_k)                 # exact: they are levels
                 out[f.name][:, b0 // B] = f.with_levels(q, L)
         if c1 < n:
             Wt[:, c1:].baddbmm_(U[c0:c1, c1:].t().expand(T, -1, -1), E, alpha=-1.0)
     return {f.name: None if bad[k] else out[f.name].reshape(rows, -1) for k, f in enumerate(fmts)}
+
+
+def _uniform(fmt: Format, dev: torch.device) -> bool:
+    """Whether the type's levels are consecutive integers (the K-quants and Q4_0 … Q5_1; not the codebooks)."""
+    v = fmt.level_values(dev)
+    return bool(torch.equal(v, v[0] + torch.arange(v.numel(), dtype=v.dtype, device=dev)))
 
 
 def h_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, row_weight: torch.Tensor | None = None
