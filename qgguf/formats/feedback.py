@@ -105,11 +105,12 @@ def _factor_key(H: torch.Tensor, damp: float) -> tuple:
 
 
 def _factorise(H: torch.Tensor, damp: float) -> _Factor:
-    """U of H + λI = U D Uᵀ with the fallbacks of the module docstring (H float64, square).
+    """U of H + λI = U D Uᵀ with the fallbacks of the module docstring (H square, any float dtype; in float64).
 
     An ffn_down's H is 8,960² float64 (640 MB): each pass over it costs about as much as a tenth of the Cholesky,
-    so the checks read it without making a copy and the rest works in place on one reversed copy."""
-    n = int(H.shape[0])
+    so the checks read it without making a copy, the rest works in place on one reversed copy, and each matrix is
+    let go as soon as it is spent (the factorisation's peak is two such matrices)."""
+    H = H.to(torch.float64)
     if not bool(torch.isfinite(H.sum())) and not bool(torch.isfinite(H).all()):  # the sum: one pass, no copy
         return _Factor(fallback="its input covariance holds NaN or Inf")
     d = H.diagonal().clone()
@@ -121,6 +122,7 @@ def _factorise(H: torch.Tensor, damp: float) -> _Factor:
     f.diag = torch.where(dead, torch.zeros_like(d), d).to(torch.float32)
     # P(H + λI)P with P the order reversal, symmetrised: (P H P + P Hᵀ P) / 2, one new matrix
     Hr = torch.add(H, H.T).flip(0, 1).mul_(0.5)
+    del H
     if bool(dead.any()):
         dr = dead.flip(0)
         Hr[dr, :] = 0
@@ -136,8 +138,10 @@ def _factorise(H: torch.Tensor, damp: float) -> _Factor:
         if int(info) == 0:
             ld = L.diagonal().clone()
             if bool((ld > 0).all()):
-                U = L.div_(ld).to(torch.float32).flip(0, 1)          # column c of L over L_cc, then reversed
+                U = L.div_(ld).to(torch.float32)                       # column c of L over L_cc
                 if bool(torch.isfinite(U.sum())):
+                    del Hr, L
+                    U = U.flip(0, 1)
                     break
         if attempt < DAMP_TRIES:
             Hr.diagonal().add_(lam * (DAMP_GROWTH - 1))
@@ -179,7 +183,7 @@ class Feedback:
             key = _factor_key(self._H, self._damp) if self.n * self.n <= FACTOR_CACHE_FLOATS else None
             f = _factors.get(key) if key else None
             if f is None:
-                f = _factorise(self._H.to(torch.float64), self._damp)
+                f = _factorise(self._H, self._damp)
                 if key:
                     _factors[key] = f
                     while len(_factors) > FACTOR_CACHE_SIZE:
@@ -312,7 +316,6 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
     for k, v in enumerate(cb):
         Vcb[k, :v.numel()] = v
         mids[k, 0, :v.numel() - 1] = (v[:-1] + v[1:]) / 2
-    W0t = W.t().contiguous()                                           # [n, rows]: the errors are against these
     lazy = max(max(f.block_size for f in fmts), LAZY_COLUMNS)
     out = {f.name: torch.empty((rows, n // f.block_size, f.type_size), dtype=torch.uint8, device=dev)
            for f in fmts}
@@ -321,6 +324,7 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
     for c0 in range(0, n, lazy):
         c1 = min(c0 + lazy, n)
         m = c1 - c0
+        W0b = W[:, c0:c1].t().contiguous()                             # [m, rows]: the errors are against these
         # each type's grid over this lazy batch, filled as its blocks open
         A = torch.zeros((T, m, rows), device=dev)
         Bo = torch.zeros_like(A)
@@ -340,7 +344,7 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
         Vb = torch.linalg.solve_triangular(U[c0:c1, c0:c1].double(), torch.eye(m, dtype=torch.float64, device=dev),
                                            upper=True, unitriangular=True).float()
         if c0:
-            Wt[:, c0:c1] = torch.matmul(Vb.t(), Wt[:, c0:c1] - W0t[c0:c1]).add_(W0t[c0:c1])
+            Wt[:, c0:c1] = torch.matmul(Vb.t(), Wt[:, c0:c1] - W0b).add_(W0b)
         for s0 in range(c0, c1, PUSH_COLUMNS):
             s1 = min(s0 + PUSH_COLUMNS, c1)
             for k, f in enumerate(fmts):                               # blocks opening here: their grids
@@ -382,7 +386,7 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
                 # moved by feedback: the nearest level of the block's fixed grid, else the encoder's own level
                 v = torch.where(w != X0[:, jj], near, V0[:, jj], out=got[:, jj])
                 w_hat = torch.addcmul(Bo[:, jj], A[:, jj], v)
-                torch.sub(w_hat, W0t[j], out=E[:, jj])
+                torch.sub(w_hat, W0b[jj], out=E[:, jj])
                 r = torch.sub(w, w_hat, out=Rs[:, jj])
                 if j + 1 < s1:
                     d = torch.mul(Vb[jj, jj + 1:s1 - c0].view(1, -1, 1), r.unsqueeze(1), out=D[:, :s1 - j - 1])
