@@ -337,3 +337,25 @@ def test_cuda_measure_with_covariance_matches_the_cpu():
             assert gpu[name].kfac_feedback == pytest.approx(cpu[name].kfac_feedback, rel=0.01), name
             if formats.get(name).feedback:  # Q8_0 stays plain
                 assert gpu[name].kfac_feedback < gpu[name].kfac_plain, name
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q2_K", "IQ4_XS", "Q4_0", "Q5_1", "IQ4_NL", "NL3_32"])
+def test_update_tiers_round_as_one_column_at_a_time(name, monkeypatch):
+    """The three update tiers (products to the later batches, group products inside a batch, column updates in a
+    group) are one algebra: with one batch and one group over the whole row, every column's residual is pushed one
+    by one through V = U⁻¹ (GPTQ's textbook loop). The tiers give that loop's error up to float32 rounding."""
+    from qgguf.formats import feedback as fbm
+
+    f = formats.get(name)
+    H = _ar1(N, RHO)
+    x = _student(ROWS, N, 17)
+    imp = torch.rand(N, generator=torch.Generator().manual_seed(18)) + 0.1
+    assert N // fbm.LAZY_COLUMNS >= 2 and fbm.LAZY_COLUMNS // fbm.PUSH_COLUMNS >= 2  # every tier is used
+    tiers = Feedback(H, "t").encode(f, x, imp)
+    monkeypatch.setattr(fbm, "LAZY_COLUMNS", N)
+    monkeypatch.setattr(fbm, "PUSH_COLUMNS", N)
+    loop = Feedback(H, "t").encode(f, x, imp)
+    et = float(h_error(x, f.decode(tiers, x.shape), H).sum())
+    el = float(h_error(x, f.decode(loop, x.shape), H).sum())
+    same = float((tiers.reshape(-1, f.type_size) == loop.reshape(-1, f.type_size)).all(1).float().mean())
+    assert abs(et / el - 1) < 0.01 and same > 0.5, f"{name}: {et:.5g} against {el:.5g}, {same:.1%} blocks equal"

@@ -90,6 +90,10 @@ def export_layer(args) -> None:
     torch.set_num_threads(args.threads)
     stats, store = load_stats(args.stats), CovarianceStore(args.covariance)
     engine = engines.choose("cpu")
+    missing = [k for k in EXPORT_TYPES if f"blk.{args.layer}.{k}.weight" not in stats]
+    if missing:
+        raise SystemExit(f"feedback_cost.py: {args.stats} has no blk.{args.layer}.{missing[0]}.weight; give a layer "
+                         "of that model (--layer) or its statistics (--stats)")
     print(f"layer {args.layer}: export's encodes, {args.threads} torch thread(s), engine {engine.name}, "
           f"{store.tokens} calibration tokens")
     print("| tensor | shape | type | plain s | factor s | feedback encode s | feedback / plain |")

@@ -292,6 +292,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="the report as JSON")
     ap.add_argument("--out-dir", help="a folder for the converts' logs")
     args = ap.parse_args()
+    if "convert" in args.steps:
+        for opt, value in (("--tokenizer", args.tokenizer), ("--text", args.text)):
+            if not value or not Path(value).exists():
+                ap.error(f"the convert step needs {opt} (an existing path; got {value!r}), or leave the step out "
+                         "with --steps tests layer")
     os.environ["QGGUF_COMPILE"] = args.compile  # the layer step's encoders too: no compile inside its clock
     t0 = time.time()
     args.left = lambda margin: args.deadline - (time.time() - t0) - margin

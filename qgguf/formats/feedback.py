@@ -49,6 +49,7 @@ Q8_0 and the float types have no levels here (Format.feedback is False) and are 
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -297,16 +298,17 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
     weights (channel-major, Wt[k]: a column is a contiguous vector over the rows) and its own grid; per column the
     same few vector operations update all of them."""
     rows, n = W.shape
-    # uniform grids first: their nearest level is arithmetic, the codebooks' a search (types are keyed by name)
-    fmts = sorted(fmts, key=lambda f: not _uniform(f, W.device))
     T, dev = len(fmts), W.device
-    nu = sum(_uniform(f, dev) for f in fmts)
+    # uniform grids first: their nearest level is arithmetic, the codebooks' a count (types are keyed by name)
+    uniform = {f.name: _uniform(f, dev) for f in fmts}
+    fmts = sorted(fmts, key=lambda f: not uniform[f.name])
+    nu = sum(uniform.values())
     sigma2 = _row_sigma2(W)  # of the weights as given: the statistic plain rounding uses
     by = [_block_engine(f, engine, dev) for f in fmts]
     Wt = W.t().contiguous().unsqueeze(0).repeat(T, 1, 1)              # [T, n, rows]: the targets
     vals = [f.level_values(dev) for f in fmts]
-    lo = torch.tensor([float(v[0]) for v in vals[:nu]], device=dev).unsqueeze(1)    # [nu, 1]
-    hi_ = torch.tensor([float(v[-1]) for v in vals[:nu]], device=dev).unsqueeze(1)
+    lo = torch.tensor([float(v[0]) for v in vals[:nu]], device=dev).unsqueeze(1)    # [nu, 1]: the grids' ends
+    hi = torch.tensor([float(v[-1]) for v in vals[:nu]], device=dev).unsqueeze(1)
     # the codebooks' levels and the midpoints between them, padded to the longest (with +inf midpoints, never
     # passed): a value's nearest level is the number of midpoints below it, ties going to the lower level
     cb = vals[nu:]
@@ -317,6 +319,7 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
         Vcb[k, :v.numel()] = v
         mids[k, 0, :v.numel() - 1] = (v[:-1] + v[1:]) / 2
     lazy = max(max(f.block_size for f in fmts), LAZY_COLUMNS)
+    step = math.gcd(PUSH_COLUMNS, min(f.block_size for f in fmts))  # block boundaries and group ends both fall on it
     out = {f.name: torch.empty((rows, n // f.block_size, f.type_size), dtype=torch.uint8, device=dev)
            for f in fmts}
     bad = [False] * T
@@ -345,68 +348,73 @@ def _feedback(fmts: list[Format], W: torch.Tensor, imp: torch.Tensor, U: torch.T
                                            upper=True, unitriangular=True).float()
         if c0:
             Wt[:, c0:c1] = torch.matmul(Vb.t(), Wt[:, c0:c1] - W0b).add_(W0b)
-        for s0 in range(c0, c1, PUSH_COLUMNS):
-            s1 = min(s0 + PUSH_COLUMNS, c1)
-            for k, f in enumerate(fmts):                               # blocks opening here: their grids
-                B = f.block_size
-                if s0 % B or bad[k]:
-                    continue
-                xbt = Wt[k, s0:s0 + B]                                 # [B, rows]
-                if not bool(torch.isfinite(xbt).all()):
-                    bad[k] = True
-                    continue
-                eng, with_sigma2 = by[k]
-                if eng is not None:
-                    q = eng.encode_rows(f, xbt.t().contiguous(), imp[s0:s0 + B].contiguous(),
-                                        sigma2 if with_sigma2 else None)
-                else:
-                    q = f.encode_blocks_sigma(xbt.t().contiguous(), imp[s0:s0 + B].expand(rows, B).contiguous(),
-                                              sigma2)
-                a, b = f.grid(q)
-                sl = slice(s0 - c0, s0 - c0 + B)
-                A[k, sl] = a.t()
-                Bo[k, sl] = b.t()
-                # a zero scale: every level decodes to b; 1/a = 0 gives t = 0, any level, the same bytes
-                IA[k, sl] = torch.where(a != 0, 1 / torch.where(a != 0, a, torch.ones_like(a)),
-                                        torch.zeros_like(a)).t()
-                V0[k, sl] = vals[k][f.levels(q)].t()                   # the plain encoder's level values
-                X0[k, sl] = xbt
-                blocks[k] = (s0, q)
-            for j in range(s0, s1):
-                jj = j - c0
-                w = Wt[:, j]                                           # [T, rows]
-                t = (w - Bo[:, jj]).mul_(IA[:, jj])
-                # the nearest level, ties to the lower one: on a uniform grid ⌈t − ½⌉ clamped to it
-                near = torch.empty_like(t)
-                if nu:
-                    torch.clamp(t[:nu].sub(0.5).ceil_(), lo, hi_, out=near[:nu])
-                if nu < T:
-                    i = (t[nu:].unsqueeze(-1) > mids).sum(-1)
-                    torch.gather(Vcb, 1, i, out=near[nu:])
-                # moved by feedback: the nearest level of the block's fixed grid, else the encoder's own level
-                v = torch.where(w != X0[:, jj], near, V0[:, jj], out=got[:, jj])
-                w_hat = torch.addcmul(Bo[:, jj], A[:, jj], v)
-                torch.sub(w_hat, W0b[jj], out=E[:, jj])
-                r = torch.sub(w, w_hat, out=Rs[:, jj])
-                if j + 1 < s1:
-                    d = torch.mul(Vb[jj, jj + 1:s1 - c0].view(1, -1, 1), r.unsqueeze(1), out=D[:, :s1 - j - 1])
-                    Wt[:, j + 1:s1].sub_(d)
-            if s1 < c1:  # the group's residuals to the rest of the batch, as one product
-                Wt[:, s1:c1].baddbmm_(Vb[s0 - c0:s1 - c0, s1 - c0:].t().expand(T, -1, -1), Rs[:, s0 - c0:s1 - c0],
+        for g0 in range(c0, c1, PUSH_COLUMNS):                         # push groups
+            g1 = min(g0 + PUSH_COLUMNS, c1)
+            for s0 in range(g0, g1, step):                             # blocks open and end on these
+                s1 = min(s0 + step, g1)
+                for k, f in enumerate(fmts):                               # blocks opening here: their grids
+                    B = f.block_size
+                    if s0 % B or bad[k]:
+                        continue
+                    xbt = Wt[k, s0:s0 + B]                                 # [B, rows]
+                    if not bool(torch.isfinite(xbt).all()):
+                        bad[k] = True
+                        continue
+                    eng, with_sigma2 = by[k]
+                    if eng is not None:
+                        q = eng.encode_rows(f, xbt.t().contiguous(), imp[s0:s0 + B].contiguous(),
+                                            sigma2 if with_sigma2 else None)
+                    else:
+                        q = f.encode_blocks_sigma(xbt.t().contiguous(),
+                                                  imp[s0:s0 + B].expand(rows, B).contiguous(), sigma2)
+                    a, b = f.grid(q)
+                    sl = slice(s0 - c0, s0 - c0 + B)
+                    A[k, sl] = a.t()
+                    Bo[k, sl] = b.t()
+                    # a zero scale: every level decodes to b; 1/a = 0 gives t = 0, any level, the same bytes
+                    IA[k, sl] = torch.where(a != 0, 1 / torch.where(a != 0, a, torch.ones_like(a)),
+                                            torch.zeros_like(a)).t()
+                    V0[k, sl] = vals[k][f.levels(q)].t()                   # the plain encoder's level values
+                    X0[k, sl] = xbt
+                    blocks[k] = (s0, q)
+                for j in range(s0, s1):
+                    jj = j - c0
+                    w = Wt[:, j]                                           # [T, rows]
+                    t = (w - Bo[:, jj]).mul_(IA[:, jj])
+                    # the nearest level, ties to the lower one: on a uniform grid ⌈t − ½⌉ clamped to it
+                    near = torch.empty_like(t)
+                    if nu:
+                        torch.clamp(t[:nu].sub(0.5).ceil_(), lo, hi, out=near[:nu])
+                    if nu < T:
+                        i = (t[nu:].unsqueeze(-1) > mids).sum(-1)
+                        torch.gather(Vcb, 1, i, out=near[nu:])
+                    # moved by feedback: the nearest level of the block's fixed grid, else the encoder's own level
+                    v = torch.where(w != X0[:, jj], near, V0[:, jj], out=got[:, jj])
+                    w_hat = torch.addcmul(Bo[:, jj], A[:, jj], v)
+                    torch.sub(w_hat, W0b[jj], out=E[:, jj])
+                    r = torch.sub(w, w_hat, out=Rs[:, jj])
+                    if j + 1 < g1:
+                        d = torch.mul(Vb[jj, jj + 1:g1 - c0].view(1, -1, 1), r.unsqueeze(1),
+                                      out=D[:, :g1 - j - 1])
+                        Wt[:, j + 1:g1].sub_(d)
+                for k, f in enumerate(fmts):  # blocks that end here: their bytes with the new levels
+                    B = f.block_size
+                    if bad[k] or blocks[k] is None or blocks[k][0] + B != s1:
+                        continue
+                    b0, q = blocks[k]
+                    got_k = got[k, b0 - c0:b0 - c0 + B].t().contiguous()
+                    if not bool(torch.isfinite(got_k).all()):
+                        bad[k] = True
+                        continue
+                    L = torch.searchsorted(vals[k], got_k)                 # exact: they are levels
+                    out[f.name][:, b0 // B] = f.with_levels(q, L)
+            if g1 < c1:  # the group's residuals to the rest of the batch, as one product
+                Wt[:, g1:c1].baddbmm_(Vb[g0 - c0:g1 - c0, g1 - c0:].t().expand(T, -1, -1), Rs[:, g0 - c0:g1 - c0],
                                       alpha=-1.0)
-            for k, f in enumerate(fmts):  # blocks that end here: their bytes with the new levels
-                B = f.block_size
-                if bad[k] or blocks[k] is None or blocks[k][0] + B != s1:
-                    continue
-                b0, q = blocks[k]
-                got_k = got[k, b0 - c0:b0 - c0 + B].t().contiguous()
-                if not bool(torch.isfinite(got_k).all()):
-                    bad[k] = True
-                    continue
-                L = torch.searchsorted(vals[k], got_k)                 # exact: they are levels
-                out[f.name][:, b0 // B] = f.with_levels(q, L)
         if c1 < n:
             Wt[:, c1:].baddbmm_(U[c0:c1, c1:].t().expand(T, -1, -1), E, alpha=-1.0)
+    # every target the loop rounded (a codebook's level count turns a non-finite one into a finite level)
+    bad = [b or not bool(torch.isfinite(Wt[k]).all()) for k, b in enumerate(bad)]
     return {f.name: None if bad[k] else out[f.name].reshape(rows, -1) for k, f in enumerate(fmts)}
 
 
