@@ -163,10 +163,11 @@ def converter_gguf(model_dir: Path, model_hash: str) -> Path:
 def calibration_key(model_hash: str, text: Path, args) -> str:
     """What a calibration's statistics depend on: the model, the text's content, the settings, the device and
     the calibration code (with the versions of torch and transformers)."""
-    from qgguf.hashing import code_sha256, sha256_file
+    from qgguf.calibrate import code_digest
+    from qgguf.hashing import sha256_file
 
     parts = [model_hash, sha256_file(text), f"t{args.tokens}", f"l{args.seq_len}", f"s{args.seed}",
-             f"d{resolve_device(args.device).type}", code_sha256("calibrate", "models.py", "devices.py")]
+             f"d{resolve_device(args.device).type}", code_digest()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

@@ -174,3 +174,43 @@ def test_feedback_plans_with_the_held_out_error_and_says_when_it_cannot(setup, f
     res = qgguf("convert", model, "-o", tmp_path / "held.gguf", "--target-bpw", 4.5, "--stats", d / "stats.safetensors",
                 "--covariance", d / "cov", "--rounding", "feedback")
     assert res.returncode == 0 and "has no held-out split" not in res.stderr
+
+
+def test_tied_embedding_is_rounded_with_feedback_through_the_heads_covariance(tmp_path, llama_build):
+    """A tied embedding (one GGUF tensor, also the output head) has the head input's H: feedback-on-plain rounds it
+    with feedback — the bytes of Feedback.encode with that H — and the file runs in llama.cpp."""
+    import gguf
+
+    from qgguf.calibrate.covariance import CovarianceStore
+    from qgguf.calibrate.stats import load_stats
+    from qgguf.convert import converter_gguf
+    from qgguf.export.writer import open_gguf, tensor_f32
+    from qgguf.formats.feedback import Feedback
+    from qgguf.models import model_sha256
+
+    model = make_tiny_llama(tmp_path / "model", seed=4, tie=True)
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(seed=2))
+    res = qgguf("calibrate", model, "-o", tmp_path / "s.safetensors", "--text", text, "--tokens", 1024,
+                "--seq-len", 128, "--covariance", tmp_path / "cov")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "fop.gguf"
+    res = qgguf("convert", model, "-o", out, "--target-bpw", 4.5, "--stats", tmp_path / "s.safetensors",
+                "--covariance", tmp_path / "cov", "--rounding", "feedback-on-plain", "--max-type", "Q6_K")
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan = {t["name"]: t for t in json.loads(out.with_name("fop.plan.json").read_text())["tensors"]}
+    emb = plan["token_embd.weight"]
+    assert "output.weight" not in plan and emb["rounding"] == "feedback", emb["type"]
+    fmt = formats.get(emb["type"])
+    store = CovarianceStore(tmp_path / "cov")
+    reader = open_gguf(converter_gguf(model, model_sha256(model)))
+    src = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    w = tensor_f32(src, "cpu", reader)
+    imp = torch.from_numpy(load_stats(tmp_path / "s.safetensors")["token_embd.weight"].importance)
+    fb = Feedback(store.get("token_embd.weight"), "token_embd", tokens=store.tokens).encode(fmt, w, imp)
+    got = next(t for t in gguf.GGUFReader(out).tensors if t.name == "token_embd.weight")
+    assert np.array_equal(np.asarray(got.data).view(np.uint8).reshape(-1), fb.numpy().reshape(-1))
+    assert not np.array_equal(fb.numpy().reshape(-1), fmt.encode(w, imp).reshape(-1))
+    r = subprocess.run([str(tool_path("llama-completion")), "-m", str(out), "-p", "the old", "-n", "16", "-no-cnv",
+                        "--temp", "0", "-t", "1"], capture_output=True, text=True, errors="replace", timeout=300)
+    assert r.returncode == 0 and "the old" in r.stdout, r.stderr[-2000:]

@@ -190,8 +190,12 @@ def calibration_stats(cfg: BenchConfig, tools: Tools, help_text: str | None, cov
     plan with it). (None, None) when convert takes no --stats (it calibrates)."""
     if cfg.stats is not None or not help_text or "--stats" not in help_text:
         return cfg.stats, None
+    from qgguf.calibrate import code_digest
+
     folder = (cfg.cache or cache_dir("bench")) / cfg.model.key
-    stem = (f"stats-{cfg.calib.key}-t{cfg.calib_tokens}-{cfg.backend}" + ("-cov" if covariance else "")
+    # the calibration code is in the name: statistics made by other code are never reused
+    stem = (f"stats-{cfg.calib.key}-t{cfg.calib_tokens}-{cfg.backend}-{code_digest()[:12]}"
+            + ("-cov" if covariance else "")
             + ("-split" if covariance and split else ""))
     stats = folder / f"{stem}.safetensors"
     cov = folder / f"{stem}.covariance" if covariance else None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from qgguf.calibrate.covariance import WEIGHTINGS
 from qgguf.calibrate.fisher import DEFAULT_ESTIMATOR, ESTIMATORS, PROBES
 from qgguf.calibrate.runner import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENS, DTYPES, calibrate
 from qgguf.errors import QggufError
@@ -45,9 +46,13 @@ def add_parser(sub) -> None:
                    help="label: one label per position drawn from the model (default); gaussian: a Gaussian "
                         "probe with the same covariance (same expectation, lighter tails)")
     p.add_argument("--covariance", type=Path, default=None, metavar="DIR",
-                   help="also write the input covariance E[x xᵀ] of every Linear weight to DIR (one safetensors "
-                        "file per layer) and keep each Linear weight's per-row Fisher, for error-feedback rounding "
-                        "(`qgguf convert --rounding feedback|auto`); costs one forward pass per group of layers")
+                   help="also write the input covariance of every Linear weight to DIR (one safetensors file per "
+                        "layer) and keep each Linear weight's per-row Fisher, for error-feedback rounding "
+                        "(`qgguf convert --rounding feedback|auto|feedback-on-plain`); costs one forward pass per "
+                        "group of layers")
+    p.add_argument("--covariance-weight", default="gradient", choices=WEIGHTINGS,
+                   help="with --covariance: gradient weighs each token's x xᵀ by its output gradient's ‖g‖² from "
+                        "the Fisher pass, one H per tensor (default); uniform is GPTQ's E[x xᵀ], one H per input")
     p.add_argument("--covariance-split", action="store_true",
                    help="with --covariance: also keep the covariance of every other sequence, so measure scores "
                         "feedback rounding on tokens it was not fitted to (what --rounding feedback|auto plan with); "
@@ -59,6 +64,8 @@ def add_parser(sub) -> None:
 def _cmd(args) -> int:
     from qgguf.models import resolve_model
 
+    if args.covariance_weight != "gradient" and args.covariance is None:
+        raise QggufError("--covariance-weight weighs the input covariance: give --covariance DIR too")
     if args.covariance_split and args.covariance is None:
         raise QggufError("--covariance-split splits the input covariance: give --covariance DIR too")
     if args.threads:
@@ -67,7 +74,8 @@ def _cmd(args) -> int:
                       device=args.device, seed=args.seed, per_element=args.per_element, dtype=args.dtype,
                       batch_size=args.batch_size, imatrix_out=args.imatrix, imatrix_from=args.imatrix_from,
                       estimator=args.estimator, probe=args.probe, grad_checkpoint=args.grad_checkpoint,
-                      covariance=args.covariance, covariance_split=args.covariance_split)
+                      covariance=args.covariance, covariance_split=args.covariance_split,
+                      covariance_weight=args.covariance_weight)
     total = sum(t.fisher_sum for t in stats.tensors.values())
     print(f"{args.out}: {len(stats.tensors)} tensors, {stats.meta['tokens']} tokens, ΣF over all = {total:.4g}")
     if args.imatrix:

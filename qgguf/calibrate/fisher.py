@@ -76,6 +76,7 @@ class _Acc:
     head_grad: list | None = None  # tied + sequence: the head's per-sequence contribution, for the cross term
     head: bool = False  # the output head: its own term is per token under either estimator
     row_sq: torch.Tensor | None = None  # Σ_t g_tr² per output row (Linear only, when asked): the K-FAC row factor
+    token_sq: list | None = None  # ‖g_t‖² of every token, in text order (with row_sq): the covariance's weights
 
 
 @dataclass
@@ -201,6 +202,7 @@ class FisherCollector:
                 acc.linear = True
                 if row_fisher and acc.row_sq is None:
                     acc.row_sq = torch.zeros(n_out, dtype=torch.float64, device=w.device)
+                    acc.token_sq = []
                 if acc.act_sq is None:
                     acc.act_sq = torch.zeros(n_in, dtype=torch.float32, device=w.device)
                 self._handles.append(mod.register_forward_hook(self._linear_hook(acc)))
@@ -352,8 +354,16 @@ class FisherCollector:
 
     @staticmethod
     def _row_grad(acc: _Acc, g: torch.Tensor) -> None:
-        # E_t[g_tr²]: the output-row factor d of the Kronecker-factored Fisher F ≈ diag(d) ⊗ E[x xᵀ]
-        acc.row_sq += g.detach().float().reshape(-1, g.shape[-1]).square().sum(0, dtype=torch.float64)
+        # E_t[g_tr²]: the output-row factor d of the Kronecker-factored Fisher F ≈ diag(d) ⊗ H, and ‖g_t‖², the
+        # weight of token t in H = E[‖g‖² x xᵀ] / E[‖g‖²] (calibrate/covariance.py)
+        g2 = g.detach().float().reshape(-1, g.shape[-1]).square()
+        acc.row_sq += g2.sum(0, dtype=torch.float64)
+        acc.token_sq.append(g2.sum(1).cpu())
+
+    def token_weights(self) -> dict[str, torch.Tensor]:
+        """‖g_t‖² of every calibration token (text order, float32, CPU) per Linear weight (HF name), for those
+        collected with `row_fisher`."""
+        return {n: torch.cat(a.token_sq) for n, a in self.accs.items() if a.token_sq}
 
     @staticmethod
     def _linear_grad_token(acc: _Acc, g: torch.Tensor, x2: torch.Tensor) -> None:

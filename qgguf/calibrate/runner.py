@@ -210,7 +210,7 @@ def build_stats(collector: FisherCollector, targets: dict, meta: dict,
         act_sq = (acc.act_sq / max(acc.act_count, 1)).cpu().numpy() if acc.act_sq is not None else None
         rows = acc.out_features if target.rows is None else len(target.rows)
         row_fisher = None
-        if acc.row_sq is not None and kind == "linear":
+        if acc.row_sq is not None and kind in ("linear", "tied"):
             row_fisher = np.asarray(target.to_gguf_rows((acc.row_sq / n).float().cpu().numpy()), dtype=np.float32)
         tensors[target.name] = TensorStats(
             name=target.name, hf_name=hf_name, shape=(rows, acc.in_features), kind=kind,
@@ -224,12 +224,15 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
               imatrix_out: Path | None = None, imatrix_from: str = "act", estimator: str = DEFAULT_ESTIMATOR,
               probe: str = "label", progress: bool = True, grad_checkpoint: bool = False,
               covariance: Path | None = None, covariance_budget: int | None = None,
-              covariance_split: bool = False, min_expert_tokens: int = MIN_EXPERT_TOKENS) -> Stats:
+              covariance_split: bool = False, min_expert_tokens: int = MIN_EXPERT_TOKENS,
+              covariance_weight: str = "gradient") -> Stats:
     """Run the calibration and write the statistics file (and optionally an llama.cpp imatrix GGUF).
 
     `covariance`: a folder for the input covariance of every Linear weight (calibrate/covariance.py); the
     statistics then also hold each Linear weight's per-row Fisher factor `row_fisher`. `covariance_split`: also keep
-    the held-out split (the even sequences' H), for measure's held-out error of feedback rounding."""
+    the held-out split (the even sequences' H), for measure's held-out error of feedback rounding.
+    `covariance_weight`: "gradient" (each token weighted by its output gradient's ‖g‖², one H per tensor) or
+    "uniform" (E[x xᵀ], one H per input)."""
     from qgguf.calibrate.names import TensorNameMap
     from qgguf.models import check_model_dir
 
@@ -244,6 +247,10 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
         raise QggufError(f"--probe {probe!r} is not one of {', '.join(PROBES)}")
     if batch_size < 1:
         raise QggufError(f"--batch-size must be at least 1, not {batch_size}")
+    from qgguf.calibrate.covariance import WEIGHTINGS
+
+    if covariance_weight not in WEIGHTINGS:
+        raise QggufError(f"--covariance-weight {covariance_weight!r} is not one of {', '.join(WEIGHTINGS)}")
     cfg = check_model_dir(model_dir)
     check_output_path(out, [model_dir])
     if covariance is not None:  # before any work: a bad folder fails at once, not after the calibration
@@ -340,12 +347,16 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
 
         modules = {mod: targets[weights[id(mod.weight)]].name for mod in model.modules()
                    if layer_kind(mod) in ("linear", "conv1d") and id(mod.weight) in weights
-                   and stats.tensors[targets[weights[id(mod.weight)]].name].kind == "linear"}
+                   and stats.tensors[targets[weights[id(mod.weight)]].name].kind in ("linear", "tied")}
+        # ‖g_t‖² per token from the Fisher pass above, by GGUF name: the covariance's token weights
+        tw = ({targets[hf].name: w for hf, w in collector.token_weights().items() if hf in targets}
+              if covariance_weight == "gradient" else None)
         t_cov = time.perf_counter()
         collect_covariance(model, modules, chunks, Path(covariance), in_dev,
                            budget_bytes=covariance_budget or DEFAULT_BUDGET_BYTES, progress=progress,
                            meta={"model_sha256": meta["model_sha256"], "text_sha256": meta["text_sha256"],
-                                 "seq_len": seq_len}, split=covariance_split)
+                                 "seq_len": seq_len}, split=covariance_split,
+                           token_weights=tw)
         stats.timing["covariance_s"] = time.perf_counter() - t_cov
     save_stats(stats, out, inputs=[model_dir])
     if imatrix_out is not None:
