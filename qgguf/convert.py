@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qgguf import __version__, formats
+from qgguf.calibrate.covariance import DEFAULT_WEIGHTING, WEIGHTINGS
 from qgguf.formats import engines
 from qgguf.devices import resolve_device
 from qgguf.errors import QggufError, step
@@ -182,6 +183,10 @@ def stats_for(model_dir: Path, model_hash: str, args) -> tuple[Path, Path | None
     want_cov = rounding != "plain"
     # feedback and auto plan with feedback rounding's held-out error: their covariance keeps the split
     want_split = rounding in SPLIT_ROUNDINGS
+    weight = getattr(args, "covariance_weight", DEFAULT_WEIGHTING)
+    if weight != DEFAULT_WEIGHTING and (not want_cov or args.stats):
+        raise QggufError(f"--covariance-weight {weight} weighs the input covariance qgguf calibrates for a non-plain "
+                         "--rounding without --stats: give --rounding feedback|auto|feedback-on-plain, or drop it")
     if args.stats:
         cov = getattr(args, "covariance", None)
         if want_cov and not cov:
@@ -192,7 +197,7 @@ def stats_for(model_dir: Path, model_hash: str, args) -> tuple[Path, Path | None
     require_file(text, "calibration text", "give a UTF-8 text file with --text, or run `qgguf fetch wiki`")
     key = calibration_key(model_hash, text, args)
     if want_cov:  # the covariance run also keeps the per-row Fisher: its own statistics file
-        key = hashlib.sha256(f"{key}|covariance{'|split' if want_split else ''}".encode()).hexdigest()
+        key = hashlib.sha256(f"{key}|covariance{'|split' if want_split else ''}|{weight}".encode()).hexdigest()
     out = cache_dir("stats", model_hash[:16]) / f"{key[:24]}.safetensors"
     cov_dir = out.with_name(f"{key[:24]}.covariance") if want_cov else None
     if not sealed(out, key) or (cov_dir is not None and not (cov_dir / "index.json").is_file()):
@@ -200,7 +205,7 @@ def stats_for(model_dir: Path, model_hash: str, args) -> tuple[Path, Path | None
         print(f"qgguf: calibrating on {args.tokens:,} tokens of {text.name} ({what}) ...", file=sys.stderr)
         calibrate(model_dir, out, text=text, tokens=args.tokens, seq_len=args.seq_len, device=args.device,
                   seed=args.seed, grad_checkpoint=args.grad_checkpoint, covariance=cov_dir,
-                  covariance_split=want_split)
+                  covariance_split=want_split, covariance_weight=weight)
         seal(out, key)  # after the covariance folder's index: a sealed entry has both
     return out, cov_dir
 
@@ -404,6 +409,9 @@ def add_parser(sub) -> None:
                         "covariance too")
     p.add_argument("--covariance", metavar="DIR",
                    help="the input covariance from `qgguf calibrate --covariance DIR`, with --stats")
+    p.add_argument("--covariance-weight", default=DEFAULT_WEIGHTING, choices=WEIGHTINGS,
+                   help="how the calibration weighs each token's x xᵀ in the input covariance (qgguf calibrate "
+                        f"--covariance-weight; default {DEFAULT_WEIGHTING})")
     p.add_argument("--encode-cache", metavar="DIR",
                    help="keep encoded tensors in DIR and reuse them: for converting one model at several budgets "
                         "(costs about one file's size per new tensor/type pair)")

@@ -272,6 +272,9 @@ def test_bad_input_is_one_clear_error(tiny_llama, texts, tmp_path, capsys):
                            "--rounding", "plain", "feedback")) == 2
     err = capsys.readouterr().err
     assert "--rounding feedback needs the input covariance" in err and "Traceback" not in err
+    assert main(bench_args(tiny_llama, texts, tmp_path / "o", tmp_path / "c", "--covariance-weight", "gradient")) == 2
+    err = capsys.readouterr().err
+    assert "--covariance-weight gradient" in err and "--rounding feedback-on-plain" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 

@@ -123,6 +123,12 @@ def test_feedback_without_covariance_is_a_clear_error(setup, tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "--covariance DIR" in res.stderr
     assert not (tmp_path / "x.gguf").exists()
+    for extra in (["--stats", d / "stats.safetensors", "--rounding", "feedback-on-plain"], []):
+        res = qgguf("convert", model, "-o", tmp_path / "x.gguf", "--target-bpw", 4.5, "--covariance-weight",
+                    "gradient", *extra)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert "--covariance-weight gradient" in res.stderr and "drop it" in res.stderr
+        assert not (tmp_path / "x.gguf").exists()
 
 
 def test_feedback_on_plain_keeps_the_plain_plan_and_rounds_with_feedback(setup):

@@ -47,7 +47,8 @@ def cov_run(tiny_llama, text, tmp_path_factory):
 def weighted_run(tiny_llama, text, tmp_path_factory):
     d = tmp_path_factory.mktemp("wcov")
     rc = main(["calibrate", str(tiny_llama), "-o", str(d / "s.safetensors"), "--text", str(text), "--tokens",
-               str(TOKENS), "--seq-len", str(SEQ), "--covariance", str(d / "cov")])
+               str(TOKENS), "--seq-len", str(SEQ), "--covariance", str(d / "cov"), "--covariance-weight",
+               "gradient"])
     assert rc == 0
     return d / "s.safetensors", d / "cov"
 
@@ -137,7 +138,7 @@ def test_layer_by_layer_passes_give_the_same_files(cov_run, weighted_run, tiny_l
     """A budget below one layer's H runs one pass per layer: same bytes as the single pass, weighted or not."""
     _, wcov = weighted_run
     calibrate(tiny_llama, tmp_path / "w.safetensors", text=text, tokens=TOKENS, seq_len=SEQ,
-              covariance=tmp_path / "wcov", covariance_budget=1, progress=False)
+              covariance=tmp_path / "wcov", covariance_budget=1, progress=False, covariance_weight="gradient")
     for f in sorted(wcov.glob("layer-*.safetensors")):
         assert (tmp_path / "wcov" / f.name).read_bytes() == f.read_bytes(), f.name
     _, cov = cov_run
@@ -254,14 +255,14 @@ def test_tensor_without_usable_gradient_weights_gets_the_unweighted_h(capsys):
 
 def test_tied_embedding_gets_the_output_heads_covariance(tmp_path):
     """A tied input/output embedding is one GGUF tensor (token_embd.weight) whose output-head role is a Linear:
-    its H is the head input's, weighted by the logits' gradient, and it keeps the head's per-row Fisher."""
+    its H is the head input's (weighted by the logits' gradient, or not), and it keeps the head's per-row Fisher."""
     from qgguf.assets.tiny import make_tiny_llama
 
     model_dir = make_tiny_llama(tmp_path / "tied", tie=True)
     text = tmp_path / "t.txt"
     text.write_text(tiny_text(3000, seed=1))
     calibrate(model_dir, tmp_path / "s.safetensors", text=text, tokens=256, seq_len=SEQ,
-              covariance=tmp_path / "cov", progress=False)
+              covariance=tmp_path / "cov", progress=False, covariance_weight="gradient")
     stats, store = load_stats(tmp_path / "s.safetensors"), CovarianceStore(tmp_path / "cov")
     t = stats["token_embd.weight"]
     assert t.kind == "tied" and "token_embd.weight" in store and "output.weight" not in store
@@ -285,3 +286,9 @@ def test_tied_embedding_gets_the_output_heads_covariance(tmp_path):
     w = g.square().sum(1)
     direct = ((x * (w / w.mean())[:, None]).T @ x / x.shape[0]).numpy()
     np.testing.assert_allclose(store.get("token_embd.weight"), direct, rtol=1e-4, atol=1e-5 * np.abs(direct).max())
+    # unweighted, the same tensor gets the head input's E[x xᵀ]
+    calibrate(model_dir, tmp_path / "u.safetensors", text=text, tokens=256, seq_len=SEQ,
+              covariance=tmp_path / "ucov", progress=False, covariance_weight="uniform")
+    plain = (x.T @ x / x.shape[0]).numpy()
+    np.testing.assert_allclose(CovarianceStore(tmp_path / "ucov").get("token_embd.weight"), plain, rtol=1e-4,
+                               atol=1e-5 * np.abs(plain).max())

@@ -20,6 +20,7 @@ from qgguf.bench.config import (
 from qgguf.bench.reference import Reference, reference
 from qgguf.bench.report import print_summary
 from qgguf.bench.run import run_bench
+from qgguf.calibrate.covariance import DEFAULT_WEIGHTING, WEIGHTINGS
 from qgguf.calibrate.runner import DEFAULT_TOKENS
 from qgguf.errors import QggufError
 from qgguf.llamacpp.runner import Tools
@@ -53,6 +54,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rounding", dest="roundings", nargs="+", default=["plain"], choices=ROUNDINGS,
                    help="how qgguf rows choose their integers (qgguf convert --rounding), one series each "
                    "(default plain; feedback and auto calibrate the input covariance too)")
+    p.add_argument("--covariance-weight", default=DEFAULT_WEIGHTING, choices=WEIGHTINGS,
+                   help="with a non-plain --rounding: how the calibration weighs each token's x xᵀ in the input "
+                        f"covariance (qgguf calibrate --covariance-weight; default {DEFAULT_WEIGHTING})")
     p.add_argument("--plain-rows", action="store_true", help="also quantise each preset without the imatrix")
     p.add_argument("--no-qgguf", dest="qgguf_rows", action="store_false", help="stock rows only")
     p.add_argument("--gpu", action="store_true", help="run on the CUDA build (-ngl 999) and measure pp512/tg128")

@@ -11,6 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from qgguf.calibrate.covariance import DEFAULT_WEIGHTING
 from qgguf.calibrate.runner import DEFAULT_TOKENS
 from qgguf.errors import QggufError
 from qgguf.files import cache_dir, require_file
@@ -126,6 +127,7 @@ class BenchConfig:
     sizes: tuple[str, ...] | None = None      # presets whose file size qgguf is matched at; None: all
     palettes: tuple[str, ...] = PALETTES
     roundings: tuple[str, ...] = ("plain",)  # qgguf convert --rounding, one series each
+    covariance_weight: str = DEFAULT_WEIGHTING  # qgguf calibrate --covariance-weight (non-plain roundings)
     plain_rows: bool = False
     qgguf_rows: bool = True
     gpu: bool = False
@@ -158,6 +160,8 @@ class BenchConfig:
                  "--palettes", *self.palettes]
         if self.roundings != ("plain",):
             parts += ["--rounding", *self.roundings]
+            if self.covariance_weight != DEFAULT_WEIGHTING:
+                parts += ["--covariance-weight", self.covariance_weight]
         if self.plain_rows:
             parts.append("--plain-rows")
         if not self.qgguf_rows:
@@ -211,6 +215,10 @@ def config_from_args(args) -> BenchConfig:
         if fb:
             raise QggufError(f"--rounding {fb[0]} needs the input covariance, which --stats does not carry; drop "
                              "--stats (the bench calibrates both) or keep --rounding plain")
+    weight = getattr(args, "covariance_weight", DEFAULT_WEIGHTING)
+    if weight != DEFAULT_WEIGHTING and all(r == "plain" for r in getattr(args, "roundings", None) or ["plain"]):
+        raise QggufError(f"--covariance-weight {weight} weighs the input covariance of a non-plain --rounding: add "
+                         "--rounding feedback-on-plain (or feedback, auto), or drop it")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise QggufError(f"-o {str(out)!r} is a file; give a folder for the bench results")
@@ -226,6 +234,7 @@ def config_from_args(args) -> BenchConfig:
         presets=presets,
         targets=targets, sizes=sizes, palettes=tuple(dict.fromkeys(args.palettes)),
         roundings=tuple(dict.fromkeys(getattr(args, "roundings", None) or ["plain"])),
+        covariance_weight=weight,
         plain_rows=args.plain_rows, qgguf_rows=args.qgguf_rows, gpu=args.gpu, threads=args.threads,
         stats=args.stats, convert_args=tuple(args.convert_args), redo=tuple(args.redo), keep_gguf=args.keep_gguf,
         timeout=args.timeout, docs=docs, cache=args.cache, attempts=max(1, args.attempts))

@@ -191,11 +191,13 @@ def calibration_stats(cfg: BenchConfig, tools: Tools, help_text: str | None, cov
     if cfg.stats is not None or not help_text or "--stats" not in help_text:
         return cfg.stats, None
     from qgguf.calibrate import code_digest
+    from qgguf.calibrate.covariance import DEFAULT_WEIGHTING
 
     folder = (cfg.cache or cache_dir("bench")) / cfg.model.key
     # the calibration code is in the name: statistics made by other code are never reused
     stem = (f"stats-{cfg.calib.key}-t{cfg.calib_tokens}-{cfg.backend}-{code_digest()[:12]}"
             + ("-cov" if covariance else "")
+            + (f"-{cfg.covariance_weight}" if covariance and cfg.covariance_weight != DEFAULT_WEIGHTING else "")
             + ("-split" if covariance and split else ""))
     stats = folder / f"{stem}.safetensors"
     cov = folder / f"{stem}.covariance" if covariance else None
@@ -206,7 +208,8 @@ def calibration_stats(cfg: BenchConfig, tools: Tools, help_text: str | None, cov
         if cov is not None:
             if cov.exists():  # an unfinished folder (no index): calibrate writes a new one
                 shutil.rmtree(cov)
-            cmd += ["--covariance", str(cov)] + (["--covariance-split"] if split else [])
+            cmd += (["--covariance", str(cov), "--covariance-weight", cfg.covariance_weight]
+                    + (["--covariance-split"] if split else []))
         log = "calibrate-cov.log" if covariance else "calibrate.log"
         with tools.times.step("calibrate"):
             tools.run(cmd, cfg.out / "logs" / log, "qgguf calibrate" + (" --covariance" if covariance else ""),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from qgguf.calibrate.covariance import WEIGHTINGS
+from qgguf.calibrate.covariance import DEFAULT_WEIGHTING, WEIGHTINGS
 from qgguf.calibrate.fisher import DEFAULT_ESTIMATOR, ESTIMATORS, PROBES
 from qgguf.calibrate.runner import DEFAULT_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENS, DTYPES, calibrate
 from qgguf.errors import QggufError
@@ -50,9 +50,9 @@ def add_parser(sub) -> None:
                         "layer) and keep each Linear weight's per-row Fisher, for error-feedback rounding "
                         "(`qgguf convert --rounding feedback|auto|feedback-on-plain`); costs one forward pass per "
                         "group of layers")
-    p.add_argument("--covariance-weight", default="gradient", choices=WEIGHTINGS,
-                   help="with --covariance: gradient weighs each token's x xᵀ by its output gradient's ‖g‖² from "
-                        "the Fisher pass, one H per tensor (default); uniform is GPTQ's E[x xᵀ], one H per input")
+    p.add_argument("--covariance-weight", default=DEFAULT_WEIGHTING, choices=WEIGHTINGS,
+                   help="with --covariance: uniform is GPTQ's E[x xᵀ], one H per input (default); gradient weighs "
+                        "each token's x xᵀ by its output gradient's ‖g‖² from the Fisher pass, one H per tensor")
     p.add_argument("--covariance-split", action="store_true",
                    help="with --covariance: also keep the covariance of every other sequence, so measure scores "
                         "feedback rounding on tokens it was not fitted to (what --rounding feedback|auto plan with); "
@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
 def _cmd(args) -> int:
     from qgguf.models import resolve_model
 
-    if args.covariance_weight != "gradient" and args.covariance is None:
+    if args.covariance_weight != DEFAULT_WEIGHTING and args.covariance is None:
         raise QggufError("--covariance-weight weighs the input covariance: give --covariance DIR too")
     if args.covariance_split and args.covariance is None:
         raise QggufError("--covariance-split splits the input covariance: give --covariance DIR too")

@@ -1,37 +1,35 @@
-"""Input covariance of every Linear input, weighted by the output gradient, written one transformer layer at a time.
+"""Input covariance of every Linear input (optionally weighted by the output gradient), one layer at a time.
 
 Error-feedback rounding (formats/feedback.py) and its error metric need, per Linear weight W (rows × n, GGUF
-layout), a second-moment matrix of its input over the calibration tokens. Token t adds g_t x_tᵀ to the gradient
-of W (g_t = ∂ℓ/∂(W x_t), from the Fisher pass's sampled labels), so a weight error δ costs, per token and with rows
-taken as uncorrelated, Σ_r g_tr² (δ_r·x_t)². Splitting g_tr² ≈ (d_r / Σ_r' d_r') · ‖g_t‖² — each row's share d_r =
-E_t[g_tr²] (`row_fisher` in the statistics file) times how strongly token t moves the loss at all — gives
+layout), a second-moment matrix H of its input over the calibration tokens. With the per-output-row factor d_r =
+E_t[g_tr²] that the Fisher pass keeps (`row_fisher` in the statistics file), the Kronecker-factored (K-FAC) Fisher
+of W is F ≈ diag(d) ⊗ H, so a weight error δ (rows × n) costs ΔKL ≈ ½ Σ_r d_r · δ_r H δ_rᵀ nats per token. Two H:
 
-    ΔKL ≈ ½ Σ_r d_r · δ_r H δ_rᵀ,   H = E_t[w_t x_t x_tᵀ],   w_t = ‖g_t‖² / E_t[‖g‖²]   (mean weight 1)
+- `uniform` (the default): H = E_t[x_t x_tᵀ], GPTQ's, with g and x taken as independent. The tensors that read the
+  same input (attn_q/k/v, ffn_gate/up) share one H, computed once: the first of them to run is the group's
+  leader and its GGUF name keys the matrix.
+- `gradient`: token t adds g_t x_tᵀ to W's gradient, so with rows uncorrelated δ costs Σ_r g_tr² (δ_r·x_t)² on it;
+  splitting g_tr² ≈ (d_r / Σd) · ‖g_t‖² gives H = E_t[w_t x_t x_tᵀ], w_t = ‖g_t‖² / E_t[‖g‖²] (mean 1), one H per
+  tensor (q/k/v read one input but have their own gradients). The weights come from the Fisher pass (one float per
+  token and tensor, FisherCollector.token_weights); the covariance passes replay its sequences in its order. A
+  tensor whose gradient is zero or non-finite on every token gets the unweighted H and a line in the log.
 
-the Kronecker-factored (K-FAC) Fisher diag(d) ⊗ H with the tokens weighted by their gradient. Unweighted,
-H = E[x xᵀ] (GPTQ's, `weighting="uniform"`) is dominated by tokens with large activations and small gradients (the
-first position of a sequence, attention sinks): rounding fitted to it spends its accuracy where the loss does not
-look. On SmolLM2 with Q4_K/Q4_0 everywhere, feedback rounding against the unweighted H lowers the held-out KL by
-7 % against plain rounding, against the weighted H by 40 % (docs/benchmarks.md, "Error-feedback rounding: the
-gradient-weighted covariance"). The statistics file's ΣF comes from the sequence estimator, which also counts the
-terms between positions that attention couples, so measure rescales d to c·d with c = ΣF / (Σ_r d_r · tr H): the
-metric's trace equals ΣF, and with a diagonal H it is ½·Σ_rj F_rj δ_rj² under F_rj = c·d_r·H_jj.
+Which measures better depends on the bits: with every Linear weight of SmolLM2 in a 4-bit type the weighted H
+turns feedback rounding's −7 % into −41 % of held-out KL, but at the plans' own mixed types (mostly 5–8 bits) the
+uniform one measures better on both assets (docs/design.md, "The error model": the decision and its figures).
 
-The weights w_t come from the Fisher pass (one float per token per tensor, FisherCollector.token_weights); the
-covariance passes replay the same sequences forward only and weigh each token's x_t x_tᵀ by them. A tensor whose
-gradient never reaches it (zero or non-finite weights) gets the unweighted H and a line in the log.
+The statistics' ΣF comes from the sequence estimator, which also counts the terms between positions that attention
+couples, so measure rescales d to c·d with c = ΣF / (Σ_r d_r · tr H): the metric's trace equals ΣF, and with a
+diagonal H it is ½·Σ_rj F_rj δ_rj² under F_rj = c·d_r·H_jj.
 
-Weighted, every tensor has an H of its own (attn_q/k/v read one input but their gradients differ); unweighted,
-the tensors that read the same input (attn_q/k/v, ffn_gate/up) share one H, computed once: the first of them to
-run is the group's leader and its GGUF name keys the matrix. An untied input embedding has no H (its rows are looked
-up, not multiplied): it is rounded plainly. A tied one (token_embd.weight, also the output head) has the head
-input's H, weighted by the logits' gradient: on SmolLM2 the head carries 87 % of the tied tensor's channel Fisher,
-and feedback through it halves the KL its rounding costs (docs/design.md, "Error-feedback rounding").
+An untied input embedding has no H (its rows are looked up, not multiplied): it is rounded plainly. A tied one
+(token_embd.weight, also the output head) has the head input's H (weighted by the logits' gradient under
+`gradient`): on SmolLM2 the head carries 87 % of the tied tensor's channel Fisher, and feedback through it halves
+the KL its rounding costs (docs/design.md, "Error-feedback rounding").
 
-Memory. H is n² values per tensor (an 8B model weighted: 6 of 4096² and one of 14336² per layer, 1.2 GB per layer
-in float32, 39 GB for 32 layers; ffn_down's dominates). The collector never holds all layers: a dry forward of a
-few tokens finds which
-Linear inputs exist, in execution order, and groups them by transformer layer; then each pass over the calibration
+Memory. H is n² values per distinct input (an 8B model: 3 of 4096² and one of 14336² per layer, 1.0 GB per layer in
+float32, 33 GB for 32 layers; weighted, 6 of 4096², 39 GB). The collector never holds all layers: a dry forward of
+a few tokens finds which Linear inputs exist, in execution order, and groups them by transformer layer; then each pass over the calibration
 text accumulates only the layers that fit `budget_bytes` (float64 accumulators, at least one layer), stops the
 forward after the last of them, and writes each layer's file before the next pass starts. Passes are forward
 only (no gradient): a pass costs at most one forward over the text, usually less (it stops early).
@@ -68,6 +66,7 @@ INDEX = "index.json"
 HALF = "@a"  # suffix of the even sequences' H in a split folder
 COV_VERSION = 2  # 2: gradient-weighted H, one per tensor
 WEIGHTINGS = ("gradient", "uniform")
+DEFAULT_WEIGHTING = "uniform"  # measured better at plans' mixed types (docs/design.md, "The error model")
 DEFAULT_BUDGET_BYTES = 4 << 30  # float64 accumulators held at once (at least one layer's)
 
 

@@ -225,14 +225,14 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
               probe: str = "label", progress: bool = True, grad_checkpoint: bool = False,
               covariance: Path | None = None, covariance_budget: int | None = None,
               covariance_split: bool = False, min_expert_tokens: int = MIN_EXPERT_TOKENS,
-              covariance_weight: str = "gradient") -> Stats:
+              covariance_weight: str | None = None) -> Stats:
     """Run the calibration and write the statistics file (and optionally an llama.cpp imatrix GGUF).
 
     `covariance`: a folder for the input covariance of every Linear weight (calibrate/covariance.py); the
     statistics then also hold each Linear weight's per-row Fisher factor `row_fisher`. `covariance_split`: also keep
     the held-out split (the even sequences' H), for measure's held-out error of feedback rounding.
     `covariance_weight`: "gradient" (each token weighted by its output gradient's ‖g‖², one H per tensor) or
-    "uniform" (E[x xᵀ], one H per input)."""
+    "uniform" (E[x xᵀ], one H per input); None: the default (covariance.DEFAULT_WEIGHTING)."""
     from qgguf.calibrate.names import TensorNameMap
     from qgguf.models import check_model_dir
 
@@ -247,8 +247,9 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
         raise QggufError(f"--probe {probe!r} is not one of {', '.join(PROBES)}")
     if batch_size < 1:
         raise QggufError(f"--batch-size must be at least 1, not {batch_size}")
-    from qgguf.calibrate.covariance import WEIGHTINGS
+    from qgguf.calibrate.covariance import DEFAULT_WEIGHTING, WEIGHTINGS
 
+    covariance_weight = covariance_weight or DEFAULT_WEIGHTING
     if covariance_weight not in WEIGHTINGS:
         raise QggufError(f"--covariance-weight {covariance_weight!r} is not one of {', '.join(WEIGHTINGS)}")
     cfg = check_model_dir(model_dir)
