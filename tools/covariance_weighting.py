@@ -1,8 +1,8 @@
 """Which input covariance should error-feedback rounding fit: GPTQ's E[x xᵀ] or the gradient-weighted one?
 
 `qgguf calibrate --covariance` runs twice on the same calibration tokens: `--covariance-weight uniform` (H = E[x xᵀ],
-one per distinct input) and `gradient` (H = E[‖g‖² x xᵀ] / E[‖g‖²] per tensor, g the tensor's output gradient in
-the Fisher pass: the default). Every Linear weight of the model is then rounded into one type — plainly, and with
+one per distinct input: the default) and `gradient` (H = E[‖g‖² x xᵀ] / E[‖g‖²] per tensor, g the tensor's output
+gradient in the Fisher pass). Every Linear weight of the model is then rounded into one type — plainly, and with
 error feedback against each H (qgguf/formats/feedback.py, the importance the plan uses: the statistics' channel
 Fisher) — the rounded weights are put back into the HF model, and the mean KL divergence of its next-token
 distribution from the original model's is measured in torch on held-out text (no GGUF: the same decode as
@@ -47,7 +47,7 @@ from qgguf.hashing import checkout_commit  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SEQ_LEN = 512
-HEADING = "## Error-feedback rounding: the gradient-weighted covariance"
+HEADING = "## Error-feedback rounding: the covariance's token weighting and the tied embedding"
 
 
 def calibrations(model_dir: Path, text: Path, tokens: int, out: Path) -> dict[str, tuple[Path, Path]]:
