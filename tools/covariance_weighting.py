@@ -160,7 +160,8 @@ def main() -> int:
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     plain = {r["types"]: r["kl"] for r in rows if r["variant"] == "plain"}
-    lines = [f"### {meta['model']}: every Linear weight in one type, mean KL on {meta['test']}", "",
+    lines = [f"### {meta['model']}: every Linear weight (and a tied embedding) in one type, mean KL on {meta['test']}",
+             "",
              f"- command: `{meta['command']}`",
              f"- commit {meta['commit']}, {meta['date']}, {meta['machine']}; {meta['tensors']} tensors; "
              f"covariances from {meta['tokens']:,} tokens of {meta['text']}; KL over {meta['test_tokens']:,} "
