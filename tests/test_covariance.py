@@ -96,7 +96,7 @@ def test_covariance_equals_direct_and_is_shared(cov_run, tiny_llama, text):
 
 
 def test_gradient_weighted_covariance_equals_direct(weighted_run, tiny_llama, text):
-    """The default covariance weighs token t's x_t x_tᵀ by ‖g_t‖² / mean ‖g‖², g_t the tensor's output gradient in
+    """The gradient-weighted covariance weighs token t's x_t x_tᵀ by ‖g_t‖² / mean ‖g‖², g_t the tensor's output gradient in
     the Fisher pass (the same seed, so the same sampled labels): one H per tensor, q/k/v apart."""
     stats_path, cov = weighted_run
     store = CovarianceStore(cov)

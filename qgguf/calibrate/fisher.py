@@ -171,7 +171,7 @@ class FisherCollector:
 
     def __init__(self, model: nn.Module, weights: dict[int, str], per_element: Callable[[str], bool] = lambda n: False,
                  estimator: str = DEFAULT_ESTIMATOR, probe: str = "label", row_fisher: bool = False,
-                 experts: dict | None = None):
+                 experts: dict | None = None, token_weights: bool = False):
         if estimator not in ESTIMATORS:
             raise QggufError(f"--estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
         if probe not in PROBES:
@@ -202,7 +202,8 @@ class FisherCollector:
                 acc.linear = True
                 if row_fisher and acc.row_sq is None:
                     acc.row_sq = torch.zeros(n_out, dtype=torch.float64, device=w.device)
-                    acc.token_sq = []
+                    # one float per token and tensor, kept only for the gradient-weighted covariance
+                    acc.token_sq = [] if token_weights else None
                 if acc.act_sq is None:
                     acc.act_sq = torch.zeros(n_in, dtype=torch.float32, device=w.device)
                 self._handles.append(mod.register_forward_hook(self._linear_hook(acc)))
@@ -358,11 +359,12 @@ class FisherCollector:
         # weight of token t in H = E[‖g‖² x xᵀ] / E[‖g‖²] (calibrate/covariance.py)
         g2 = g.detach().float().reshape(-1, g.shape[-1]).square()
         acc.row_sq += g2.sum(0, dtype=torch.float64)
-        acc.token_sq.append(g2.sum(1).cpu())
+        if acc.token_sq is not None:
+            acc.token_sq.append(g2.sum(1).cpu())
 
     def token_weights(self) -> dict[str, torch.Tensor]:
         """‖g_t‖² of every calibration token (text order, float32, CPU) per Linear weight (HF name), for those
-        collected with `row_fisher`."""
+        collected with `row_fisher` and `token_weights`."""
         return {n: torch.cat(a.token_sq) for n, a in self.accs.items() if a.token_sq}
 
     @staticmethod

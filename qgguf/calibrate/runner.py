@@ -296,7 +296,8 @@ def calibrate(model_dir: Path, out: Path, text: Path | None = None, tokens: int 
     wanted = tuple(per_element)
     collector = FisherCollector(
         model, weights, per_element=lambda n: any(fnmatch.fnmatchcase(targets[n].name, p) for p in wanted),
-        estimator=estimator, probe=probe, row_fisher=covariance is not None, experts=experts)
+        estimator=estimator, probe=probe, row_fisher=covariance is not None, experts=experts,
+        token_weights=covariance is not None and covariance_weight == "gradient")
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
